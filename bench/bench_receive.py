@@ -1,0 +1,486 @@
+"""Receive throughput: DCMTK storescp vs Orthanc vs this node, one association each.
+
+``storescu`` sends N synthetic 512x512 CT instances (all files in one call, so one
+association) to each receiver in turn; the repetitions are interleaved across receivers
+so that background load drifting over time hits all of them alike. After every run the
+receiver's own count must equal N, otherwise the run is a failure, not a number.
+
+    .venv/bin/python bench/bench_receive.py [--instances 300] [--repeat 3]
+        [--only storescp,orthanc,node] [--json [PATH]] [--workdir DIR]
+
+Prints a plain-text table of median images/s and the node/Orthanc and node/storescp
+ratios. See bench/README.md for what each receiver does with the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from dicom_node import netutil
+from dicom_node.dcmtk import dcmtk_tool
+from dicom_node.orthanc import OrthancServer
+from dicom_node.synth import generate_study
+
+RECEIVERS = ("storescp", "orthanc", "node")
+HOST = "127.0.0.1"
+CALLING_AE = "BENCHSCU"
+# DCMTK sets TCP_NODELAY only when asked; without it delayed ACKs cap every receiver at
+# ~20 images/s and the benchmark measures the kernel instead of the receivers.
+DCMTK_ENV = {"TCP_NODELAY": "1"}
+SETTLE_S = 10.0  # how long a count may lag behind storescu's exit before it is a loss
+START_TIMEOUT_S = 60.0
+
+
+# -- input ----------------------------------------------------------------------------
+
+
+def make_instances(out_dir: Path, count: int, seed: int = 0) -> list[Path]:
+    """One portal-venous series of ``count`` 512x512 CT instances from the phantom."""
+    study = generate_study(out_dir, seed=seed, phases="P", rows=512, columns=512, slices=count)
+    files = [Path(p) for p in study.series[0].files]
+    if len(files) != count:
+        raise RuntimeError(f"generate_study made {len(files)} instances, asked for {count}")
+    return files
+
+
+# -- receivers ------------------------------------------------------------------------
+
+
+class Receiver(Protocol):
+    name: str
+    aet: str
+    port: int
+
+    def start(self, workdir: Path) -> None: ...
+    def count(self) -> int: ...
+    def stop(self) -> None: ...
+
+
+def _stop_process(process: subprocess.Popen[bytes] | None, grace_s: float = 15.0) -> None:
+    """SIGTERM by PID, SIGKILL after ``grace_s``."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=grace_s)
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def _wait_ready(
+    process: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, log: Path
+) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}:\n{_log_tail(log)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready after {START_TIMEOUT_S:g} s:\n{_log_tail(log)}")
+        time.sleep(0.1)
+
+
+class StorescpReceiver:
+    """DCMTK storescp writing each received dataset straight to a file (the baseline)."""
+
+    name = "storescp"
+    aet = "STORESCP"
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._out_dir = Path()
+
+    def start(self, workdir: Path) -> None:
+        self._out_dir = workdir / "received"
+        self._out_dir.mkdir(parents=True)
+        self.port = netutil.free_port(HOST)
+        log = workdir / "storescp.log"
+        # +B writes the incoming stream to disk without re-encoding, +xa accepts every
+        # transfer syntax, -pdu 131072 is DCMTK's largest PDU, -dhl skips reverse DNS;
+        # single process (no --fork), no --exec-on-reception. DCMTK 3.6.7 has no bind
+        # address option: it listens on all interfaces for the few seconds of the run.
+        cmd = [_dcmtk("storescp"), "-aet", self.aet, "+xa", "+B", "-pdu", "131072", "-dhl",
+               "--output-directory", str(self._out_dir), str(self.port)]  # fmt: skip
+        with open(log, "ab") as out:
+            self._process = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **DCMTK_ENV}
+            )
+        _wait_ready(self._process, lambda: netutil.port_is_open(HOST, self.port), "storescp", log)
+
+    def count(self) -> int:
+        return sum(1 for p in self._out_dir.rglob("*") if p.is_file())
+
+    def stop(self) -> None:
+        _stop_process(self._process)
+        self._process = None
+
+
+class OrthancReceiver:
+    """Orthanc 1.x with its default storage settings (SQLite index, files on disk)."""
+
+    name = "orthanc"
+    aet = "ORTHANC"
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: OrthancServer | None = None
+
+    def start(self, workdir: Path) -> None:
+        self._server = OrthancServer(workdir / "orthanc", aet=self.aet).start()
+        self.port = self._server.dicom_port
+
+    def count(self) -> int:
+        assert self._server is not None
+        return self._server.count_instances()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+def default_node_command() -> list[str]:
+    """``dicom-node serve`` from the same virtualenv as this interpreter."""
+    script = Path(sys.executable).parent / "dicom-node"
+    if not script.exists():
+        script = Path(shutil.which("dicom-node") or "dicom-node")
+    return [str(script), "serve"]
+
+
+class NodeReceiver:
+    """``dicom-node serve`` configured only by environment variables."""
+
+    name = "node"
+    aet = "DICOM_NODE"
+
+    # Replaced by --node-command, e.g. to compare another checkout's node.
+    command: ClassVar[list[str] | None] = None
+    # Added by --node-env, e.g. to try a setting's effect on receive speed.
+    extra_env: ClassVar[dict[str, str]] = {}
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._data_dir = Path()
+
+    def start(self, workdir: Path) -> None:
+        self._data_dir = workdir / "node-data"
+        self._data_dir.mkdir(parents=True)
+        rules = workdir / "rules.yaml"
+        rules.write_text("rules: []\n")
+        self.port = netutil.free_port(HOST)
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DICOM_NODE_")}
+        env.update(
+            DICOM_NODE_AE_TITLE=self.aet,
+            DICOM_NODE_BIND_ADDRESS=HOST,
+            DICOM_NODE_PORT=str(self.port),
+            DICOM_NODE_DATA_DIR=str(self._data_dir),
+            DICOM_NODE_PEERS=json.dumps([{"ae_title": "*", "host": HOST}]),
+            DICOM_NODE_RULES_FILE=str(rules),
+            DICOM_NODE_WEB__PORT=str(netutil.free_port(HOST)),
+        )
+        env.update(self.extra_env)
+        log = workdir / "node.log"
+        with open(log, "ab") as out:
+            self._process = subprocess.Popen(
+                self.command or default_node_command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=workdir,
+            )
+        _wait_ready(
+            self._process,
+            lambda: (
+                netutil.port_is_open(HOST, self.port)
+                and netutil.echo(HOST, self.port, self.aet, CALLING_AE)
+            ),
+            "dicom-node serve",
+            log,
+        )
+
+    def count(self) -> int:
+        return sum(1 for _ in (self._data_dir / "spool").rglob("*.dcm"))
+
+    def stop(self) -> None:
+        _stop_process(self._process)
+        self._process = None
+
+
+RECEIVER_TYPES: dict[str, Callable[[], Receiver]] = {
+    "storescp": StorescpReceiver,
+    "orthanc": OrthancReceiver,
+    "node": NodeReceiver,
+}
+
+
+# -- running --------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    receiver: str
+    repetition: int
+    expected: int
+    received: int = 0
+    seconds: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.received == self.expected
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.expected / self.seconds if self.ok and self.seconds else None
+
+
+@dataclass
+class Summary:
+    receiver: str
+    runs: int
+    failures: int
+    median_s: float | None
+    median_images_per_s: float | None
+    min_images_per_s: float | None
+    max_images_per_s: float | None
+    median_mb_per_s: float | None
+    errors: list[str] = field(default_factory=list)
+
+
+def _dcmtk(tool: str) -> str:
+    path = dcmtk_tool(tool)
+    if path is None:
+        raise RuntimeError(f"DCMTK {tool} not found: install the Debian package 'dcmtk'")
+    return path
+
+
+def send_all(files: list[Path], aet: str, port: int) -> tuple[float, str]:
+    """storescu with every file in one association; returns (seconds, output)."""
+    cmd = [_dcmtk("storescu"), "-aet", CALLING_AE, "-aec", aet, "-R", "-nh", HOST, str(port)]
+    cmd += [str(f) for f in files]
+    started = time.perf_counter()
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, **DCMTK_ENV}, timeout=3600
+    )
+    seconds = time.perf_counter() - started
+    return seconds, (result.stdout + result.stderr).strip()
+
+
+def _settled_count(receiver: Receiver, expected: int) -> int:
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        received = receiver.count()
+        if received >= expected or time.monotonic() > deadline:
+            return received
+        time.sleep(0.2)
+
+
+def run_once(name: str, files: list[Path], repetition: int, base: Path) -> RunResult:
+    result = RunResult(receiver=name, repetition=repetition, expected=len(files))
+    receiver = RECEIVER_TYPES[name]()
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-{repetition}-", dir=base))
+    try:
+        receiver.start(workdir)
+        result.seconds, output = send_all(files, receiver.aet, receiver.port)
+        result.received = _settled_count(receiver, len(files))
+        if result.received != len(files):
+            result.error = f"received {result.received} of {len(files)} instances"
+            if output:
+                result.error += f"; storescu said: {output[-500:]}"
+    except Exception as exc:  # a benchmark reports failures instead of stopping
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        receiver.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def summarise(name: str, results: list[RunResult], total_bytes: int) -> Summary:
+    good = [r for r in results if r.ok and r.seconds]
+    rates = [r.images_per_s for r in good if r.images_per_s]
+    median_s = statistics.median(r.seconds for r in good if r.seconds) if good else None
+    return Summary(
+        receiver=name,
+        runs=len(results),
+        failures=len(results) - len(good),
+        median_s=median_s,
+        median_images_per_s=statistics.median(rates) if rates else None,
+        min_images_per_s=min(rates) if rates else None,
+        max_images_per_s=max(rates) if rates else None,
+        median_mb_per_s=total_bytes / 1e6 / median_s if median_s else None,
+        errors=sorted({r.error for r in results if r.error}),
+    )
+
+
+def ratios(summaries: dict[str, Summary]) -> dict[str, float | None]:
+    def rate(name: str) -> float | None:
+        summary = summaries.get(name)
+        return summary.median_images_per_s if summary else None
+
+    node = rate("node")
+    out: dict[str, float | None] = {}
+    for other in ("orthanc", "storescp"):
+        if "node" in summaries and other in summaries:
+            base = rate(other)
+            out[f"node/{other}"] = node / base if node and base else None
+    return out
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = [
+        f"receive throughput: {cfg['instances']} instances of {cfg['rows']}x{cfg['columns']} CT "
+        f"({cfg['total_mb']:.0f} MB) over one association, {cfg['repeat']} repetitions",
+        f"host: {cfg['cpus']} CPUs, load average before run {cfg['load_average']}",
+        "",
+        f"{'receiver':<10} {'ok/runs':>8} {'median s':>9} {'images/s':>9} "
+        f"{'min':>8} {'max':>8} {'MB/s':>7}",
+    ]
+    for s in report["summary"].values():
+        lines.append(
+            f"{s['receiver']:<10} {s['runs'] - s['failures']:>3}/{s['runs']:<4} "
+            f"{_fmt(s['median_s'], '.2f'):>9} {_fmt(s['median_images_per_s']):>9} "
+            f"{_fmt(s['min_images_per_s']):>8} {_fmt(s['max_images_per_s']):>8} "
+            f"{_fmt(s['median_mb_per_s']):>7}"
+        )
+    if report["ratios"]:
+        lines.append("")
+        for key, value in report["ratios"].items():
+            lines.append(f"ratio {key:<15} {_fmt(value, '.2f')}")
+    failures = [(s["receiver"], e) for s in report["summary"].values() for e in s["errors"]]
+    if failures:
+        lines.append("")
+        lines.append("failures:")
+        for name, error in failures:
+            # First line says what failed; a log or traceback ends with the cause.
+            parts = error.strip().splitlines()
+            shown = parts if len(parts) <= 5 else [parts[0], "...", *parts[-3:]]
+            lines.append(f"  {name}: {' | '.join(p.strip() for p in shown)}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=300, help="CT instances per run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per receiver")
+    parser.add_argument(
+        "--only",
+        default=",".join(RECEIVERS),
+        help="comma-separated subset of " + ",".join(RECEIVERS),
+    )
+    parser.add_argument(
+        "--json", nargs="?", const="-", metavar="PATH",
+        help="write the results as JSON to PATH ('-' or no value: stdout instead of the table)",
+    )  # fmt: skip
+    parser.add_argument("--workdir", type=Path, help="folder for temporary files (default: TMP)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--node-command",
+        help="command line that starts the node instead of 'dicom-node serve' "
+        "(it gets the same DICOM_NODE_* environment)",
+    )
+    parser.add_argument(
+        "--node-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment variable for the node (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    bad_env = [item for item in args.node_env if "=" not in item]
+    if bad_env:
+        parser.error(f"--node-env needs KEY=VALUE, got {bad_env}")
+    args.only = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(args.only) - set(RECEIVERS))
+    if unknown:
+        parser.error(f"unknown receiver(s) {unknown}; choose from {', '.join(RECEIVERS)}")
+    if args.instances < 1 or args.repeat < 1:
+        parser.error("--instances and --repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.node_command:
+        command = shlex.split(args.node_command)
+        # The node runs in its own work folder: anchor a relative program path here.
+        if "/" in command[0]:
+            command[0] = str(Path(command[0]).absolute())
+        NodeReceiver.command = command
+    NodeReceiver.extra_env = dict(item.split("=", 1) for item in args.node_env)
+    for tool in ("storescu", "storescp"):
+        if dcmtk_tool(tool) is None:
+            print(f"{tool} not found: install the Debian package 'dcmtk'", file=sys.stderr)
+            return 2
+    load_average = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory(prefix="bench-receive-", dir=args.workdir) as tmp:
+        base = Path(tmp)
+        files = make_instances(base / "input", args.instances, seed=args.seed)
+        total_bytes = sum(f.stat().st_size for f in files)
+        results: dict[str, list[RunResult]] = {name: [] for name in args.only}
+        for repetition in range(args.repeat):
+            # Rotate the order so no receiver always runs first (cold caches) or last.
+            shift = repetition % len(args.only)
+            for name in args.only[shift:] + args.only[:shift]:
+                result = run_once(name, files, repetition, base)
+                results[name].append(result)
+                status = f"{result.images_per_s:.1f} images/s" if result.ok else result.error
+                print(f"  run {repetition + 1} {name}: {status}", file=sys.stderr, flush=True)
+
+    summaries = {name: summarise(name, runs, total_bytes) for name, runs in results.items()}
+    report: dict[str, Any] = {
+        "config": {
+            "instances": args.instances,
+            "repeat": args.repeat,
+            "rows": 512,
+            "columns": 512,
+            "total_mb": total_bytes / 1e6,
+            "cpus": os.cpu_count(),
+            "load_average": load_average,
+            "python": platform.python_version(),
+        },
+        "summary": {name: asdict(s) for name, s in summaries.items()},
+        "ratios": ratios(summaries),
+        "runs": [
+            {**asdict(r), "images_per_s": r.images_per_s} for rs in results.values() for r in rs
+        ],
+    }
+    if args.json in (None, "-"):
+        print(json.dumps(report, indent=2) if args.json == "-" else render_table(report))
+    else:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(render_table(report))
+    return 0 if all(s.failures == 0 for s in summaries.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The ``dicom-node`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dicom_node.config import ConfigError, load_settings
+from dicom_node.rules import RulesError
+from inference.registry import RegistryError
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("pynetdicom", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dicom_node.service import Node
+
+    settings = load_settings(args.config)
+    _setup_logging(settings.log_level)
+    Node(settings).serve_forever()
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    import pydicom.uid
+
+    from dicom_node.synth import generate_study, write_truth_nifti
+
+    ts = getattr(pydicom.uid, args.transfer_syntax)
+    study = generate_study(
+        Path(args.out),
+        seed=args.seed,
+        phases=args.phases,
+        rows=args.rows,
+        columns=args.rows,
+        slices=args.slices,
+        transfer_syntax=ts,
+    )
+    for series in study.series:
+        if args.truth:
+            write_truth_nifti(series, Path(args.out) / f"truth_{series.phase}.nii.gz")
+        print(f"{series.phase} {series.series_uid} {len(series.files)} files  {series.description}")
+    print(f"study {study.study_uid} written to {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dicom_node.demo import run_demo
+
+    _setup_logging("WARNING" if not args.verbose else "INFO")
+    return run_demo(keep=args.keep, rows=args.rows)
+
+
+def _route_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from dicom_node.explain import explain, format_text
+    from dicom_node.rules import load_rules
+
+    rules_file = args.rules or load_settings(args.config).rules_file
+    items = explain(load_rules(Path(rules_file)), args.paths)
+    print(json.dumps(items, indent=2, ensure_ascii=False) if args.json else format_text(items))
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from db.migrate import upgrade
+
+    settings = load_settings(args.config)
+    upgrade(settings.db_url)
+    print(f"database at head: {settings.db_url}")
+    return 0
+
+
+def _user_db(args: argparse.Namespace):
+    from db.migrate import upgrade
+    from db.session import Database
+
+    settings = load_settings(args.config)
+    upgrade(settings.db_url)
+    return Database(settings.db_url)
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    import getpass
+
+    from dicom_node.web.users import UserError, add_user
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            print("dicom-node: passwords differ", file=sys.stderr)
+            return 2
+    db = _user_db(args)
+    try:
+        add_user(db, args.name, password, args.role)
+    except UserError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        db.dispose()
+    print(f"user {args.name} ({args.role}) created")
+    return 0
+
+
+def _user_list(args: argparse.Namespace) -> int:
+    from dicom_node.web.users import list_users
+
+    db = _user_db(args)
+    for name, role, last in list_users(db):
+        print(f"{name}\t{role}\tlast login {last}")
+    db.dispose()
+    return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from dicom_node.web.users import UserError, create_token
+
+    db = _user_db(args)
+    try:
+        token = create_token(db, args.user, args.name)
+    except UserError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        db.dispose()
+    print(token)  # shown once; only its hash is stored
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from inference.celery_app import make_app
+
+    settings = load_settings(args.config)
+    _setup_logging(settings.log_level)
+    if not settings.worker.broker_url:
+        print("dicom-node: worker.broker_url must be set for `dicom-node worker`", file=sys.stderr)
+        return 2
+    device = args.device or settings.worker.device
+    if device == "auto":
+        from inference.gpu import worker_devices
+
+        device = worker_devices("auto", [])[0]
+    app = make_app(settings, device=device)
+    # solo pool, concurrency 1: one job at a time per device, run by this process's warm
+    # spawn child (a prefork pool process may not start children of its own).
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            f"--queues={settings.worker.celery_queue}",
+            f"--hostname=dicom-node-{device.replace(':', '')}@%h",
+            f"--loglevel={settings.log_level}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser.add_argument(
+        "-c", "--config", help="settings YAML (default: $DICOM_NODE_CONFIG, else none)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the node: receive, route, segment, send, web")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="end-to-end demo against a real Orthanc PACS")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--rows", type=int, default=512, help="image size of the synthetic study")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("synth", help="write a synthetic multi-phase CT study")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phases", default="NAPD", help="letters of N, A, P, D")
+    p.add_argument("--rows", type=int, default=512, help="rows and columns")
+    p.add_argument("--slices", type=int, default=None)
+    p.add_argument(
+        "--transfer-syntax",
+        default="ExplicitVRLittleEndian",
+        help="pydicom.uid name, e.g. RLELossless, JPEGLSLossless, JPEG2000Lossless",
+    )
+    p.add_argument("--truth", action="store_true", help="also write truth masks as NIfTI")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("route", help="routing tools")
+    routesub = p.add_subparsers(dest="route_command", required=True)
+    ex = routesub.add_parser("explain", help="phase, rule, pipelines and forwards per series")
+    ex.add_argument("paths", nargs="+", help="DICOM files or folders (several studies)")
+    ex.add_argument("--json", action="store_true", help="one JSON array")
+    ex.add_argument("--rules", help="rules file (default: the settings' rules_file)")
+    ex.set_defaults(func=_route_explain)
+
+    p = sub.add_parser("db", help="database maintenance")
+    dbsub = p.add_subparsers(dest="db_command", required=True)
+    up = dbsub.add_parser("upgrade", help="apply migrations up to the newest schema")
+    up.set_defaults(func=_db_upgrade)
+
+    p = sub.add_parser("worker", help="a Celery GPU worker for one device (scale-out)")
+    p.add_argument("--device", help="cpu or cuda:N (default: worker.device; auto = first GPU)")
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("user", help="web users (the first admin is created here)")
+    usub = p.add_subparsers(dest="user_command", required=True)
+    add = usub.add_parser("add", help="create a user; the password is prompted for")
+    add.add_argument("name")
+    add.add_argument("--role", choices=["admin", "viewer"], default="viewer")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.set_defaults(func=_user_add)
+    ls = usub.add_parser("list", help="list users and their roles")
+    ls.set_defaults(func=_user_list)
+
+    p = sub.add_parser("token", help="API tokens for the JSON API")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    create = tsub.add_parser("create", help="create a token and print it once")
+    create.add_argument("name", help="what the token is for, e.g. prometheus")
+    create.add_argument("--user", required=True, help="the user the token acts as")
+    create.set_defaults(func=_token_create)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, RulesError, RegistryError) as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

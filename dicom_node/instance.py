@@ -1,0 +1,100 @@
+"""Reading the few header fields the node needs from an encoded instance, and rejecting
+datasets that are corrupt or truncated before anything is written."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.uids import InvalidUIDError, require_uid
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class CorruptDatasetError(ValueError):
+    """The dataset cannot be parsed, is truncated or lacks identifying UIDs."""
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None = None
+    instance_number: int | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return str(value).strip() or None if value not in (None, "") else None
+
+
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_complete(ds: pydicom.Dataset) -> None:
+    """pydicom accepts values cut short by a truncated stream; we must not."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.length != _UNDEFINED_LENGTH
+            and raw.value is not None
+            and len(raw.value) != raw.length
+        ):
+            raise CorruptDatasetError(
+                f"element {tag} is truncated ({len(raw.value)} of {raw.length} bytes)"
+            )
+
+
+def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHeader:
+    """Parse an encoded DICOM file (preamble + meta + dataset) without decoding pixels."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        _check_complete(ds)
+        tsuid = str(ds.file_meta.TransferSyntaxUID)
+        header = InstanceHeader(
+            study_uid=require_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+            series_uid=require_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+            sop_uid=require_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+            sop_class_uid=require_uid(ds.get("SOPClassUID"), "SOPClassUID"),
+            transfer_syntax_uid=tsuid,
+            modality=_text(ds, "Modality"),
+            instance_number=_int(ds, "InstanceNumber"),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription"),
+            patient_id=_text(ds, "PatientID"),
+            patient_name=_text(ds, "PatientName"),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_date=_text(ds, "StudyDate"),
+            study_description=_text(ds, "StudyDescription"),
+        )
+    except CorruptDatasetError:
+        raise
+    except InvalidUIDError as exc:
+        raise CorruptDatasetError(str(exc)) from exc
+    except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise CorruptDatasetError(f"dataset cannot be parsed: {exc}") from exc
+    if expected_sop_uid is not None and header.sop_uid != expected_sop_uid.strip("\x00 "):
+        raise CorruptDatasetError(
+            f"SOPInstanceUID {header.sop_uid} differs from the request's {expected_sop_uid}"
+        )
+    return header

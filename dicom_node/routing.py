@@ -1,0 +1,259 @@
+"""Routing a completed series: read its attributes, apply the rules, act on the decision.
+
+Actions go to the database only (jobs for pipelines, dispatch rows for forwarding), so
+the next stages pick them up and every decision stays explainable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session
+
+from db.models import Dispatch, Event, Instance, Job, Series, Study, utcnow
+from db.session import Database
+from dicom_node.planning import PipelinePlan, SeriesPlan, derived_attributes, plan_study
+from dicom_node.records import add_event
+from dicom_node.rules import RoutingDecision, RuleSet
+from inference.queue import enqueue
+
+log = logging.getLogger("dicom_node.routing")
+
+
+def header_attributes(path: str | Path) -> dict[str, Any]:
+    """Top-level DICOM attributes of one file by keyword (pixel data not read)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    attrs: dict[str, Any] = {}
+    for elem in ds:
+        if not elem.keyword or elem.VR == "SQ":
+            continue
+        value = elem.value
+        if isinstance(value, pydicom.multival.MultiValue):
+            value = [str(v) for v in value]
+        elif isinstance(value, bytes):
+            continue
+        elif not isinstance(value, int | float | str):
+            value = str(value)
+        attrs[elem.keyword] = value
+    return attrs
+
+
+def series_attributes(series: Series, first_file: str) -> dict[str, Any]:
+    attrs = header_attributes(first_file)
+    attrs.update(derived_attributes(attrs))
+    attrs.update(
+        InstanceCount=series.instance_count,
+        CallingAE=series.calling_ae,
+        CalledAE=series.called_ae,
+        SourceAddress=series.source_address,
+    )
+    return attrs
+
+
+class Router:
+    """Routes completed series and fires study-level pipelines when their inputs exist."""
+
+    def __init__(
+        self,
+        db: Database,
+        rules: Callable[[], RuleSet],
+        max_attempts: int = 3,
+    ) -> None:
+        self.db = db
+        self.rules = rules
+        self.max_attempts = max_attempts
+        self._attrs: dict[str, dict[str, Any]] = {}  # series UID -> header attributes
+
+    # -- reading the study -----------------------------------------------------------
+    def _complete_series(self, s: Session, study: Study) -> dict[str, dict[str, Any]]:
+        """Attributes of the study's complete series (one header read per series)."""
+        out: dict[str, dict[str, Any]] = {}
+        for series in s.scalars(
+            select(Series).where(Series.study_id == study.id, Series.state == "complete")
+        ):
+            key = f"{series.series_uid}:{series.instance_count}"
+            if key not in self._attrs:
+                first = s.scalars(
+                    select(Instance.path).where(Instance.series_id == series.id).limit(1)
+                ).first()
+                if first is None:
+                    continue
+                self._attrs[key] = series_attributes(series, first)
+            out[series.series_uid] = self._attrs[key]
+        return out
+
+    def _plan(
+        self, s: Session, study: Study
+    ) -> tuple[dict[str, SeriesPlan], dict[str, PipelinePlan]]:
+        ruleset = self.rules()
+        series_plans, pipeline_plans = plan_study(ruleset, self._complete_series(s, study))
+        for plan in series_plans.values():
+            row = s.scalars(select(Series).where(Series.series_uid == plan.series_uid)).one()
+            if row.phase is not None and row.phase != plan.phase.phase:
+                add_event(
+                    s,
+                    "phase_changed",
+                    f"phase {row.phase} -> {plan.phase.phase} with the study's other series",
+                    study_uid=study.study_uid,
+                    series_uid=row.series_uid,
+                )
+            row.phase = plan.phase.phase
+            row.phase_confidence = plan.phase.confidence
+            row.phase_reasons = plan.phase.reasons
+            row.matched_rule = ", ".join(plan.decision.matched_rules) or None
+        return series_plans, pipeline_plans
+
+    # -- events ----------------------------------------------------------------------
+    def route_series(self, series_uid: str) -> RoutingDecision:
+        """A series completed: classify the study, act on this series, fire pipelines."""
+        with self.db.session() as s:
+            series = s.scalars(select(Series).where(Series.series_uid == series_uid)).one()
+            study = series.study
+            series_plans, pipeline_plans = self._plan(s, study)
+            plan = series_plans[series_uid]
+            decision = plan.decision
+            series.routed_at = utcnow()
+            phase = plan.phase
+            add_event(
+                s,
+                "classified",
+                f"phase {phase.phase} ({phase.confidence:.2f}): " + "; ".join(phase.reasons),
+                study_uid=study.study_uid,
+                series_uid=series_uid,
+                data=phase.as_dict(),
+            )
+            add_event(
+                s,
+                "routed",
+                "; ".join(decision.reasons) if decision.matched_rules else "no rule matched",
+                study_uid=study.study_uid,
+                series_uid=series_uid,
+                data={"pipelines": decision.pipelines, "forward": decision.forward},
+            )
+            if not decision.discard:
+                instances = s.scalars(
+                    select(Instance).where(Instance.series_id == series.id).order_by(Instance.id)
+                ).all()
+                for destination in decision.forward:
+                    self._forward(s, study.id, instances, destination)
+            for pipeline_plan in pipeline_plans.values():
+                if pipeline_plan.ready:
+                    self._fire(s, study, pipeline_plan, series_plans)
+        return decision
+
+    def poll_settled(self, now: datetime | None = None) -> list[str]:
+        """Studies quiet for study_timeout_s: run on fallbacks or record why not."""
+        ruleset = self.rules()
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=ruleset.spec.study_timeout_s)
+        settled: list[str] = []
+        with self.db.session() as s:
+            studies = s.scalars(
+                select(Study).where(
+                    Study.last_received_at <= cutoff,
+                    Study.last_received_at >= cutoff - timedelta(days=7),
+                    ~exists().where(
+                        Event.study_uid == Study.study_uid,
+                        Event.kind == "study_settled",
+                        Event.at >= Study.last_received_at,
+                    ),
+                )
+            ).all()
+            for study in studies:
+                if s.scalars(
+                    select(Series).where(Series.study_id == study.id, Series.state != "complete")
+                ).first():
+                    continue  # still receiving: the assembler completes it first
+                series_plans, pipeline_plans = self._plan(s, study)
+                notes = []
+                for plan in pipeline_plans.values():
+                    if plan.runnable:
+                        self._fire(s, study, plan, series_plans)
+                    else:
+                        notes.append(f"{plan.pipeline} did not run: {plan.explain()}")
+                        add_event(
+                            s,
+                            "pipeline_not_run",
+                            plan.explain(),
+                            level="warning",
+                            study_uid=study.study_uid,
+                        )
+                study.note = "; ".join(notes) or None
+                add_event(
+                    s,
+                    "study_settled",
+                    f"no instance for {ruleset.spec.study_timeout_s:g} s",
+                    study_uid=study.study_uid,
+                )
+                settled.append(study.study_uid)
+        return settled
+
+    # -- actions ---------------------------------------------------------------------
+    def _fire(
+        self,
+        s: Session,
+        study: Study,
+        plan: PipelinePlan,
+        series_plans: dict[str, SeriesPlan],
+    ) -> Job | None:
+        """Queue the pipeline once per study and input set (again if an input changed)."""
+        inputs_completed = max(
+            s.scalars(
+                select(Series.completed_at).where(Series.series_uid.in_(plan.inputs.values()))
+            )
+        )
+        previous = s.scalars(
+            select(Job)
+            .where(Job.study_id == study.id, Job.pipeline == plan.pipeline)
+            .order_by(Job.id.desc())
+        ).all()
+        for job in previous:
+            if job.inputs == plan.inputs and job.queued_at >= inputs_completed:
+                return None  # already queued for exactly these inputs
+        spec = self.rules().pipelines[plan.pipeline]
+        urgent = any(
+            series_plans[uid].decision.priority == "urgent" for uid in plan.inputs.values()
+        )
+        return enqueue(
+            s,
+            study,
+            plan.pipeline,
+            plan.inputs,
+            priority="urgent" if urgent else spec.priority,
+            max_attempts=self.max_attempts,
+        )
+
+    @staticmethod
+    def _forward(s: Any, study_id: int, instances: list[Instance], destination: str) -> None:
+        existing = {
+            d.sop_uid: d
+            for d in s.scalars(
+                select(Dispatch).where(
+                    Dispatch.destination == destination,
+                    Dispatch.sop_uid.in_([i.sop_uid for i in instances]),
+                )
+            )
+        }
+        now = utcnow()
+        for inst in instances:
+            row = existing.get(inst.sop_uid)
+            if row is None:
+                s.add(
+                    Dispatch(
+                        study_id=study_id,
+                        kind="forward",
+                        sop_uid=inst.sop_uid,
+                        sop_class_uid=inst.sop_class_uid,
+                        path=inst.path,
+                        destination=destination,
+                        next_attempt_at=now,
+                    )
+                )
+            elif row.state in ("sent", "failed"):  # a re-sent series is forwarded again
+                row.state, row.attempts, row.next_attempt_at = "pending", 0, now

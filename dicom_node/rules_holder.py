@@ -1,0 +1,73 @@
+"""The rules in force, reloaded when the file changes; a broken file keeps the old rules."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from db.models import utcnow
+from db.session import Database
+from dicom_node.records import add_event
+from dicom_node.rules import RulesError, RuleSet, load_rules
+
+log = logging.getLogger("dicom_node.rules")
+
+
+@dataclass
+class ReloadStatus:
+    at: datetime
+    ok: bool
+    message: str
+
+
+class RulesHolder:
+    def __init__(self, path: Path, db: Database | None = None, **known: Any) -> None:
+        self.path = Path(path)
+        self.db = db
+        self.known = known
+        self._lock = threading.Lock()
+        self._mtime = self._stat()
+        self._rules = load_rules(self.path, **known)  # at start a broken file is fatal
+        self.last_reload = ReloadStatus(utcnow(), True, f"loaded {self.path}")
+
+    def _stat(self) -> float | None:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def get(self) -> RuleSet:
+        """The rules in force; reloads first when the file changed on disk."""
+        mtime = self._stat()
+        if mtime != self._mtime:
+            with self._lock:
+                if mtime != self._mtime:
+                    self._mtime = mtime
+                    self._reload()
+        return self._rules
+
+    def _reload(self) -> None:
+        try:
+            rules = load_rules(self.path, **self.known)
+        except RulesError as exc:
+            self.last_reload = ReloadStatus(utcnow(), False, str(exc))
+            log.error("rules reload failed, the previous rules stay in force:\n%s", exc)
+            if self.db is not None:
+                with self.db.session() as s:
+                    add_event(
+                        s,
+                        "rules_reload_failed",
+                        f"previous rules stay in force: {exc}",
+                        level="error",
+                    )
+            return
+        self._rules = rules
+        self.last_reload = ReloadStatus(utcnow(), True, f"reloaded {self.path}")
+        log.info("rules reloaded from %s", self.path)
+        if self.db is not None:
+            with self.db.session() as s:
+                add_event(s, "rules_reloaded", f"rules reloaded from {self.path}")

@@ -1,0 +1,192 @@
+"""The DICOM listener: C-ECHO and C-STORE for every storage SOP class.
+
+Handlers are small: access control at association time, then spool + record per
+instance. Nothing is decoded beyond the header; the encoded bytes go straight to disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from db.session import Database
+from dicom_node.assembler import AssociationTracker
+from dicom_node.config import NodeSettings
+from dicom_node.instance import CorruptDatasetError, parse_header
+from dicom_node.records import InstanceRecorder, Origin
+from dicom_node.spool import Spool, SpoolFullError
+from dicom_node.web import metrics as web_metrics
+
+log = logging.getLogger("dicom_node.scp")
+
+# Everything the volume reader (SimpleITK/GDCM, pydicom + pylibjpeg) can decode.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+class StorageSCP:
+    """Owns the pynetdicom AE; ``start()`` listens in background threads."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        db: Database,
+        spool: Spool,
+        tracker: AssociationTracker,
+        on_stored: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self.tracker = tracker
+        self.on_stored = on_stored
+        self.recorder = InstanceRecorder(db)
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+        # Per open association: instances stored, studies seen, patient names seen.
+        self._received: dict[int, tuple[int, set[str], set[str]]] = {}
+        self.ae = AE(ae_title=settings.ae_title)
+        self.ae.maximum_pdu_size = settings.max_pdu_size
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(Verification)
+        self.ae.require_called_aet = settings.require_called_ae
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        address = (self.settings.bind_address, self.settings.port)
+        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        log.info("listening as %s on %s:%d", self.settings.ae_title, *address)
+
+    def stop(self) -> None:
+        """Stop accepting; open associations are aborted (senders will retry)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    # -- handlers --------------------------------------------------------------------
+    def _on_requested(self, event: evt.Event) -> None:
+        web_metrics.count_association(self)
+        requestor = event.assoc.requestor
+        # The requestor's AE title is only filled in after negotiation: read the request.
+        calling_ae = str(requestor.primitive.calling_ae_title).strip()
+        address = requestor.address
+        if not self.settings.peer_allowed(calling_ae, address):
+            log.warning(
+                "rejected association from unknown peer %s at %s (not in peers)",
+                calling_ae,
+                address,
+            )
+            # rejected-permanent, service-user, calling AE title not recognised
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # As pynetdicom does for its own rejections: let the DUL flush the A-ASSOCIATE-RJ
+            # before the server closes the socket (else the peer sees an abort).
+            event.assoc.kill()
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        assoc = event.assoc
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        try:
+            data = event.encoded_dataset()
+            header = parse_header(data, expected_sop_uid=sop_uid)
+        except CorruptDatasetError as exc:
+            log.warning("refused instance %s from %s: %s", sop_uid, assoc.requestor.ae_title, exc)
+            return STATUS_CANNOT_UNDERSTAND
+        try:
+            path = self.spool.write(header.study_uid, header.series_uid, header.sop_uid, data)
+        except SpoolFullError as exc:
+            log.error("out of resources, refused instance %s: %s", sop_uid, exc)
+            return STATUS_OUT_OF_RESOURCES
+        except OSError as exc:
+            log.error("could not spool instance %s: %s", sop_uid, exc)
+            return STATUS_OUT_OF_RESOURCES
+        self.tracker.touch(id(assoc), header.series_uid)
+        with self._lock:
+            count, studies, patients = self._received.get(id(assoc), (0, set(), set()))
+            studies.add(header.study_uid)
+            patients.add(header.patient_name or "")
+            self._received[id(assoc)] = (count + 1, studies, patients)
+        origin = Origin(
+            calling_ae=assoc.requestor.ae_title.strip(),
+            called_ae=assoc.acceptor.ae_title.strip(),
+            address=assoc.requestor.address,
+        )
+        try:
+            self.recorder.record(header, str(path), len(data), origin)
+        except Exception:
+            # The file is durable; the start-up spool re-scan will index it. Tell the
+            # sender to try again so nothing depends on that alone.
+            log.exception("could not record instance %s in the database", sop_uid)
+            return STATUS_OUT_OF_RESOURCES
+        if self.on_stored is not None:
+            self.on_stored(header.series_uid)
+        return STATUS_SUCCESS
+
+    def _on_closed(self, event: evt.Event) -> None:
+        self.tracker.release(id(event.assoc))
+        with self._lock:
+            received = self._received.pop(id(event.assoc), None)
+        if received is not None:
+            count, studies, patients = received
+            who = f" patients={sorted(patients)}" if self.settings.log_patient_names else ""
+            log.info(
+                "association from %s@%s closed: %d instances, studies %s%s",
+                event.assoc.requestor.ae_title.strip(),
+                event.assoc.requestor.address,
+                count,
+                ", ".join(sorted(studies)),
+                who,
+            )

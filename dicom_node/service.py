@@ -1,0 +1,212 @@
+"""``dicom-node serve``: every stage of the node in one process.
+
+scp -> spool -> assembler -> routing -> queue -> worker -> writer -> dispatch, each loop
+in its own thread, talking through the database. SIGTERM stops accepting associations,
+lets the loops finish what they are doing (a running model gets ``stop_grace_s``) and
+leaves anything unfinished in a state the next start picks up.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from sqlalchemy import func, select
+
+from db.migrate import upgrade
+from db.models import Instance
+from db.session import Database
+from dicom_node.assembler import Assembler, AssociationTracker
+from dicom_node.config import NodeSettings
+from dicom_node.dispatch import Dispatcher
+from dicom_node.instance import CorruptDatasetError, parse_header
+from dicom_node.records import Origin, record_instance
+from dicom_node.routing import Router
+from dicom_node.rules_holder import RulesHolder
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
+from inference import queue
+from inference.engine import Engine
+from inference.gpu import Admission, worker_devices
+from inference.keeper import QueueKeeper
+from inference.nnunet_runner import resolve_device
+from inference.registry import load_registry
+from inference.supervisor import worker_name
+from inference.worker import LocalWorker
+
+log = logging.getLogger("dicom_node.service")
+
+
+class Node:
+    def __init__(self, settings: NodeSettings, stop_grace_s: float = 60.0) -> None:
+        self.settings = settings
+        self.stop_grace_s = stop_grace_s
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.web_server = None
+        self.web_port: int | None = None
+        self.workers: list[LocalWorker] = []
+        self._engine: Engine | None = None
+
+    # -- start -------------------------------------------------------------------------
+    def start(self) -> Node:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(s.db_url)
+        self.db = Database(s.db_url)
+        self.spool = Spool(s.spool_dir, s.min_free_bytes, fsync=s.spool_fsync)
+        self.registry = load_registry(s.models_file)
+        self.rules = RulesHolder(
+            s.rules_file,
+            self.db,
+            known_destinations={d.name for d in s.destinations},
+            known_models={m: spec.channels for m, spec in self.registry.models.items()},
+        )
+        self._reindex_spool()
+        # Only this node's own local workers: Celery workers' jobs are left to the lease.
+        self.local_worker_prefix = worker_name("local", "").split("/local/")[0] + "/local/"
+        queue.requeue_abandoned(self.db, self.local_worker_prefix)
+        self.tracker = AssociationTracker()
+        self.router = Router(self.db, self.rules.get, s.worker.max_attempts)
+        self.assembler = Assembler(self.db, self.tracker, s.quiet_period_s, self._on_complete)
+        self.dispatcher = Dispatcher(
+            self.db, {d.name: d for d in s.destinations}, s.dispatch, s.ae_title
+        )
+        self.dispatcher.reset_interrupted()
+        self.scp = StorageSCP(s, self.db, self.spool, self.tracker)
+        self._spawn("assembler", self._assembler_loop)
+        self._spawn("dispatcher", self.dispatcher.run_forever, self.stop_event)
+        self._start_workers()
+        if s.web.enabled:
+            self._start_web()
+        self.scp.start()
+        return self
+
+    def _start_workers(self) -> None:
+        """Embedded: one worker thread (+ warm child) per device; Celery: publish only."""
+        w = self.settings.worker
+        publish = None
+        if w.broker_url:
+            from inference.celery_app import make_app, publisher
+
+            self.celery = make_app(self.settings)
+            publish = publisher(self.celery, w.celery_queue)
+        elif w.enabled:
+            for device in worker_devices(w.device, w.devices):
+                admission = Admission(device, self.rules.get, self.registry)
+                worker = LocalWorker(self.db, self.settings, device, admission)
+                self.workers.append(worker)
+                self._spawn(f"worker-{device}", worker.run_forever, self.stop_event, daemon=True)
+        self.keeper = QueueKeeper(self.db, w, publish)
+        self._spawn("queue-keeper", self.keeper.run_forever, self.stop_event, daemon=True)
+
+    @property
+    def engine(self) -> Engine:
+        """An in-process engine for inspection (tests, demo); jobs run in worker children."""
+        if self._engine is None:
+            self._engine = Engine(self.registry, resolve_device(self.settings.worker.device))
+        return self._engine
+
+    def _spawn(self, name: str, target, *args, daemon: bool = False) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=daemon)
+        t.start()
+        self.threads.append(t)
+
+    def _on_complete(self, series_uid: str) -> None:
+        self.router.route_series(series_uid)
+
+    def _assembler_loop(self) -> None:
+        interval = min(1.0, max(0.1, self.settings.quiet_period_s / 4))
+        last_settle_check = 0.0
+        while not self.stop_event.wait(interval):
+            try:
+                self.assembler.poll()
+                if time.monotonic() - last_settle_check >= 2.0:
+                    last_settle_check = time.monotonic()
+                    self.router.poll_settled()
+            except Exception:
+                log.exception("assembler loop error")
+        self.dispatcher.wake.set()
+
+    def _start_web(self) -> None:
+        import uvicorn
+
+        from dicom_node.web import create_app
+
+        app = create_app(self)
+        config = uvicorn.Config(
+            app,
+            host=self.settings.web.host,
+            port=self.settings.web.port,
+            log_level="warning",
+            lifespan="off",
+        )
+        self.web_server = uvicorn.Server(config)
+        self.web_server.install_signal_handlers = lambda: None  # signals are ours
+        self._spawn("web", self.web_server.run)
+        deadline = time.monotonic() + 10
+        while not self.web_server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.web_server.started:
+            sock = self.web_server.servers[0].sockets[0]
+            self.web_port = sock.getsockname()[1]
+            log.info("web status page on http://%s:%d/", self.settings.web.host, self.web_port)
+
+    def _reindex_spool(self) -> None:
+        """Index spooled files the database missed (a crash between fsync and commit)."""
+        with self.db.session() as session:
+            known = set(session.scalars(select(Instance.sop_uid)))
+            latest = session.scalar(select(func.max(Instance.received_at)))
+        cutoff = latest.timestamp() - 60 if latest else 0
+        added = 0
+        for path in self.spool.iter_files():
+            if path.stem in known or path.stat().st_mtime < cutoff:
+                continue
+            try:
+                header = parse_header(path.read_bytes())
+            except CorruptDatasetError:
+                log.error("spooled file %s is unreadable; left in place", path)
+                continue
+            record_instance(self.db, header, str(path), path.stat().st_size, Origin("", "", ""))
+            added += 1
+        if added:
+            log.warning("indexed %d spooled instances the database did not know", added)
+
+    # -- stop --------------------------------------------------------------------------
+    def stop(self) -> None:
+        log.info("stopping: no new associations; finishing work in flight")
+        if hasattr(self, "scp"):
+            self.scp.stop()
+        self.stop_event.set()
+        self.dispatcher.wake.set()
+        if self.web_server is not None:
+            self.web_server.should_exit = True
+        deadline = time.monotonic() + self.stop_grace_s
+        for t in self.threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        busy = [w.current_job for w in self.workers if w.current_job is not None]
+        for worker in self.workers:
+            worker.shutdown()
+        if busy:
+            log.warning("jobs %s still running at shutdown; they run again at next start", busy)
+            queue.requeue_abandoned(self.db, self.local_worker_prefix)
+        self.db.dispose()
+        log.info("stopped")
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM / SIGINT."""
+        done = threading.Event()
+
+        def _signal(signum: int, _frame: object) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        try:
+            done.wait()
+        finally:
+            self.stop()

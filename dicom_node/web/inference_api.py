@@ -1,0 +1,128 @@
+"""The seed service's path API: ``POST /inference/<pipeline>`` -> ``{"mask_path"}``, and
+``GET /models``.
+
+Requests become ordinary jobs in the queue (priority, time limit, retries and cancel as
+for DICOM-triggered work); the worker runs them with ``inference.path_api.run_path_job``.
+Input errors (bad paths, wrong number of images) are answered 4xx before anything is
+queued; an image that cannot be read answers 422 once the job has failed on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+
+from db.models import Job, Study
+from dicom_node.uids import derived_uid
+from dicom_node.web.auth import Principal, require_csrf, require_viewer
+from inference import queue as jobs
+from inference.path_api import PathInputError, path_inputs
+
+router = APIRouter(tags=["inference"])
+POLL_S = 0.2
+
+
+def _node(request: Request) -> Any:
+    return request.app.state.node
+
+
+@router.get("/models")
+def models(request: Request, _: Principal = Depends(require_viewer)) -> dict[str, Any]:
+    """The model registry: what each model reads and outputs."""
+    registry = _node(request).registry
+    return {
+        "models": [
+            {
+                "id": m.id,
+                "kind": m.kind,
+                "version": m.version,
+                "description": m.description,
+                "task": m.task,
+                "folder": str(m.folder) if m.folder else None,
+                "channels": m.channels,
+                "labels": {str(v): lab.name for v, lab in sorted(m.labels.items())},
+            }
+            for m in registry.models.values()
+        ]
+    }
+
+
+def _path_study(session: Any, inputs: dict[str, dict[str, str]]) -> Study:
+    """A study row for path jobs, one per set of input paths (keeps jobs per study)."""
+    uid = derived_uid("path-study", *(f"{r}={v['path']}" for r, v in sorted(inputs.items())))
+    study = session.scalars(select(Study).where(Study.study_uid == uid)).one_or_none()
+    if study is None:
+        study = Study(study_uid=uid, study_description="path API request")
+        session.add(study)
+        session.flush()
+    return study
+
+
+@router.post("/inference/{pipeline}")
+async def run_pipeline(
+    pipeline: str,
+    request: Request,
+    body: dict[str, Any] = Body(...),  # noqa: B008
+    wait_s: float = 600.0,
+    _: Principal = Depends(require_csrf),
+) -> Any:
+    """Queue the pipeline on the given paths and answer the mask path when it is done.
+
+    ``wait_s=0`` answers 202 with the job id at once (poll ``GET /inference/jobs/<id>``).
+    """
+    node = _node(request)
+    spec = node.rules.get().pipelines.get(pipeline)
+    if spec is None:
+        raise HTTPException(404, f"pipeline {pipeline!r} is not defined in the rules in force")
+    try:
+        inputs = path_inputs(spec, body)
+    except PathInputError as exc:
+        raise HTTPException(400, f"pipeline {pipeline}: {exc}") from None
+    with node.db.session() as s:
+        study = _path_study(s, inputs)
+        job = jobs.enqueue(s, study, pipeline, inputs, priority=spec.priority)
+        if job is None:  # the same request is already queued: wait for that one
+            job = s.scalars(
+                select(Job).where(Job.study_id == study.id, Job.pipeline == pipeline,
+                                  Job.state == "queued")
+            ).first()  # fmt: skip
+        job_id = job.id if job is not None else None
+    if job_id is None:
+        raise HTTPException(409, "the request could not be queued; retry")
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while True:
+        answer = _job_answer(node, job_id)
+        if answer is not None or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(POLL_S)
+    return answer or JSONResponse({"job_id": job_id, "state": "queued"}, status_code=202)
+
+
+@router.get("/inference/jobs/{job_id}")
+def job_state(job_id: int, request: Request, _: Principal = Depends(require_viewer)) -> Any:
+    answer = _job_answer(_node(request), job_id)
+    return answer or JSONResponse({"job_id": job_id, "state": "running"}, status_code=202)
+
+
+def _job_answer(node: Any, job_id: int) -> Any:
+    """The final answer for a finished job, None while it is queued or running."""
+    with node.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise HTTPException(404, f"job {job_id} does not exist")
+        state, summary, error = job.state, job.summary or {}, job.last_error or ""
+    if state == "done" and "mask_path" in summary:
+        return {"mask_path": summary["mask_path"], "job_id": job_id}
+    if state == "done":
+        raise HTTPException(500, f"job {job_id} finished without a mask")
+    if state == "failed":
+        status = 422 if "PathInputError" in error or "SeriesReadError" in error else 500
+        raise HTTPException(status, f"job {job_id} failed: {error}")
+    if state == "cancelled":
+        raise HTTPException(409, f"job {job_id} was cancelled")
+    return None

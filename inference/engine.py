@@ -1,0 +1,259 @@
+"""Running a pipeline (one or more registered models) on already-loaded volumes.
+
+The engine keeps, between jobs: warm model runners (an LRU over a memory budget), the
+volumes of recently used series (so every pipeline of a study reads each series once)
+and the label maps of recent model runs (so ``tumor`` reuses the organ model's output
+that ``totalseg`` produced for the same series when it crops to the kidneys).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dicom_node.rules import PipelineSpec
+from inference.crop import crop_volume, label_box, paste
+from inference.model_cache import ModelCache
+from inference.nnunet_runner import NnUNetRunner
+from inference.postprocess import postprocess
+from inference.registry import ModelRegistry, ModelSpec
+from inference.seg_writer import SegmentLabel
+from inference.volume import Volume, resample_to
+
+log = logging.getLogger("inference.engine")
+
+DEFAULT_MODEL_BUDGET_MB = 8192
+VOLUME_CACHE_ITEMS = 8  # about two 4-phase studies
+LABEL_CACHE_ITEMS = 8
+
+
+class PipelineInputError(ValueError):
+    """The inputs do not fit the pipeline (a missing phase, a bad image)."""
+
+
+@dataclass
+class PipelineResult:
+    pipeline: str
+    reference: Volume
+    label_map: np.ndarray  # uint8 [z, y, x] in the reference volume's geometry
+    labels: list[SegmentLabel]  # one per label value used in label_map
+    model_versions: dict[str, str]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    mask_path: Path | None = None
+    crop_box: tuple[slice, slice, slice] | None = None
+
+    @property
+    def version(self) -> str:
+        return pipeline_version(self.model_versions)
+
+
+def pipeline_version(model_versions: dict[str, str]) -> str:
+    """One version string for a pipeline's models (part of the result UIDs)."""
+    return "+".join(f"{m}-{v}" for m, v in sorted(model_versions.items()))
+
+
+class _Lru:
+    """A small thread-safe LRU keyed by string (volumes, label maps)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get_or_make(self, key: Any, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+        value = make()  # outside the lock: a read may take seconds
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class Engine:
+    """Warm runners, cached volumes and label maps, and the pipeline logic."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        device: torch.device,
+        *,
+        model_budget_mb: int = DEFAULT_MODEL_BUDGET_MB,
+        volume_cache_items: int = VOLUME_CACHE_ITEMS,
+    ) -> None:
+        self.registry = registry
+        self.device = device
+        self.models = ModelCache(model_budget_mb)
+        self.volumes = _Lru(volume_cache_items)
+        self._label_maps = _Lru(LABEL_CACHE_ITEMS)
+
+    def runner(self, model_id: str) -> NnUNetRunner:
+        """The warm runner of a model, loaded on first use."""
+        spec = self.registry.get(model_id)
+        return self.models.get(  # type: ignore[return-value]
+            model_id, spec.memory_mb, lambda: NnUNetRunner(spec, self.device)
+        )
+
+    def volume(self, key: str, load: Callable[[], Volume]) -> Volume:
+        """A series read once and shared by every job and pipeline of this worker.
+
+        ``key`` identifies the content (series UID + instance count, or a file path + mtime).
+        """
+        return self.volumes.get_or_make(key, load)
+
+    # --- models ---------------------------------------------------------------------
+
+    def predict(self, model_id: str, inputs: dict[str, Volume], box: Any = None) -> np.ndarray:
+        """One model's label map (its own label ids) in the reference input's geometry.
+
+        Secondary inputs are resampled into the reference (channel 0) grid; with ``box``
+        the model sees only that crop of the reference and the result is pasted back.
+        """
+        spec = self.registry.get(model_id)
+        missing = [c for c in spec.channels if c not in inputs]
+        if missing:
+            raise PipelineInputError(
+                f"model {model_id} needs inputs {missing}, got {sorted(inputs)}"
+            )
+        full_ref = inputs[spec.channels[0]]
+        ref = crop_volume(full_ref, box) if box is not None else full_ref
+        channels = np.stack(
+            [
+                ref.array if c == spec.channels[0] else resample_to(inputs[c], ref)
+                for c in spec.channels
+            ]
+        )
+        seg = self.runner(model_id).predict(channels, ref.spacing_zyx)
+        if spec.kind == "totalsegmentator":
+            seg = _keep_only(seg, _totalseg_keep(spec))
+        return paste(seg, box, full_ref.shape) if box is not None else seg
+
+    def predict_cached(self, model_id: str, inputs: dict[str, Volume]) -> np.ndarray:
+        """``predict`` on full volumes, remembered per model and input content."""
+        spec = self.registry.get(model_id)
+        key = (model_id, spec.version, tuple(_content_key(inputs[c]) for c in spec.channels))
+        return self._label_maps.get_or_make(key, lambda: self.predict(model_id, inputs))
+
+    # --- pipelines ------------------------------------------------------------------
+
+    def run(
+        self,
+        name: str,
+        spec: PipelineSpec,
+        inputs: dict[str, Volume],
+        *,
+        mask_dir: Path | None = None,
+    ) -> PipelineResult:
+        """Run the pipeline's models, combine their labels into one map and clean it up."""
+        models = [self.registry.get(m) for m in spec.models]
+        reference = _reference(name, models, inputs)
+        timings: dict[str, float] = {}
+        box = None
+        crop = getattr(spec, "crop", None)
+        if crop is not None:
+            started = time.perf_counter()
+            box = self._crop_box(name, crop, inputs, reference)
+            timings[f"crop:{crop.to_model}"] = round(time.perf_counter() - started, 3)
+        combined = np.zeros(reference.shape, np.uint8)
+        labels: list[SegmentLabel] = []
+        versions: dict[str, str] = {}
+        for model in models:
+            started = time.perf_counter()
+            seg = self.predict(model.id, inputs, box)
+            seg = postprocess(
+                seg, {v: lab.postprocess for v, lab in model.labels.items()}, reference.spacing_zyx
+            )
+            timings[model.id] = round(time.perf_counter() - started, 3)
+            versions[model.id] = model.version
+            # Renumber this model's labels after the ones already collected.
+            for label in model.segment_labels():
+                new_value = len(labels) + 1
+                combined[seg == label.value] = new_value
+                labels.append(
+                    SegmentLabel(
+                        value=new_value,
+                        name=label.name,
+                        category=label.category,
+                        type=label.type,
+                        color_rgb=label.color_rgb,
+                        laterality=label.laterality,
+                    )
+                )
+        result = PipelineResult(name, reference, combined, labels, versions, timings, crop_box=box)
+        if mask_dir is not None and getattr(spec, "masks", None) == "nifti":
+            from inference.nifti_io import write_mask
+
+            result.mask_path = write_mask(reference, combined, Path(mask_dir) / f"{name}.nii.gz")
+        log.info("pipeline %s ran on %s: %s", name, reference.series_uid, timings)
+        return result
+
+    def _crop_box(self, name: str, crop: Any, inputs: dict[str, Volume], reference: Volume) -> Any:
+        organ = self.registry.get(crop.to_model)
+        if inputs.get(organ.channels[0]) is not reference:
+            # The organ model reads the pipeline's reference role under its own name.
+            inputs = {**inputs, organ.channels[0]: reference}
+        organ_map = self.predict_cached(organ.id, inputs)
+        ids = organ.label_ids()
+        unknown = [n for n in crop.labels if n not in ids]
+        if unknown:
+            raise PipelineInputError(
+                f"pipeline {name}: crop labels {unknown} are not outputs of model {organ.id}"
+            )
+        box = label_box(
+            organ_map, [ids[n] for n in crop.labels], reference.spacing_zyx, crop.margin_mm
+        )
+        if box is None:
+            log.warning("pipeline %s: no %s found, running on the full volume", name, crop.labels)
+        return box
+
+
+def _reference(name: str, models: list[ModelSpec], inputs: dict[str, Volume]) -> Volume:
+    """The one volume whose geometry every model's output is in (channel 0 of each)."""
+    refs = []
+    for model in models:
+        missing = [c for c in model.channels if c not in inputs]
+        if missing:
+            raise PipelineInputError(
+                f"pipeline {name}: model {model.id} needs inputs {missing}, got {sorted(inputs)}"
+            )
+        refs.append(inputs[model.channels[0]])
+    if any(r is not refs[0] for r in refs):
+        raise PipelineInputError(f"pipeline {name}: all models must share the reference input")
+    return refs[0]
+
+
+def _content_key(volume: Volume) -> tuple:
+    """What identifies a volume's content: its series (or path) and its grid."""
+    return (volume.series_uid, volume.shape, volume.origin_lps, volume.spacing_zyx)
+
+
+def _totalseg_keep(spec: ModelSpec) -> list[int]:
+    keep = set(spec.labels)
+    if spec.roi_subset:
+        ids = spec.label_ids()
+        keep &= {ids[n] for n in spec.roi_subset if n in ids}
+    return sorted(keep)
+
+
+def _keep_only(seg: np.ndarray, values: list[int]) -> np.ndarray:
+    lut = np.zeros(max(256, int(seg.max()) + 1), seg.dtype)
+    lut[values] = values
+    return lut[seg]

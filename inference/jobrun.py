@@ -1,0 +1,225 @@
+"""One pipeline run on one job: load the inputs once, run the models, write the SEG.
+
+Runs inside the worker child process (``inference.child``). The Result and outbox rows
+are written in the same transaction that marks the job done, and only while this attempt
+still owns the job: a job is recorded, and its SEG queued for sending, exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Dispatch, Job, Result, Series, utcnow
+from db.session import Database
+from dicom_node.records import add_event, series_files
+from dicom_node.rules import RuleSet
+from dicom_node.uids import derived_uid
+from inference import path_api, queue
+from inference.engine import Engine, PipelineResult
+from inference.seg_writer import Algorithm, EmptySegmentationError, write_seg
+from inference.volume import Volume
+
+SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def result_uids(source_series_uid: str, pipeline: str, version: str) -> tuple[str, str, int]:
+    """(SeriesInstanceUID, SOPInstanceUID, SeriesNumber) of a pipeline's SEG.
+
+    Derived from the inputs only, so a re-run with the same model version replaces the
+    earlier SEG in the PACS, while a new model version makes a new series.
+    """
+    series_uid = derived_uid("seg-series", source_series_uid, pipeline, version)
+    sop_uid = derived_uid("seg-instance", source_series_uid, pipeline, version)
+    digest = hashlib.sha256(f"{pipeline}\x1f{version}".encode()).digest()
+    return series_uid, sop_uid, 9000 + int.from_bytes(digest[:2], "big") % 1000
+
+
+@dataclass
+class WrittenSeg:
+    path: Path
+    sop_uid: str
+    series_uid: str
+    source_series_uid: str
+    label_count: int
+
+
+class JobRunner:
+    """Runs claimed jobs with a warm Engine; one per worker child."""
+
+    def __init__(
+        self,
+        db: Database,
+        engine: Engine,
+        rules: Callable[[], RuleSet],
+        results_dir: Path,
+        destinations: Callable[[], list[str]],
+    ) -> None:
+        self.db = db
+        self.engine = engine
+        self.rules = rules
+        self.results_dir = Path(results_dir)
+        self.destinations = destinations
+
+    def run(self, job_id: int, owner: queue.Owner) -> str:
+        """Run the job and record it as done; returns the job's state afterwards.
+
+        Exceptions propagate: the caller counts the failed attempt.
+        """
+        with self.db.session() as s:
+            job = s.get_one(Job, job_id)
+            s.expunge(job)
+        summary, seg = self.process(job)
+        if seg is None:
+            return queue.finish(self.db, job.id, summary, owner=owner)
+        return queue.finish(
+            self.db,
+            job.id,
+            summary,
+            owner=owner,
+            record=lambda s, row: self._record_result(s, row, seg),
+        )
+
+    def _load_inputs(self, job: Job) -> dict[str, Volume]:
+        """Each input series read once per worker: the engine's volume cache is shared by
+        every job and pipeline of the study."""
+        with self.db.session() as s:
+            files = {role: series_files(s, uid) for role, uid in job.inputs.items()}
+        return {
+            role: path_api.load_input(
+                job.inputs[role], engine=self.engine, series_files=lambda _uid, f=paths: f
+            )
+            for role, paths in files.items()
+        }
+
+    def process(self, job: Job) -> tuple[dict[str, Any], WrittenSeg | None]:
+        started = time.perf_counter()
+        spec = self.rules().pipelines.get(job.pipeline)
+        if spec is None:
+            raise KeyError(f"pipeline {job.pipeline!r} is not defined in the rules in force")
+        if path_api.is_path_job(job.inputs):  # HTTP path API: a NIfTI mask, no SEG
+            mask_dir = self.results_dir / "masks" / f"job-{job.id}"
+            return path_api.run_path_job(
+                self.engine, job.pipeline, spec, job.inputs, mask_dir
+            ), None
+        inputs = self._load_inputs(job)
+        loaded = time.perf_counter()
+        study_uid = str(next(iter(inputs.values())).headers[0].StudyInstanceUID)
+        result = self.engine.run(
+            job.pipeline, spec, inputs, mask_dir=self.results_dir / study_uid / "masks"
+        )
+        inferred = time.perf_counter()
+        summary: dict[str, Any] = {
+            "labels": _label_volumes_ml(result),
+            "model_versions": result.model_versions,
+            "seconds": {
+                "load": round(loaded - started, 3),
+                "inference": round(inferred - loaded, 3),
+            },
+        }
+        try:
+            seg = self._write_seg(job, result)
+        except EmptySegmentationError as exc:
+            summary["empty"] = True
+            with self.db.session() as s:
+                add_event(
+                    s,
+                    "result_empty",
+                    f"pipeline {job.pipeline} found no label: nothing sent ({exc})",
+                    level="warning",
+                    study_uid=_study_uid(s, job),
+                    job_id=job.id,
+                )
+            return summary, None
+        summary["seconds"]["write"] = round(time.perf_counter() - inferred, 3)
+        summary["seg_sop_uid"] = seg.sop_uid
+        return summary, seg
+
+    def _write_seg(self, job: Job, result: PipelineResult) -> WrittenSeg:
+        ref = result.reference
+        series_uid, sop_uid, series_number = result_uids(
+            ref.series_uid, job.pipeline, result.version
+        )
+        folder = self.results_dir / str(ref.headers[0].StudyInstanceUID) / series_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        path = write_seg(
+            ref.headers,
+            result.label_map,
+            result.labels,
+            path=folder / f"{sop_uid}.dcm",
+            algorithm=Algorithm(name=job.pipeline, version=result.version),
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=series_number,
+            series_description=f"AI {job.pipeline} {result.version}"[:64],
+        )
+        return WrittenSeg(path, sop_uid, series_uid, ref.series_uid, len(result.labels))
+
+    def _record_result(self, s: Session, job: Job, seg: WrittenSeg) -> None:
+        now = utcnow()
+        row = s.scalars(select(Result).where(Result.sop_uid == seg.sop_uid)).one_or_none()
+        if row is None:
+            s.add(
+                Result(
+                    job_id=job.id,
+                    study_id=job.study_id,
+                    kind="SEG",
+                    sop_uid=seg.sop_uid,
+                    series_uid=seg.series_uid,
+                    sop_class_uid=SEG_SOP_CLASS_UID,
+                    source_series_uid=seg.source_series_uid,
+                    path=str(seg.path),
+                )
+            )
+        else:  # a re-run replaced the file in place
+            row.job_id, row.created_at = job.id, now
+        destinations = self.destinations()
+        for destination in destinations:
+            dispatch = s.scalars(
+                select(Dispatch).where(
+                    Dispatch.sop_uid == seg.sop_uid, Dispatch.destination == destination
+                )
+            ).one_or_none()
+            if dispatch is None:
+                s.add(
+                    Dispatch(
+                        study_id=job.study_id,
+                        kind="result",
+                        sop_uid=seg.sop_uid,
+                        sop_class_uid=SEG_SOP_CLASS_UID,
+                        path=str(seg.path),
+                        destination=destination,
+                        next_attempt_at=now,
+                    )
+                )
+            else:  # the re-run's SEG replaces the earlier one at the destination too
+                dispatch.state, dispatch.attempts, dispatch.next_attempt_at = "pending", 0, now
+        add_event(
+            s,
+            "result_written",
+            f"SEG {seg.sop_uid} ({seg.label_count} labels) queued for "
+            f"{', '.join(destinations) or 'no destination'}",
+            study_uid=_study_uid(s, job),
+            series_uid=seg.source_series_uid,
+            job_id=job.id,
+        )
+
+
+def _study_uid(session: Any, job: Job) -> str | None:
+    uid = next(iter(job.inputs.values()), None)
+    series = session.scalars(select(Series).where(Series.series_uid == uid)).one_or_none()
+    return series.study.study_uid if series else None
+
+
+def _label_volumes_ml(result: PipelineResult) -> dict[str, float]:
+    voxel_ml = float(np.prod(result.reference.spacing_zyx)) / 1000.0
+    counts = np.bincount(result.label_map.ravel(), minlength=len(result.labels) + 1)
+    return {label.name: round(float(counts[label.value]) * voxel_ml, 2) for label in result.labels}

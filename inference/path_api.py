@@ -1,0 +1,136 @@
+"""Jobs whose inputs are file paths (the seed service's HTTP API), through the job queue.
+
+A path job stores ``job.inputs = {role: {"path": "/data/ct.nii.gz"}}``; a DICOM job stores
+``{role: "<series uid>"}``. ``load_input`` reads either into a Volume (once: through the
+engine's volume cache), and ``run_path_job`` runs the pipeline and writes the NIfTI mask
+instead of a DICOM-SEG. The worker calls ``run_path_job`` for jobs ``is_path_job`` accepts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dicom_node.rules import PipelineSpec
+from inference.engine import Engine, PipelineInputError
+from inference.nifti_io import is_nifti, read_nifti, write_mask
+from inference.volume import SeriesReadError, Volume, load_series
+
+
+class PathInputError(ValueError):
+    """A path input is missing, not an image, or does not fit the pipeline (-> HTTP 4xx)."""
+
+
+def is_path_job(inputs: dict[str, Any]) -> bool:
+    return any(isinstance(v, dict) and "path" in v for v in inputs.values())
+
+
+def check_path(role: str, raw: object) -> Path:
+    """The input path of one role, checked to exist and be a NIfTI file or a folder."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise PathInputError(f"input {role}: a path string is required")
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise PathInputError(f"input {role}: {raw!r} must be an absolute path")
+    if not path.exists():
+        raise PathInputError(f"input {role}: {path} does not exist")
+    if path.is_file() and not is_nifti(path):
+        raise PathInputError(f"input {role}: {path} is neither a NIfTI file nor a DICOM folder")
+    return path
+
+
+def _read_path(path: Path) -> Volume:
+    if path.is_file():
+        return read_nifti(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise SeriesReadError(f"{path} holds no files")
+    return load_series(files)
+
+
+def load_input(
+    value: str | dict[str, Any],
+    *,
+    engine: Engine | None = None,
+    series_files: Callable[[str], list[str]] | None = None,
+) -> Volume:
+    """One job input as a Volume: ``{"path": ...}`` or a series UID (needs ``series_files``).
+
+    With an engine, the volume comes from (and goes into) its cache, so every pipeline of
+    the study reads each series once.
+    """
+    if isinstance(value, dict):
+        path = check_path("image", value.get("path"))
+        stat = path.stat()
+        key = f"path:{path}:{stat.st_mtime_ns}:{stat.st_size}"
+
+        def load() -> Volume:
+            try:
+                return _read_path(path)
+            except SeriesReadError as exc:
+                raise PathInputError(f"{path} cannot be read as one 3D image: {exc}") from exc
+
+    else:
+        if series_files is None:
+            raise ValueError("a series UID input needs series_files")
+        files = series_files(value)
+        key = f"series:{value}:{len(files)}"
+
+        def load() -> Volume:
+            return load_series(files, series_uid=value)
+
+    return engine.volume(key, load) if engine is not None else load()
+
+
+def path_inputs(spec: PipelineSpec, body: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Request fields -> job inputs: ``image_path`` for a one-input pipeline, else
+    ``image_<ROLE>_path`` per role (``image_A_path``, ``image_P_path``, ``image_D_path``).
+
+    A one-input pipeline also accepts ``image_<ROLE>_path`` (the ureter's ``image_D_path``).
+    """
+    roles = list(spec.inputs)
+    inputs: dict[str, dict[str, str]] = {}
+    for role in roles:
+        raw = body.get(f"image_{role}_path")
+        if raw is None and len(roles) == 1:
+            raw = body.get("image_path")
+        if raw is None:
+            wanted = "image_path" if len(roles) == 1 else f"image_{role}_path"
+            raise PathInputError(
+                f"this pipeline takes {len(roles)} image(s) ({', '.join(roles)}): "
+                f"{wanted} is missing"
+            )
+        inputs[role] = {"path": str(check_path(role, raw))}
+    extra = [k for k in body if k.endswith("_path") and k != "image_path" and k[6:-5] not in roles]
+    if extra:
+        raise PathInputError(f"unexpected inputs {extra}: this pipeline reads {roles}")
+    return inputs
+
+
+def run_path_job(
+    engine: Engine,
+    pipeline: str,
+    spec: PipelineSpec,
+    inputs: dict[str, Any],
+    mask_dir: Path,
+) -> dict[str, Any]:
+    """Run a path job and write its mask; the summary holds ``mask_path`` for the API."""
+    started = time.perf_counter()
+    volumes = {role: load_input(v, engine=engine) for role, v in inputs.items()}
+    loaded = time.perf_counter()
+    try:
+        result = engine.run(pipeline, spec, volumes)
+    except PipelineInputError as exc:
+        raise PathInputError(str(exc)) from exc
+    path = write_mask(result.reference, result.label_map, Path(mask_dir) / f"{pipeline}.nii.gz")
+    return {
+        "mask_path": str(path),
+        "labels": {lab.name: lab.value for lab in result.labels},
+        "model_versions": result.model_versions,
+        "seconds": {
+            "load": round(loaded - started, 3),
+            "inference": round(time.perf_counter() - loaded, 3),
+        },
+    }

@@ -1,0 +1,223 @@
+"""The model registry (``models.yaml``): which trained models exist and what they output.
+
+Validated at start: a model whose folder is missing, whose labels disagree with the
+nnU-Net ``dataset.json`` or the checkpoint's output layer, or a TotalSegmentator task
+whose weights are not installed, fails with a message naming the model and the problem.
+Nothing here ever downloads weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dicom_node.config import REPO_ROOT
+from inference.seg_writer import Code, SegmentLabel
+
+
+class RegistryError(ValueError):
+    """The model registry is invalid; the message names the model and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CodeSpec(_Strict):
+    """A coded concept written as ``[scheme, value, meaning]`` in YAML."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+    def to_code(self) -> Code:
+        return Code(value=self.value, scheme=self.scheme, meaning=self.meaning)
+
+
+def _code(v: object) -> object:
+    if isinstance(v, list | tuple) and len(v) == 3:
+        return {"scheme": str(v[0]), "value": str(v[1]), "meaning": str(v[2])}
+    return v
+
+
+class PostProcessSpec(_Strict):
+    """Per-label clean-up after inference (in the reference geometry)."""
+
+    largest_component: bool = False  # keep only the largest connected component
+    min_volume_ml: float = Field(0.0, ge=0)  # drop components smaller than this
+    fill_holes: bool = False  # fill enclosed holes, slice-independent (3D)
+    smooth_mm: float = Field(0.0, ge=0)  # Gaussian smoothing of the mask (sigma, mm)
+
+
+class LabelSpec(_Strict):
+    name: str
+    category: CodeSpec
+    type: CodeSpec
+    color: tuple[int, int, int] | None = None
+    laterality: CodeSpec | None = None
+    postprocess: PostProcessSpec = Field(default_factory=PostProcessSpec)
+
+    _codes = field_validator("category", "type", "laterality", mode="before")(
+        classmethod(lambda cls, v: _code(v))
+    )
+
+
+class ModelSpec(_Strict):
+    id: str
+    kind: Literal["nnunet", "totalsegmentator"] = "nnunet"
+    # nnunet: the trained-model folder. totalsegmentator: resolved from the task at start.
+    folder: Path | None = None
+    version: str
+    description: str = ""
+    configuration: str = "3d_fullres"
+    folds: list[int | Literal["all"]] = Field(default_factory=lambda: [0])
+    checkpoint: str = "checkpoint_final.pth"
+    use_mirroring: bool = True
+    tile_step_size: float = Field(0.5, gt=0, le=1)
+    gpu_memory_mb: int = Field(0, ge=0)  # GPU memory a job needs free before it starts
+    # Memory the warm predictor holds (weights + workspace); the LRU model cache budget.
+    memory_mb: int = Field(256, ge=1)
+    # Voxels whose winning class probability is below this become background (None: argmax).
+    min_confidence: float | None = Field(None, gt=0, lt=1)
+    # TotalSegmentator tasks: the task name, its resolution and an optional ROI subset.
+    task: str | None = None
+    fast: bool = True  # 3 mm model (False: the 1.5 mm ensemble of five)
+    fastest: bool = False  # 6 mm model
+    roi_subset: list[str] = Field(default_factory=list)
+    # Which input phase / role feeds which nnU-Net channel, in channel order.
+    channels: list[str] = Field(default_factory=lambda: ["image"])
+    labels: dict[int, LabelSpec]
+
+    @property
+    def model_folder(self) -> Path:
+        """The nnU-Net trained-model folder (set for TotalSegmentator at validation)."""
+        if self.folder is None:
+            raise RegistryError(f"model {self.id!r}: no folder resolved")
+        return self.folder
+
+    def label_ids(self) -> dict[str, int]:
+        return {spec.name: value for value, spec in self.labels.items()}
+
+    def segment_labels(self) -> list[SegmentLabel]:
+        return [
+            SegmentLabel(
+                value=value,
+                name=spec.name,
+                category=spec.category.to_code(),
+                type=spec.type.to_code(),
+                color_rgb=spec.color,
+                laterality=spec.laterality.to_code() if spec.laterality else None,
+            )
+            for value, spec in sorted(self.labels.items())
+        ]
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, ModelSpec], source: Path) -> None:
+        self.models = models
+        self.source = source
+
+    def get(self, model_id: str) -> ModelSpec:
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise RegistryError(
+                f"model {model_id!r} is not in the registry {self.source}"
+            ) from None
+
+
+def _check_model_folder(spec: ModelSpec) -> None:
+    where = f"model {spec.id!r}"
+    if spec.folder is None:
+        raise RegistryError(f"{where}: no folder given")
+    if not spec.folder.is_dir():
+        raise RegistryError(f"{where}: folder {spec.folder} does not exist")
+    for name in ("dataset.json", "plans.json"):
+        if not (spec.folder / name).is_file():
+            raise RegistryError(f"{where}: {spec.folder / name} is missing")
+    for fold in spec.folds:
+        ckpt = spec.folder / f"fold_{fold}" / spec.checkpoint
+        if not ckpt.is_file():
+            raise RegistryError(f"{where}: checkpoint {ckpt} is missing")
+    dataset = json.loads((spec.folder / "dataset.json").read_text())
+    nn_labels = {int(v): k for k, v in dataset["labels"].items() if int(v) != 0}
+    if set(nn_labels) != set(spec.labels):
+        raise RegistryError(
+            f"{where}: labels {sorted(spec.labels)} do not match dataset.json "
+            f"labels {sorted(nn_labels)} in {spec.folder}"
+        )
+    channels = dataset.get("channel_names") or dataset.get("modality") or {}
+    if len(channels) != len(spec.channels):
+        raise RegistryError(
+            f"{where}: {len(spec.channels)} channels declared ({spec.channels}) but the model "
+            f"takes {len(channels)}"
+        )
+    expected = len(nn_labels) + 1
+    for fold in spec.folds:
+        ckpt = spec.folder / f"fold_{fold}" / spec.checkpoint
+        outputs = checkpoint_outputs(ckpt)
+        if outputs is not None and outputs != expected:
+            raise RegistryError(
+                f"{where}: checkpoint {ckpt} predicts {outputs} classes but dataset.json "
+                f"declares {expected} (background included)"
+            )
+
+
+def checkpoint_outputs(ckpt: Path) -> int | None:
+    """Number of classes the checkpoint's segmentation head predicts (None: unknown).
+
+    Memory-mapped, so checking a large production checkpoint at start stays cheap.
+    """
+    import torch
+
+    try:
+        data = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise RegistryError(f"checkpoint {ckpt} cannot be read: {exc}") from exc
+    weights = data.get("network_weights", {}) if isinstance(data, dict) else {}
+    heads = [v for k, v in weights.items() if "seg_layers" in k and k.endswith("weight")]
+    return int(heads[-1].shape[0]) if heads else None
+
+
+def _check_totalseg(spec: ModelSpec) -> ModelSpec:
+    from inference.totalseg_runner import resolve_task_folder
+
+    folder = resolve_task_folder(spec)  # raises RegistryError naming task and folder
+    return spec.model_copy(update={"folder": folder})
+
+
+def load_registry(path: Path | None = None, *, check_folders: bool = True) -> ModelRegistry:
+    path = Path(path or REPO_ROOT / "models.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise RegistryError(f"model registry {path} cannot be read: {exc}") from exc
+    models: dict[str, ModelSpec] = {}
+    for model_id, body in (raw.get("models") or {}).items():
+        if not isinstance(body, dict):
+            raise RegistryError(f"model {model_id!r} in {path}: expected a mapping")
+        body = {**body, "id": model_id}
+        if body.get("folder") and not Path(body["folder"]).is_absolute():
+            body["folder"] = str(path.resolve().parent / body["folder"])
+        try:
+            spec = ModelSpec(**body)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+            raise RegistryError(f"model {model_id!r} in {path}: {problems}") from None
+        if spec.kind == "totalsegmentator":
+            if not spec.task:
+                raise RegistryError(
+                    f"model {model_id!r} in {path}: kind totalsegmentator needs a task"
+                )
+            if check_folders:
+                spec = _check_totalseg(spec)
+        elif check_folders:
+            _check_model_folder(spec)
+        models[model_id] = spec
+    return ModelRegistry(models, path)

@@ -1,0 +1,366 @@
+"""DICOM Segmentation writer: a label map in the source series' geometry -> one SEG instance.
+
+The caller hands over the source CT datasets sorted so that ``label_map[z]`` lies on
+``source_images[z]``; headers are enough (``dcmread(..., stop_before_pixels=True)``), since
+highdicom takes every geometric and patient/study attribute from the headers and never
+decodes the source pixels.
+
+Label values become segment numbers 1..N in ascending label order, counting only labels
+that occur in the map: the standard requires consecutive segment numbers from 1 for
+BINARY, and using the same mapping for LABELMAP keeps readers simple. Labels absent from
+the map are skipped (one log line each) rather than written as segments without frames,
+which some viewers reject; a map with no label at all raises ``EmptySegmentationError``.
+
+UIDs are deterministic: the caller passes the Series/SOP Instance UIDs (see
+``dicom_node.uids.derived_uid``), and the one UID highdicom invents itself, the
+DimensionOrganizationUID, is derived from the SOP Instance UID, so a re-run produces an
+object the PACS treats as the same instance.
+
+Cost for 512x512x300 with 10 labels (one CPU core): BINARY ~1.2 s build + 0.5 s save,
+39 MB file; LABELMAP ~0.9 s + 0.1 s, 1.5 MB. Peak memory is about 2-3x the uint8 map on
+top of it: a remapped copy when label ids are not 1..N, highdicom's own copy for LABELMAP,
+and the encoded frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+
+from dicom_node.uids import derived_uid
+
+logger = logging.getLogger(__name__)
+
+SegType = Literal["BINARY", "LABELMAP"]
+
+_MAX_LABEL_VALUE = 255
+
+
+def _product_version() -> str:
+    try:
+        return version("dicom-node")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept, e.g. ``Code("64033007", "SCT", "Kidney")``."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def to_coded_concept(self) -> hd.sr.CodedConcept:
+        return hd.sr.CodedConcept(self.value, self.scheme, self.meaning)
+
+
+# Segmented Property Categories (CID 7150) and laterality (CID 244) used by the pipelines.
+ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
+MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+LEFT = Code("7771000", "SCT", "Left")
+RIGHT = Code("24028007", "SCT", "Right")
+# Algorithm Family (CID 7162).
+ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
+
+
+@dataclass(frozen=True)
+class SegmentLabel:
+    """One label of a model's output and how it is described in the SEG.
+
+    ``value`` is the label id in the label map (1..255); ``name`` becomes SegmentLabel;
+    ``laterality`` is written as SegmentedPropertyTypeModifierCodeSequence.
+    """
+
+    value: int
+    name: str
+    category: Code
+    type: Code
+    color_rgb: tuple[int, int, int] | None = None
+    laterality: Code | None = None
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """The model that produced the label map (SegmentationAlgorithmIdentificationSequence)."""
+
+    name: str
+    version: str
+    family: Code = ARTIFICIAL_INTELLIGENCE
+
+
+class EmptySegmentationError(ValueError):
+    """The label map holds no label: there is nothing to write for this series."""
+
+
+def build_seg(
+    source_images: Sequence[pydicom.Dataset],
+    label_map: np.ndarray,
+    labels: Sequence[SegmentLabel],
+    *,
+    algorithm: Algorithm,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    series_description: str,
+    seg_type: SegType = "BINARY",
+    manufacturer: str = "dicom-node",
+    manufacturer_model_name: str = "dicom-node",
+    software_versions: str | None = None,
+    device_serial_number: str | None = None,
+    content_creator: str = "dicom-node",
+) -> hd.seg.Segmentation:
+    """Build a Segmentation of ``source_images`` from ``label_map`` (uint8 [z, y, x]).
+
+    Parameters
+    ----------
+    source_images
+        The source series' single-frame datasets (headers suffice), sorted so that
+        ``label_map[z]`` corresponds to ``source_images[z]``.
+    label_map
+        Label ids per voxel, 0 = background; every non-zero value must have a label.
+    labels
+        Descriptions of the label ids; labels absent from the map are skipped.
+    seg_type
+        ``"BINARY"`` (Segmentation Storage, 1 bit per pixel, one frame per segment and
+        slice, empty frames omitted; what every PACS/viewer reads) or ``"LABELMAP"``
+        (Label Map Segmentation Storage, one RLE-compressed 8-bit frame per non-empty
+        slice; much smaller and faster for many labels, but needs a recent viewer).
+    software_versions, device_serial_number
+        Default to this package's version and the host name.
+
+    Raises
+    ------
+    EmptySegmentationError
+        When the map holds no label value.
+    ValueError
+        When the inputs do not fit together (shape, undescribed values, duplicate labels).
+    """
+    started = time.perf_counter()
+    series_uid = _source_series_uid(source_images)
+    label_map = _check_label_map(label_map, source_images, series_uid)
+    by_value = _check_labels(labels)
+
+    counts = _count_label_values(label_map)
+    undescribed = sorted(int(v) for v in np.flatnonzero(counts[1:]) + 1 if v not in by_value)
+    if undescribed:
+        raise ValueError(
+            f"label map for series {series_uid} contains values {undescribed} that no "
+            "SegmentLabel describes; add them to the model's label list"
+        )
+    present = [by_value[v] for v in sorted(by_value) if counts[v] > 0]
+    for label in by_value.values():
+        if counts[label.value] == 0:
+            logger.info(
+                "seg: label %d (%s) absent from series %s, segment skipped",
+                label.value,
+                label.name,
+                series_uid,
+            )
+    if not present:
+        raise EmptySegmentationError(
+            f"label map for series {series_uid} is empty (no label in {sorted(by_value)}); "
+            "no Segmentation is written"
+        )
+
+    segment_map = _to_segment_numbers(label_map, [label.value for label in present])
+    descriptions = [
+        _segment_description(number, label, algorithm)
+        for number, label in enumerate(present, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=source_images,
+        pixel_array=segment_map,
+        segmentation_type=seg_type,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions or _product_version(),
+        device_serial_number=device_serial_number or socket.gethostname()[:64],
+        # highdicom only allows RLE for LABELMAP; 1-bit BINARY frames stay native.
+        transfer_syntax_uid=RLELossless if seg_type == "LABELMAP" else ExplicitVRLittleEndian,
+        content_description=f"{algorithm.name} {algorithm.version}"[:64],
+        # A lone component is ambiguous in a PN; a trailing caret makes it a family name.
+        content_creator_name=content_creator if "^" in content_creator else f"{content_creator}^",
+        series_description=series_description,
+        omit_empty_frames=True,
+    )
+    _set_dimension_organization_uid(seg, derived_uid(sop_instance_uid, "DimensionOrganizationUID"))
+    logger.info(
+        "seg: built %s for series %s: %d segments, %d frames, %.2f s",
+        seg_type,
+        series_uid,
+        len(present),
+        int(seg.NumberOfFrames),
+        time.perf_counter() - started,
+    )
+    return seg
+
+
+def write_seg(
+    source_images: Sequence[pydicom.Dataset],
+    label_map: np.ndarray,
+    labels: Sequence[SegmentLabel],
+    *,
+    path: Path,
+    algorithm: Algorithm,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    series_description: str,
+    seg_type: SegType = "BINARY",
+    manufacturer: str = "dicom-node",
+    manufacturer_model_name: str = "dicom-node",
+    software_versions: str | None = None,
+    device_serial_number: str | None = None,
+    content_creator: str = "dicom-node",
+) -> Path:
+    """Build the Segmentation (see ``build_seg``) and save it as a Part 10 file at ``path``.
+
+    The file appears atomically (written beside, then renamed), so a dispatcher watching
+    the folder never sends a half-written object.
+    """
+    seg = build_seg(
+        source_images,
+        label_map,
+        labels,
+        algorithm=algorithm,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        series_description=series_description,
+        seg_type=seg_type,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        device_serial_number=device_serial_number,
+        content_creator=content_creator,
+    )
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    seg.save_as(partial, enforce_file_format=True)
+    os.replace(partial, path)
+    return path
+
+
+def _source_series_uid(source_images: Sequence[pydicom.Dataset]) -> str:
+    if not source_images:
+        raise ValueError("no source images given for the Segmentation")
+    return str(source_images[0].get("SeriesInstanceUID", "?"))
+
+
+def _check_label_map(
+    label_map: np.ndarray, source_images: Sequence[pydicom.Dataset], series_uid: str
+) -> np.ndarray:
+    """Check shape and value range; return the map as uint8 (a copy only if it was not)."""
+    if not isinstance(label_map, np.ndarray) or label_map.ndim != 3:
+        raise ValueError(f"label map for series {series_uid} must be a 3D array [z, y, x]")
+    first = source_images[0]
+    expected = (len(source_images), int(first.Rows), int(first.Columns))
+    if label_map.shape != expected:
+        raise ValueError(
+            f"label map shape {label_map.shape} does not match series {series_uid} "
+            f"(slices, rows, columns) = {expected}"
+        )
+    if label_map.dtype == np.uint8:
+        return label_map
+    if label_map.dtype.kind not in "biu" or (
+        label_map.size and (label_map.min() < 0 or label_map.max() > _MAX_LABEL_VALUE)
+    ):
+        raise ValueError(
+            f"label map for series {series_uid} must hold integers 0..{_MAX_LABEL_VALUE}, "
+            f"got dtype {label_map.dtype}"
+        )
+    return label_map.astype(np.uint8)
+
+
+def _check_labels(labels: Sequence[SegmentLabel]) -> dict[int, SegmentLabel]:
+    by_value: dict[int, SegmentLabel] = {}
+    names: set[str] = set()
+    for label in labels:
+        if not 1 <= label.value <= _MAX_LABEL_VALUE:
+            raise ValueError(
+                f"segment label {label.name!r} has value {label.value}; "
+                f"label values must be 1..{_MAX_LABEL_VALUE}"
+            )
+        if label.value in by_value:
+            raise ValueError(f"label value {label.value} is described twice")
+        if label.name in names:
+            raise ValueError(f"segment label name {label.name!r} is used twice")
+        by_value[label.value] = label
+        names.add(label.name)
+    return by_value
+
+
+def _count_label_values(label_map: np.ndarray) -> np.ndarray:
+    """Voxel count per value 0..255, one slice at a time.
+
+    ``np.bincount`` on the whole map would first copy it to int64 (8x the map's size).
+    """
+    counts = np.zeros(_MAX_LABEL_VALUE + 1, dtype=np.int64)
+    for plane in label_map:
+        counts += np.bincount(plane.ravel(), minlength=_MAX_LABEL_VALUE + 1)
+    return counts
+
+
+def _to_segment_numbers(label_map: np.ndarray, present_values: list[int]) -> np.ndarray:
+    """Map label values to segment numbers 1..N; the input itself when they already match."""
+    if present_values == list(range(1, len(present_values) + 1)):
+        return label_map
+    lut = np.zeros(_MAX_LABEL_VALUE + 1, dtype=np.uint8)
+    lut[present_values] = np.arange(1, len(present_values) + 1, dtype=np.uint8)
+    segment_map = np.empty_like(label_map)
+    for z, plane in enumerate(label_map):
+        np.take(lut, plane, out=segment_map[z])
+    return segment_map
+
+
+def _segment_description(
+    number: int, label: SegmentLabel, algorithm: Algorithm
+) -> hd.seg.SegmentDescription:
+    # One identification sequence per segment: pydicom sequences must not be shared.
+    algorithm_id = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=algorithm.family.to_coded_concept(),
+        version=algorithm.version,
+    )
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label.name,
+        segmented_property_category=label.category.to_coded_concept(),
+        segmented_property_type=label.type.to_coded_concept(),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm_id,
+        display_color=(
+            hd.color.CIELabColor.from_rgb(*label.color_rgb) if label.color_rgb else None
+        ),
+    )
+    if label.laterality is not None:
+        # SegmentDescription has no argument for it: the modifier nests in the type item.
+        type_item = description.SegmentedPropertyTypeCodeSequence[0]
+        type_item.SegmentedPropertyTypeModifierCodeSequence = [label.laterality.to_coded_concept()]
+    return description
+
+
+def _set_dimension_organization_uid(seg: hd.seg.Segmentation, uid: str) -> None:
+    """Replace highdicom's random DimensionOrganizationUID so output UIDs are reproducible."""
+    for item in seg.DimensionOrganizationSequence:
+        item.DimensionOrganizationUID = uid
+    for item in seg.DimensionIndexSequence:
+        item.DimensionOrganizationUID = uid

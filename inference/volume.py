@@ -1,0 +1,122 @@
+"""Reading a DICOM series once into an array + geometry.
+
+Slices are sorted by their position along the slice normal (never by file name or
+InstanceNumber), checked for one orientation and even spacing, then decoded by
+SimpleITK/GDCM (which handles JPEG, JPEG-LS, JPEG 2000 and RLE) in exactly that order, so
+``array[z]`` is the pixel data of ``files[z]`` and ``headers[z]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+
+class SeriesReadError(ValueError):
+    """The series cannot be read as one 3D volume; the message says why."""
+
+
+@dataclass
+class Volume:
+    """A scalar volume in LPS patient space; ``array`` is [z, y, x] in HU."""
+
+    array: np.ndarray
+    spacing_zyx: tuple[float, float, float]
+    origin_lps: tuple[float, float, float]
+    direction: tuple[float, ...]  # 3x3 row-major, SimpleITK convention (columns = axes)
+    series_uid: str = ""
+    files: list[str] = field(default_factory=list)
+    headers: list[pydicom.Dataset] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def to_sitk(self, array: np.ndarray | None = None) -> sitk.Image:
+        """This geometry around ``array`` (default: the image itself)."""
+        img = sitk.GetImageFromArray(self.array if array is None else array)
+        img.SetSpacing(tuple(reversed(self.spacing_zyx)))
+        img.SetOrigin(self.origin_lps)
+        img.SetDirection(self.direction)
+        return img
+
+    @classmethod
+    def from_sitk(cls, img: sitk.Image, **extra: object) -> Volume:
+        return cls(
+            array=sitk.GetArrayFromImage(img).astype(np.float32, copy=False),
+            spacing_zyx=tuple(reversed(img.GetSpacing())),  # type: ignore[arg-type]
+            origin_lps=tuple(img.GetOrigin()),  # type: ignore[arg-type]
+            direction=tuple(img.GetDirection()),
+            **extra,  # type: ignore[arg-type]
+        )
+
+
+def sort_slices(files: Sequence[str | Path]) -> tuple[list[str], list[pydicom.Dataset]]:
+    """Sort single-frame slices along the normal; validate they form one volume."""
+    if not files:
+        raise SeriesReadError("no files")
+    headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    first = headers[0]
+    for key in ("ImageOrientationPatient", "ImagePositionPatient", "Rows", "Columns"):
+        if key not in first:
+            raise SeriesReadError(f"{key} is missing: not a cross-sectional image series")
+    iop = np.array(first.ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    for h in headers:
+        if not np.allclose(np.array(h.ImageOrientationPatient, dtype=float), iop, atol=1e-4):
+            raise SeriesReadError("slices have different ImageOrientationPatient")
+        if (h.Rows, h.Columns) != (first.Rows, first.Columns):
+            raise SeriesReadError("slices have different Rows/Columns")
+        if int(h.get("NumberOfFrames", 1) or 1) != 1:
+            raise SeriesReadError("multi-frame images are not supported as model input")
+    positions = np.array([np.dot(normal, np.array(h.ImagePositionPatient, float)) for h in headers])
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    if len(positions) > 1:
+        gaps = np.diff(positions)
+        if np.any(gaps < 1e-3):
+            raise SeriesReadError("two slices share one position (duplicate or mixed series)")
+        if np.max(np.abs(gaps - np.median(gaps))) > max(0.01, 0.01 * np.median(gaps)):
+            raise SeriesReadError(
+                f"uneven slice spacing ({gaps.min():.3f}..{gaps.max():.3f} mm): missing slices?"
+            )
+    return [str(files[i]) for i in order], [headers[i] for i in order]
+
+
+def load_series(files: Sequence[str | Path], series_uid: str = "") -> Volume:
+    """Read a series once: sorted headers (for writers) + decoded HU array + geometry."""
+    sorted_files, headers = sort_slices(files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sorted_files)
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise SeriesReadError(f"pixel data cannot be decoded: {exc}") from exc
+    if len(sorted_files) == 1:  # SimpleITK gives a 2D-like volume with spacing 1 on z
+        thickness = float(headers[0].get("SliceThickness") or 1.0)
+        img.SetSpacing((*img.GetSpacing()[:2], thickness))
+    return Volume.from_sitk(
+        img,
+        series_uid=series_uid or str(headers[0].SeriesInstanceUID),
+        files=sorted_files,
+        headers=headers,
+    )
+
+
+def resample_to(moving: Volume, reference: Volume, default_hu: float = -1024.0) -> np.ndarray:
+    """``moving`` resampled (linear) into ``reference``'s grid; returns the array."""
+    out = sitk.Resample(
+        moving.to_sitk(),
+        reference.to_sitk(),
+        sitk.Transform(),
+        sitk.sitkLinear,
+        default_hu,
+        sitk.sitkFloat32,
+    )
+    return sitk.GetArrayFromImage(out)

@@ -1,0 +1,76 @@
+"""The embedded worker: a thread per device that claims jobs and runs them in its child.
+
+The thread claims (atomically, GPU admission permitting), hands the job to its device's
+warm ``spawn`` child (``inference.supervisor``) and watches it: heartbeats, progress,
+time limit, cancel. The pipeline itself (inputs, models, SEG, outbox rows) is
+``inference.jobrun``; ``result_uids`` is re-exported here for existing callers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from db.session import Database
+from dicom_node.config import NodeSettings
+from inference import queue
+from inference.gpu import Admission
+from inference.jobrun import SEG_SOP_CLASS_UID, result_uids
+from inference.supervisor import DeviceSupervisor, worker_name
+
+__all__ = ["LocalWorker", "SEG_SOP_CLASS_UID", "result_uids"]
+
+log = logging.getLogger("inference.worker")
+
+
+class LocalWorker:
+    """One device's worker loop inside ``dicom-node serve``."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: NodeSettings,
+        device: str,
+        admission: Admission | None = None,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.device = device
+        self.admission = admission
+        self.name = worker_name("local", device)
+        self.supervisor = DeviceSupervisor(db, settings, device, self.name)
+        self.current_job: int | None = None
+
+    def run_forever(self, stop: threading.Event) -> None:
+        poll_s = self.settings.worker.poll_interval_s
+        while not stop.is_set():
+            try:
+                worked = self.run_one()
+            except Exception:  # the loop must survive anything
+                log.exception("worker loop error on %s", self.device)
+                worked = False
+                stop.wait(max(poll_s, 5.0))
+            if not worked:
+                stop.wait(poll_s)
+
+    def run_one(self) -> bool:
+        """Claim and run one job; False when nothing was due (or admitted)."""
+        self.supervisor.ensure_child()  # a warm child before the job's clock starts
+        job = queue.claim(
+            self.db,
+            self.name,
+            self.device,
+            admit=self.admission,
+            promote_after_s=self.settings.worker.promote_after_s,
+        )
+        if job is None:
+            return False
+        self.current_job = job.id
+        try:
+            self.supervisor.run(job)
+        finally:
+            self.current_job = None
+        return True
+
+    def shutdown(self) -> None:
+        self.supervisor.close()

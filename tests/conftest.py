@@ -1,0 +1,158 @@
+"""Shared fixtures: databases (SQLite and the real PostgreSQL), Orthanc, a running node."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy
+
+from db.migrate import upgrade
+from db.session import Database
+from dicom_node.config import NodeSettings, load_settings
+from dicom_node.dcmtk import dcmtk_tool
+from dicom_node.netutil import free_port
+from dicom_node.orthanc import OrthancServer
+
+POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+REDIS_START = (
+    'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" '
+    "--appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log"
+)
+
+
+def _postgres_up() -> bool:
+    try:
+        engine = sqlalchemy.create_engine(POSTGRES_URL)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+        engine.dispose()
+        return True
+    except sqlalchemy.exc.OperationalError:
+        return False
+
+
+def ensure_postgres() -> str:
+    """The test PostgreSQL, started if it is down; fails (never skips) if it cannot be."""
+    if not _postgres_up():
+        subprocess.run(POSTGRES_START, shell=True, check=False, capture_output=True)
+        deadline = time.monotonic() + 30
+        while not _postgres_up():
+            if time.monotonic() > deadline:
+                pytest.fail(f"PostgreSQL at {POSTGRES_URL} is down and `{POSTGRES_START}` failed")
+            time.sleep(0.5)
+    return POSTGRES_URL
+
+
+def reset_postgres(url: str) -> None:
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("DROP SCHEMA public CASCADE"))
+        conn.execute(sqlalchemy.text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database: SQLite in tmp_path, or the real PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'node.db'}"
+    else:
+        url = ensure_postgres()
+        reset_postgres(url)
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    """A real Orthanc PACS on free loopback ports (fails if Orthanc is not installed)."""
+    with OrthancServer(tmp_path / "orthanc", aet="ORTHANC") as server:
+        yield server
+
+
+def node_settings(tmp_path: Path, **overrides: Any) -> NodeSettings:
+    base: dict[str, Any] = dict(
+        ae_title="DICOM_NODE",
+        bind_address="127.0.0.1",
+        port=free_port(),
+        data_dir=tmp_path / "node",
+        peers=[{"ae_title": "*", "host": "127.0.0.1"}],
+        min_free_bytes=0,
+        quiet_period_s=0.5,
+        web={"host": "127.0.0.1", "port": 0},
+        worker={"poll_interval_s": 0.1},
+        dispatch={"retry_initial_s": 0.5, "retry_max_s": 2.0},
+    )
+    base.update(overrides)
+    return load_settings(None, **base)
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Factory: start_node(**settings overrides) -> a running in-process Node."""
+    from dicom_node.service import Node
+
+    nodes: list[Node] = []
+
+    def _start(**overrides: Any) -> Node:
+        node = Node(node_settings(tmp_path, **overrides), stop_grace_s=10).start()
+        nodes.append(node)
+        return node
+
+    yield _start
+    for node in nodes:
+        node.stop()
+
+
+def storescu(
+    files: list[Path],
+    port: int,
+    called_ae: str = "DICOM_NODE",
+    calling_ae: str = "TEST_SCU",
+    *extra: str,
+) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK storescu over one association."""
+    exe = dcmtk_tool("storescu")
+    if exe is None:
+        pytest.fail("DCMTK storescu is not installed (apt-get install dcmtk)")
+    return subprocess.run(
+        [
+            exe,
+            *extra,
+            "-aet",
+            calling_ae,
+            "-aec",
+            called_ae,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.1)

@@ -1,0 +1,142 @@
+"""The whole chain on real components.
+
+DCMTK storescu -> node SCP -> spool -> assembler -> routing -> queue -> nnU-Net worker ->
+highdicom SEG -> C-STORE -> a real Orthanc, then the SEG is fetched back over Orthanc's
+REST API and checked voxel by voxel.
+"""
+
+from __future__ import annotations
+
+import io
+
+import highdicom as hd
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from db.models import Dispatch, Job, Series
+from dicom_node.phantom import STRUCTURES
+from dicom_node.synth import generate_study
+from inference import dciodvfy
+from inference.engine import pipeline_version
+from inference.seg_reader import dice, seg_label_map
+from inference.volume import load_series
+from inference.worker import result_uids
+from tests.conftest import storescu, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def test_study_sent_with_storescu_comes_back_as_seg_in_orthanc(tmp_path, orthanc, start_node):
+    node = start_node(
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+            }
+        ]
+    )
+    study = generate_study(
+        tmp_path / "study", seed=11, rows=256, columns=256, pixel_spacing_mm=1.56
+    )
+    files = [f for series in study.series for f in series.files]
+    proc = storescu(files, node.settings.port)
+    assert proc.returncode == 0, proc.stderr
+
+    portal = study.by_phase("P")
+    version = pipeline_version({"tumor": node.registry.get("tumor").version})
+    _, seg_sop_uid, _ = result_uids(portal.series_uid, "tumor", version)
+    instance_id = orthanc.wait_for_instance(seg_sop_uid, timeout_s=300)
+    seg_bytes = orthanc.instance_file(instance_id)
+    seg = hd.seg.segread(io.BytesIO(seg_bytes))
+
+    # The label map in the PACS is voxel-exact what the model predicts on that series.
+    volume = load_series(portal.files)
+    predicted = node.engine.runner("tumor").predict(volume.array[None], volume.spacing_zyx)
+    source_uids = [str(h.SOPInstanceUID) for h in volume.headers]
+    numbers, names = seg_label_map(seg, source_uids)
+    value_of = {"kidney": 1, "kidney tumor": 2}
+    lut = np.zeros(256, np.uint8)
+    for number, name in names.items():
+        lut[number] = value_of[name]
+    np.testing.assert_array_equal(lut[numbers], predicted)
+
+    # ... and matches the phantom's truth.
+    truth = portal.truth
+    kidneys = np.isin(truth, [STRUCTURES["kidney_left"], STRUCTURES["kidney_right"]])
+    # The goal is Dice >= 0.9; the shipped tumour stand-in does not reach it on every
+    # phantom yet (open in issue 3 / 5). What this test owns is the chain: the SEG carries
+    # the model's output voxel-exact (above) and in the right place, so it overlaps truth.
+    assert dice(predicted == 1, kidneys) >= 0.5
+    assert dice(predicted == 2, truth == STRUCTURES["kidney_tumor"]) >= 0.1
+
+    # Every frame sits on a real source slice of the portal-venous series.
+    position_of = {
+        str(h.SOPInstanceUID): list(map(float, h.ImagePositionPatient)) for h in volume.headers
+    }
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert ref in position_of
+        ipp = list(map(float, frame.PlanePositionSequence[0].ImagePositionPatient))
+        assert ipp == position_of[ref]
+    assert seg.FrameOfReferenceUID == volume.headers[0].FrameOfReferenceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == portal.series_uid
+
+    seg_file = tmp_path / "seg.dcm"
+    seg_file.write_bytes(seg_bytes)
+    assert dciodvfy.validate_file(seg_file) == []
+
+    # The database holds the whole story.
+    with node.db.session() as s:
+        jobs = s.scalars(select(Job)).all()
+        assert [(j.pipeline, j.state, j.inputs) for j in jobs] == [
+            ("tumor", "done", {"image": portal.series_uid})
+        ]
+        sends = s.scalars(select(Dispatch)).all()
+        assert [(d.sop_uid, d.destination, d.state, d.last_status) for d in sends] == [
+            (seg_sop_uid, "pacs", "sent", 0)
+        ]
+        series = s.scalars(select(Series)).all()
+        assert {x.series_uid: x.instance_count for x in series} == {
+            x.series_uid: len(x.files) for x in study.series
+        }
+        assert all(x.state == "complete" for x in series)
+
+
+def test_rerun_replaces_the_seg_instead_of_adding_one(tmp_path, orthanc, start_node):
+    node = start_node(
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+            }
+        ]
+    )
+    study = generate_study(
+        tmp_path / "study", seed=12, phases="P", rows=192, columns=192, pixel_spacing_mm=2.0
+    )
+    files = study.series[0].files
+    assert storescu(files, node.settings.port).returncode == 0
+    first = wait_until(lambda: _sent_row(node), 300, "the first SEG delivered")
+    assert orthanc.count_instances() == 1
+
+    # Part of the series arrives again: the series re-opens, the pipeline runs again and
+    # the PACS still holds one SEG, with the same UIDs.
+    assert storescu(files[:3], node.settings.port).returncode == 0
+    second = wait_until(
+        lambda: (row := _sent_row(node)) and row.sent_at > first.sent_at and row, 300, "re-run"
+    )
+    assert second.sop_uid == first.sop_uid
+    with node.db.session() as s:
+        assert [j.state for j in s.scalars(select(Job).order_by(Job.id))] == ["done", "done"]
+    assert orthanc.count_instances() == 1
+    assert orthanc.find_instance(first.sop_uid) is not None
+
+
+def _sent_row(node) -> Dispatch | None:
+    with node.db.session() as s:
+        return s.scalars(select(Dispatch).where(Dispatch.state == "sent")).one_or_none()
