@@ -187,6 +187,9 @@ class Dispatch(Base):
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When the row last became pending (creation or a resend): the outbox's max age counts
+    # from here. NULL on rows written before migration 0003: created_at is used then.
+    queued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column()
 

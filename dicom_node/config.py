@@ -137,6 +137,12 @@ class DispatchSettings(_Strict):
     retry_initial_s: float = Field(5.0, gt=0, description="First retry delay after a failed send.")
     retry_max_s: float = Field(300.0, gt=0, description="Cap of the exponential retry delay.")
     max_attempts: int = Field(20, ge=1, description="After this many failed sends a row is failed.")
+    max_age_s: float = Field(
+        86400.0,
+        gt=0,
+        description="A row still not delivered this long after it was queued is failed "
+        "(visible on the status page; resend queues it again).",
+    )
     timeout_s: float = Field(30.0, gt=0, description="Association / DIMSE timeout.")
 
 

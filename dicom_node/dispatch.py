@@ -13,7 +13,7 @@ import random
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -175,6 +175,19 @@ class Dispatcher:
                         f"{row.kind} {row.sop_uid} sent to {row.destination} ({out.detail})",
                         study_uid=study_uid,
                     )
+                elif out.state == "retry" and self._too_old(row, now):
+                    row.state = "failed"
+                    row.last_error = (
+                        f"{out.detail}; not delivered within max_age_s="
+                        f"{self.settings.max_age_s:g} s of being queued"
+                    )
+                    add_event(
+                        s,
+                        "send_failed",
+                        f"{row.kind} {row.sop_uid} to {row.destination} failed: {row.last_error}",
+                        level="error",
+                        study_uid=study_uid,
+                    )
                 elif out.state == "retry" and row.attempts < self.settings.max_attempts:
                     row.state = "pending"
                     delay = self.backoff_s(row.attempts)
@@ -198,6 +211,10 @@ class Dispatcher:
                         study_uid=study_uid,
                     )
 
+    def _too_old(self, row: Dispatch, now: datetime) -> bool:
+        queued = row.queued_at or row.created_at
+        return (now - queued).total_seconds() >= self.settings.max_age_s
+
     def backoff_s(self, attempts: int) -> float:
         base = min(self.settings.retry_max_s, self.settings.retry_initial_s * 2 ** (attempts - 1))
         return base * random.uniform(0.5, 1.0)  # jitter spreads retries of many rows
@@ -212,6 +229,7 @@ def resend(db: Database, dispatch_ids: list[int], by: str = "admin") -> int:
             if row.state == "sending":
                 continue
             row.state, row.attempts, row.next_attempt_at, row.last_error = "pending", 0, now, None
+            row.queued_at = now
             count += 1
             study_uid = s.get(Study, row.study_id).study_uid if row.study_id else None
             add_event(

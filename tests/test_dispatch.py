@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 from datetime import timedelta
 
 import pydicom
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE, evt
 from sqlalchemy import select
 
-from db.models import Dispatch, utcnow
+from db.models import Dispatch, Event, utcnow
 from dicom_node.config import Destination, DispatchSettings
-from dicom_node.dispatch import Dispatcher, classify_status
+from dicom_node.dispatch import Dispatcher, classify_status, resend
 from dicom_node.netutil import free_port
 from dicom_node.orthanc import OrthancServer
+from tests.conftest import wait_until
 from tests.dicom_factory import ct_slice, write
 
 
@@ -72,3 +81,169 @@ def test_backoff_grows_and_is_capped(db):
     delays = [dispatcher.backoff_s(n) for n in (1, 2, 3, 10)]
     assert 1 <= delays[0] <= 2 and 2 <= delays[1] <= 4 and 4 <= delays[2] <= 8
     assert 5 <= delays[3] <= 10
+
+
+def _queue(db, datasets, tmp_path, destination="pacs") -> None:
+    with db.session() as s:
+        for i, ds in enumerate(datasets):
+            path = write(ds, tmp_path / f"out{i:03d}.dcm")
+            s.add(
+                Dispatch(
+                    kind="result",
+                    sop_uid=ds.SOPInstanceUID,
+                    sop_class_uid=ds.SOPClassUID,
+                    path=str(path),
+                    destination=destination,
+                )
+            )
+
+
+def test_orthanc_stopped_then_started_gets_every_instance_exactly_once(db, tmp_path):
+    """PACS down while results wait: retries with growing delays, then one delivery each."""
+    study, series = generate_uid(), generate_uid()
+    first = [ct_slice(study, series, i) for i in range(5)]
+    later = [ct_slice(study, series, i) for i in range(5, 25)]
+    orthanc = OrthancServer(
+        tmp_path / "orthanc", aet="ORTHANC", dicom_port=free_port(), http_port=free_port()
+    )
+    dest = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
+    settings = DispatchSettings(retry_initial_s=0.3, retry_max_s=1.2, timeout_s=5)
+    dispatcher = Dispatcher(db, {"pacs": dest}, settings, "DICOM_NODE")
+    stop = threading.Event()
+    loop = threading.Thread(target=dispatcher.run_forever, args=(stop, 0.05), daemon=True)
+    try:
+        orthanc.start()
+        _queue(db, first, tmp_path)
+        loop.start()
+        wait_until(lambda: orthanc.count_instances() == 5, 30, "first results in Orthanc")
+        orthanc.stop()
+
+        _queue(db, later, tmp_path)
+        retry_times: list = []
+
+        def retried_three_times() -> bool:
+            with db.session() as s:
+                row = s.scalars(
+                    select(Dispatch).where(Dispatch.sop_uid == later[0].SOPInstanceUID)
+                ).one()
+                if row.attempts > len(retry_times):
+                    retry_times.append((row.attempts, utcnow(), row.next_attempt_at))
+                return row.attempts >= 3
+
+        wait_until(retried_three_times, 30, "three failed attempts while Orthanc is down")
+        with db.session() as s:
+            rows = s.scalars(select(Dispatch).where(Dispatch.state != "sent")).all()
+            assert len(rows) == len(later)
+            assert all(r.state in ("pending", "sending") for r in rows)
+            assert any("refused" in (r.last_error or "") for r in rows)
+        # The delay before the next attempt grows (1x, 2x, 4x the first, with jitter 0.5-1).
+        delays = [(due - seen).total_seconds() for _, seen, due in retry_times[:3]]
+        assert delays[-1] > delays[0], delays
+
+        orthanc.start()
+        wait_until(
+            lambda: _states(db) == {"sent": 25}, 60, "every row sent after Orthanc came back"
+        )
+        stop.set()
+        loop.join(10)
+        assert orthanc.count_instances() == 25
+        stored = {orthanc.get_json(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
+                  for i in orthanc.instances()}  # fmt: skip
+        assert stored == {ds.SOPInstanceUID for ds in first + later}
+        with db.session() as s:
+            sent_events = s.scalars(select(Event).where(Event.kind == "sent")).all()
+            assert len(sent_events) == 25  # one delivery recorded per instance, none twice
+    finally:
+        stop.set()
+        orthanc.stop()
+
+
+def _states(db) -> dict[str, int]:
+    with db.session() as s:
+        counts: dict[str, int] = {}
+        for row in s.scalars(select(Dispatch)):
+            counts[row.state] = counts.get(row.state, 0) + 1
+        return counts
+
+
+class _CTOnlyPACS:
+    """A real storage SCP that accepts only CT Image Storage, and refuses one SOP Instance
+    with 0xC211 (an error a resend will not change)."""
+
+    def __init__(self, refuse_sop_uid: str) -> None:
+        self.refuse = refuse_sop_uid
+        self.received: list[str] = []
+        self.ae = AE(ae_title="CTONLY")
+        self.ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+        self.port = free_port()
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+
+    def _on_store(self, event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        self.received.append(uid)
+        return 0xC211 if uid == self.refuse else 0x0000
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_destination_that_rejects_fails_quickly_without_a_retry_loop(db, tmp_path):
+    study, series = generate_uid(), generate_uid()
+    good, refused = ct_slice(study, series, 0), ct_slice(study, series, 1)
+    other_class = ct_slice(study, series, 2)
+    other_class.SOPClassUID = other_class.file_meta.MediaStorageSOPClassUID = (
+        SecondaryCaptureImageStorage
+    )
+    pacs = _CTOnlyPACS(refuse_sop_uid=refused.SOPInstanceUID)
+    try:
+        dest = Destination(name="pacs", ae_title="CTONLY", host="127.0.0.1", port=pacs.port)
+        dispatcher = Dispatcher(
+            db, {"pacs": dest}, DispatchSettings(retry_initial_s=0.01, timeout_s=5), "NODE"
+        )
+        _queue(db, [good, refused, other_class], tmp_path)
+        started = time.monotonic()
+        assert dispatcher.poll() == 3
+        assert time.monotonic() - started < 10
+        assert dispatcher.poll() == 0  # nothing is due again: no loop
+        time.sleep(0.1)
+        assert dispatcher.poll() == 0
+        with db.session() as s:
+            rows = {r.sop_uid: r for r in s.scalars(select(Dispatch))}
+            assert rows[good.SOPInstanceUID].state == "sent"
+            bad = rows[refused.SOPInstanceUID]
+            assert (bad.state, bad.attempts, bad.last_status) == ("failed", 1, 0xC211)
+            unsupported = rows[other_class.SOPInstanceUID]
+            assert (unsupported.state, unsupported.attempts) == ("failed", 1)
+            assert "not accepted" in unsupported.last_error
+        # Only what the SCP supports went over the wire, each once.
+        assert sorted(pacs.received) == sorted([good.SOPInstanceUID, refused.SOPInstanceUID])
+    finally:
+        pacs.close()
+
+
+def test_row_older_than_max_age_is_failed_not_retried(db, tmp_path):
+    ds = ct_slice(generate_uid(), generate_uid(), 0)
+    _queue(db, [ds], tmp_path)
+    with db.session() as s:
+        s.scalars(select(Dispatch)).one().queued_at = utcnow() - timedelta(hours=2)
+    dest = Destination(name="pacs", ae_title="DOWN", host="127.0.0.1", port=free_port())
+    settings = DispatchSettings(retry_initial_s=0.01, max_age_s=3600, timeout_s=5)
+    dispatcher = Dispatcher(db, {"pacs": dest}, settings, "NODE")
+    assert dispatcher.poll() == 1
+    assert dispatcher.poll() == 0
+    with db.session() as s:
+        row = s.scalars(select(Dispatch)).one()
+        assert row.state == "failed"
+        assert "max_age_s=3600" in row.last_error
+        failed = s.scalars(select(Event).where(Event.kind == "send_failed")).one()
+        assert ds.SOPInstanceUID in failed.message
+
+    # A resend queues it again with a fresh age: the next failure is a retry, not a failure.
+    assert resend(db, [row.id]) == 1
+    assert dispatcher.poll() == 1
+    with db.session() as s:
+        assert s.scalars(select(Dispatch)).one().state == "pending"
