@@ -72,6 +72,17 @@ class Destination(_Strict):
     calling_ae_title: str | None = Field(
         None, description="AE title we present to this destination (default: our ae_title)."
     )
+    seg_type: Literal["BINARY", "LABELMAP"] = Field(
+        "BINARY",
+        description="DICOM-SEG flavour this destination gets: BINARY (every viewer) or "
+        "LABELMAP (Label Map Segmentation, RLE; smaller, needs a recent viewer).",
+    )
+    empty_result: Literal["skip", "send"] = Field(
+        "skip",
+        description="When a pipeline finds no label: 'skip' sends nothing (the job and event "
+        "log say so), 'send' sends a SEG whose segments are all empty, so the reader sees "
+        "that the series was analysed.",
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -218,6 +229,10 @@ class NodeSettings(BaseSettings):
         if self.result_destinations is not None:
             return list(self.result_destinations)
         return [d.name for d in self.destinations]
+
+    def result_destination_list(self) -> list[Destination]:
+        """The destinations every result goes to, with their SEG preferences."""
+        return [self.destination(name) for name in self.result_destination_names()]
 
     def peer_allowed(self, calling_ae: str, address: str) -> bool:
         return any(p.allows(calling_ae, address) for p in self.peers)

@@ -147,6 +147,7 @@ class Dispatcher:
                         outcomes[row.id] = SendOutcome("retry", None, "association lost")
                         continue
                     try:
+                        ds = _fit_to_accepted(assoc, ds)
                         rsp = assoc.send_c_store(ds)
                         status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
                         outcomes[row.id] = classify_status(status)
@@ -218,6 +219,32 @@ class Dispatcher:
     def backoff_s(self, attempts: int) -> float:
         base = min(self.settings.retry_max_s, self.settings.retry_initial_s * 2 ** (attempts - 1))
         return base * random.uniform(0.5, 1.0)  # jitter spreads retries of many rows
+
+
+def _fit_to_accepted(assoc, ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The dataset as sent: as stored when the destination accepted its transfer syntax,
+    else decompressed to an uncompressed syntax it accepted (the only conversion we make:
+    lossless, and every storage SCP must take uncompressed data)."""
+    sop_class = str(ds.SOPClassUID)
+    stored = str(ds.file_meta.TransferSyntaxUID)
+    accepted = {
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if str(cx.abstract_syntax) == sop_class
+    }
+    if not accepted or stored in accepted or not ds.file_meta.TransferSyntaxUID.is_compressed:
+        return ds  # pynetdicom reports a missing context itself
+    for target in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        if target in accepted:
+            log.info(
+                "%s %s: destination refused %s, sending decompressed as %s",
+                sop_class, ds.SOPInstanceUID, stored, target,
+            )  # fmt: skip
+            ds.decompress(generate_instance_uid=False)  # lossless: same instance
+            if target != ExplicitVRLittleEndian:
+                ds.file_meta.TransferSyntaxUID = target
+            return ds
+    return ds
 
 
 def resend(db: Database, dispatch_ids: list[int], by: str = "admin") -> int:

@@ -117,7 +117,7 @@ def child_main(conn: Connection, settings_data: dict[str, Any], device: str) -> 
     db = Database(settings.db_url)
     engine = Engine(registry, torch.device(device))
     runner = JobRunner(
-        db, engine, rules.get, settings.results_dir, settings.result_destination_names
+        db, engine, rules.get, settings.results_dir, settings.result_destination_list
     )
     hook = ProgressHook(conn.send)
     conn.send(("ready", None, None))

@@ -20,25 +20,34 @@ from sqlalchemy.orm import Session
 
 from db.models import Dispatch, Job, Result, Series, utcnow
 from db.session import Database
+from dicom_node.config import Destination
 from dicom_node.records import add_event, series_files
 from dicom_node.rules import RuleSet
 from dicom_node.uids import derived_uid
 from inference import path_api, queue
 from inference.engine import Engine, PipelineResult
-from inference.seg_writer import Algorithm, EmptySegmentationError, write_seg
+from inference.seg_writer import Algorithm, write_seg
 from inference.volume import Volume
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
+LABELMAP_SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.7"
+SEG_SOP_CLASS_UIDS = {"BINARY": SEG_SOP_CLASS_UID, "LABELMAP": LABELMAP_SEG_SOP_CLASS_UID}
 
 
-def result_uids(source_series_uid: str, pipeline: str, version: str) -> tuple[str, str, int]:
+def result_uids(
+    source_series_uid: str, pipeline: str, version: str, seg_type: str = "BINARY"
+) -> tuple[str, str, int]:
     """(SeriesInstanceUID, SOPInstanceUID, SeriesNumber) of a pipeline's SEG.
 
     Derived from the inputs only, so a re-run with the same model version replaces the
-    earlier SEG in the PACS, while a new model version makes a new series.
+    earlier SEG in the PACS, while a new model version makes a new series. A LABELMAP
+    copy (another SOP class) is its own series.
     """
-    series_uid = derived_uid("seg-series", source_series_uid, pipeline, version)
-    sop_uid = derived_uid("seg-instance", source_series_uid, pipeline, version)
+    parts = (source_series_uid, pipeline, version)
+    if seg_type != "BINARY":
+        parts += (seg_type,)
+    series_uid = derived_uid("seg-series", *parts)
+    sop_uid = derived_uid("seg-instance", *parts)
     digest = hashlib.sha256(f"{pipeline}\x1f{version}".encode()).digest()
     return series_uid, sop_uid, 9000 + int.from_bytes(digest[:2], "big") % 1000
 
@@ -50,6 +59,10 @@ class WrittenSeg:
     series_uid: str
     source_series_uid: str
     label_count: int
+    seg_type: str = "BINARY"
+    sop_class_uid: str = SEG_SOP_CLASS_UID
+    destinations: tuple[str, ...] = ()
+    empty: bool = False
 
 
 class JobRunner:
@@ -61,7 +74,7 @@ class JobRunner:
         engine: Engine,
         rules: Callable[[], RuleSet],
         results_dir: Path,
-        destinations: Callable[[], list[str]],
+        destinations: Callable[[], list[Destination]],
     ) -> None:
         self.db = db
         self.engine = engine
@@ -77,16 +90,15 @@ class JobRunner:
         with self.db.session() as s:
             job = s.get_one(Job, job_id)
             s.expunge(job)
-        summary, seg = self.process(job)
-        if seg is None:
+        summary, segs = self.process(job)
+        if not segs:
             return queue.finish(self.db, job.id, summary, owner=owner)
-        return queue.finish(
-            self.db,
-            job.id,
-            summary,
-            owner=owner,
-            record=lambda s, row: self._record_result(s, row, seg),
-        )
+
+        def record(s: Session, row: Job) -> None:
+            for seg in segs:
+                self._record_result(s, row, seg)
+
+        return queue.finish(self.db, job.id, summary, owner=owner, record=record)
 
     def _load_inputs(self, job: Job) -> dict[str, Volume]:
         """Each input series read once per worker: the engine's volume cache is shared by
@@ -100,16 +112,14 @@ class JobRunner:
             for role, paths in files.items()
         }
 
-    def process(self, job: Job) -> tuple[dict[str, Any], WrittenSeg | None]:
+    def process(self, job: Job) -> tuple[dict[str, Any], list[WrittenSeg]]:
         started = time.perf_counter()
         spec = self.rules().pipelines.get(job.pipeline)
         if spec is None:
             raise KeyError(f"pipeline {job.pipeline!r} is not defined in the rules in force")
         if path_api.is_path_job(job.inputs):  # HTTP path API: a NIfTI mask, no SEG
             mask_dir = self.results_dir / "masks" / f"job-{job.id}"
-            return path_api.run_path_job(
-                self.engine, job.pipeline, spec, job.inputs, mask_dir
-            ), None
+            return path_api.run_path_job(self.engine, job.pipeline, spec, job.inputs, mask_dir), []
         inputs = self._load_inputs(job)
         loaded = time.perf_counter()
         study_uid = str(next(iter(inputs.values())).headers[0].StudyInstanceUID)
@@ -125,28 +135,63 @@ class JobRunner:
                 "inference": round(inferred - loaded, 3),
             },
         }
-        try:
-            seg = self._write_seg(job, result)
-        except EmptySegmentationError as exc:
+        empty = not bool(result.label_map.any())
+        segs = [
+            self._write_seg(job, result, seg_type, tuple(names), empty)
+            for seg_type, names in self._outputs(empty).items()
+        ]
+        if empty:
             summary["empty"] = True
+            sent_to = sorted(n for seg in segs for n in seg.destinations)
             with self.db.session() as s:
                 add_event(
                     s,
                     "result_empty",
-                    f"pipeline {job.pipeline} found no label: nothing sent ({exc})",
+                    f"pipeline {job.pipeline} found no label in series "
+                    f"{result.reference.series_uid}: "
+                    + (
+                        f"'no finding' SEG queued for {', '.join(sent_to)}"
+                        if sent_to
+                        else "nothing sent (empty_result: skip)"
+                    ),
                     level="warning",
                     study_uid=_study_uid(s, job),
                     job_id=job.id,
                 )
-            return summary, None
-        summary["seconds"]["write"] = round(time.perf_counter() - inferred, 3)
-        summary["seg_sop_uid"] = seg.sop_uid
-        return summary, seg
+        if segs:
+            summary["seconds"]["write"] = round(time.perf_counter() - inferred, 3)
+            summary["seg_sop_uid"] = segs[0].sop_uid
+            summary["segs"] = [
+                {"sop_uid": g.sop_uid, "seg_type": g.seg_type, "destinations": list(g.destinations)}
+                for g in segs
+            ]
+        return summary, segs
 
-    def _write_seg(self, job: Job, result: PipelineResult) -> WrittenSeg:
+    def _outputs(self, empty: bool) -> dict[str, list[str]]:
+        """SEG flavour -> the destinations that get it. A result is written once per
+        flavour; an empty one only for destinations that asked to be told (``send``).
+        With no destination at all a BINARY SEG is still written and recorded."""
+        destinations = self.destinations()
+        outputs: dict[str, list[str]] = {}
+        for dest in destinations:
+            if empty and dest.empty_result != "send":
+                continue
+            outputs.setdefault(dest.seg_type, []).append(dest.name)
+        if not destinations and not empty:
+            outputs["BINARY"] = []
+        return outputs
+
+    def _write_seg(
+        self,
+        job: Job,
+        result: PipelineResult,
+        seg_type: str,
+        destinations: tuple[str, ...],
+        empty: bool,
+    ) -> WrittenSeg:
         ref = result.reference
         series_uid, sop_uid, series_number = result_uids(
-            ref.series_uid, job.pipeline, result.version
+            ref.series_uid, job.pipeline, result.version, seg_type
         )
         folder = self.results_dir / str(ref.headers[0].StudyInstanceUID) / series_uid
         folder.mkdir(parents=True, exist_ok=True)
@@ -160,8 +205,20 @@ class JobRunner:
             sop_instance_uid=sop_uid,
             series_number=series_number,
             series_description=f"AI {job.pipeline} {result.version}"[:64],
+            seg_type=seg_type,  # type: ignore[arg-type]
+            allow_empty=empty,
         )
-        return WrittenSeg(path, sop_uid, series_uid, ref.series_uid, len(result.labels))
+        return WrittenSeg(
+            path,
+            sop_uid,
+            series_uid,
+            ref.series_uid,
+            len(result.labels),
+            seg_type=seg_type,
+            sop_class_uid=SEG_SOP_CLASS_UIDS[seg_type],
+            destinations=destinations,
+            empty=empty,
+        )
 
     def _record_result(self, s: Session, job: Job, seg: WrittenSeg) -> None:
         now = utcnow()
@@ -174,14 +231,15 @@ class JobRunner:
                     kind="SEG",
                     sop_uid=seg.sop_uid,
                     series_uid=seg.series_uid,
-                    sop_class_uid=SEG_SOP_CLASS_UID,
+                    sop_class_uid=seg.sop_class_uid,
                     source_series_uid=seg.source_series_uid,
                     path=str(seg.path),
                 )
             )
         else:  # a re-run replaced the file in place
             row.job_id, row.created_at = job.id, now
-        destinations = self.destinations()
+        destinations = seg.destinations
+        content = "no finding" if seg.empty else f"{seg.label_count} labels"
         for destination in destinations:
             dispatch = s.scalars(
                 select(Dispatch).where(
@@ -194,7 +252,7 @@ class JobRunner:
                         study_id=job.study_id,
                         kind="result",
                         sop_uid=seg.sop_uid,
-                        sop_class_uid=SEG_SOP_CLASS_UID,
+                        sop_class_uid=seg.sop_class_uid,
                         path=str(seg.path),
                         destination=destination,
                         next_attempt_at=now,
@@ -202,10 +260,11 @@ class JobRunner:
                 )
             else:  # the re-run's SEG replaces the earlier one at the destination too
                 dispatch.state, dispatch.attempts, dispatch.next_attempt_at = "pending", 0, now
+                dispatch.queued_at, dispatch.path = now, str(seg.path)
         add_event(
             s,
             "result_written",
-            f"SEG {seg.sop_uid} ({seg.label_count} labels) queued for "
+            f"{seg.seg_type} SEG {seg.sop_uid} ({content}) queued for "
             f"{', '.join(destinations) or 'no destination'}",
             study_uid=_study_uid(s, job),
             series_uid=seg.source_series_uid,

@@ -121,6 +121,7 @@ def build_seg(
     software_versions: str | None = None,
     device_serial_number: str | None = None,
     content_creator: str = "dicom-node",
+    allow_empty: bool = False,
 ) -> hd.seg.Segmentation:
     """Build a Segmentation of ``source_images`` from ``label_map`` (uint8 [z, y, x]).
 
@@ -141,10 +142,17 @@ def build_seg(
     software_versions, device_serial_number
         Default to this package's version and the host name.
 
+    allow_empty
+        When the map holds no label: False raises ``EmptySegmentationError``; True writes a
+        "no finding" SEG instead: every label as a segment, on the first source slice only,
+        with empty frames. highdicom must encode every frame of an all-empty map, which for
+        a whole series would be slices x labels empty frames (~100 MB for 300 x 10); one
+        slice says the same thing (analysed, nothing found) in a few kB.
+
     Raises
     ------
     EmptySegmentationError
-        When the map holds no label value.
+        When the map holds no label value and ``allow_empty`` is False.
     ValueError
         When the inputs do not fit together (shape, undescribed values, duplicate labels).
     """
@@ -169,11 +177,17 @@ def build_seg(
                 label.name,
                 series_uid,
             )
+    content_description = f"{algorithm.name} {algorithm.version}"
     if not present:
-        raise EmptySegmentationError(
-            f"label map for series {series_uid} is empty (no label in {sorted(by_value)}); "
-            "no Segmentation is written"
-        )
+        if not allow_empty:
+            raise EmptySegmentationError(
+                f"label map for series {series_uid} is empty (no label in {sorted(by_value)}); "
+                "no Segmentation is written"
+            )
+        present = [by_value[v] for v in sorted(by_value)]
+        source_images = list(source_images[:1])
+        label_map = np.zeros((1, *label_map.shape[1:]), dtype=label_map.dtype)
+        content_description += " no finding"
 
     segment_map = _to_segment_numbers(label_map, [label.value for label in present])
     descriptions = [
@@ -195,7 +209,7 @@ def build_seg(
         device_serial_number=device_serial_number or socket.gethostname()[:64],
         # highdicom only allows RLE for LABELMAP; 1-bit BINARY frames stay native.
         transfer_syntax_uid=RLELossless if seg_type == "LABELMAP" else ExplicitVRLittleEndian,
-        content_description=f"{algorithm.name} {algorithm.version}"[:64],
+        content_description=content_description[:64],
         # A lone component is ambiguous in a PN; a trailing caret makes it a family name.
         content_creator_name=content_creator if "^" in content_creator else f"{content_creator}^",
         series_description=series_description,
@@ -230,6 +244,7 @@ def write_seg(
     software_versions: str | None = None,
     device_serial_number: str | None = None,
     content_creator: str = "dicom-node",
+    allow_empty: bool = False,
 ) -> Path:
     """Build the Segmentation (see ``build_seg``) and save it as a Part 10 file at ``path``.
 
@@ -251,6 +266,7 @@ def write_seg(
         software_versions=software_versions,
         device_serial_number=device_serial_number,
         content_creator=content_creator,
+        allow_empty=allow_empty,
     )
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
