@@ -167,7 +167,10 @@ class Result(Base):
 
 
 class Dispatch(Base):
-    """One (instance, destination) pair to deliver. state: pending, sending, sent, failed."""
+    """One (instance, destination) pair to deliver.
+
+    state: pending, sending, sent, committed (storage commitment confirmed), failed.
+    """
 
     __tablename__ = "dispatches"
     __table_args__ = (
@@ -192,6 +195,10 @@ class Dispatch(Base):
     queued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column()
+    # Storage commitment: the N-ACTION's Transaction UID, and when the destination
+    # confirmed (state ``committed``).
+    commit_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    committed_at: Mapped[datetime | None] = mapped_column()
 
 
 class Event(Base):

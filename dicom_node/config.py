@@ -77,6 +77,12 @@ class Destination(_Strict):
         description="DICOM-SEG flavour this destination gets: BINARY (every viewer) or "
         "LABELMAP (Label Map Segmentation, RLE; smaller, needs a recent viewer).",
     )
+    storage_commitment: bool = Field(
+        False,
+        description="Ask this destination to commit what it received (Storage Commitment "
+        "Push Model); its report turns rows from 'sent' into 'committed'. The destination "
+        "must also be in `peers`: it reports back on a new association.",
+    )
     empty_result: Literal["skip", "send"] = Field(
         "skip",
         description="When a pipeline finds no label: 'skip' sends nothing (the job and event "

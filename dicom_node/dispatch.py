@@ -17,11 +17,17 @@ from datetime import datetime, timedelta
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel
 from sqlalchemy import select
 
 from db.models import Dispatch, Study, utcnow
 from db.session import Database
+from dicom_node.commitment import (
+    event_report_handler,
+    new_transaction_uid,
+    request_commitment,
+)
 from dicom_node.config import Destination, DispatchSettings
 from dicom_node.records import add_event
 
@@ -109,6 +115,7 @@ class Dispatcher:
             self._record(batch, outcomes)
             return
         outcomes: dict[int, SendOutcome] = {}
+        recorded = False
         datasets = {}
         for row in batch:
             try:
@@ -123,10 +130,16 @@ class Dispatcher:
         for sop_class, tsuid in sorted(contexts):
             syntaxes = list(dict.fromkeys([tsuid, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
             ae.add_requested_context(sop_class, syntaxes)
+        handlers = []
+        if dest.storage_commitment:
+            ae.add_requested_context(StorageCommitmentPushModel)
+            handlers = [(evt.EVT_N_EVENT_REPORT, event_report_handler(self.db))]
         assoc = None
         if datasets:
             try:
-                assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+                assoc = ae.associate(
+                    dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers
+                )
             except Exception as exc:  # socket errors surface here on some platforms
                 log.warning("association to %s failed: %s", name, exc)
         if datasets and (assoc is None or not assoc.is_established):
@@ -153,12 +166,28 @@ class Dispatcher:
                         outcomes[row.id] = classify_status(status)
                     except ValueError as exc:  # no accepted presentation context
                         outcomes[row.id] = SendOutcome("failed", None, f"not accepted: {exc}")
+                if dest.storage_commitment and assoc.is_established:
+                    stored = [
+                        (row.sop_class_uid, row.sop_uid)
+                        for row in batch
+                        if row.id in outcomes and outcomes[row.id].state == "sent"
+                    ]
+                    transaction = new_transaction_uid()
+                    self._record(batch, outcomes, transaction)
+                    recorded = True
+                    request_commitment(assoc, stored, transaction)
             finally:
                 if assoc.is_established:
                     assoc.release()
-        self._record(batch, outcomes)
+        if not recorded:
+            self._record(batch, outcomes)
 
-    def _record(self, batch: list[Dispatch], outcomes: dict[int, SendOutcome]) -> None:
+    def _record(
+        self,
+        batch: list[Dispatch],
+        outcomes: dict[int, SendOutcome],
+        commit_uid: str | None = None,
+    ) -> None:
         now = utcnow()
         with self.db.session() as s:
             for detached in batch:
@@ -169,7 +198,7 @@ class Dispatcher:
                 row.last_error = None if out.state == "sent" else out.detail
                 study_uid = s.get(Study, row.study_id).study_uid if row.study_id else None
                 if out.state == "sent":
-                    row.state, row.sent_at = "sent", now
+                    row.state, row.sent_at, row.commit_uid = "sent", now, commit_uid
                     add_event(
                         s,
                         "sent",

@@ -26,11 +26,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from db.session import Database
 from dicom_node.assembler import AssociationTracker
+from dicom_node.commitment import event_report_handler
 from dicom_node.config import NodeSettings
 from dicom_node.instance import CorruptDatasetError, parse_header
 from dicom_node.records import InstanceRecorder, Origin
@@ -87,6 +88,10 @@ class StorageSCP:
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
+        # Storage commitment reports (N-EVENT-REPORT) from destinations: they open the
+        # association and act as the SCP of the SOP class (role selection), or do not
+        # negotiate roles at all.
+        self.ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         self.ae.require_called_aet = settings.require_called_ae
 
     # -- lifecycle -------------------------------------------------------------------
@@ -95,6 +100,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, event_report_handler(self.db)),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_CONN_CLOSE, self._on_closed),

@@ -247,3 +247,68 @@ def test_row_older_than_max_age_is_failed_not_retried(db, tmp_path):
     assert dispatcher.poll() == 1
     with db.session() as s:
         assert s.scalars(select(Dispatch)).one().state == "pending"
+
+
+def test_storage_commitment_turns_sent_into_committed(tmp_path, start_node):
+    """Orthanc commits what it received and reports back on a new association."""
+    node_port = free_port()
+    orthanc = OrthancServer(
+        tmp_path / "orthanc",
+        aet="ORTHANC",
+        modalities={"node": ("DICOM_NODE", "127.0.0.1", node_port)},
+    )
+    with orthanc:
+        node = start_node(
+            port=node_port,
+            peers=[{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
+            destinations=[
+                {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                 "port": orthanc.dicom_port, "storage_commitment": True},
+            ],  # fmt: skip
+        )
+        study, series = generate_uid(), generate_uid()
+        datasets = [ct_slice(study, series, i) for i in range(3)]
+        _queue(node.db, datasets, tmp_path)
+        node.dispatcher.wake.set()
+
+        def all_committed() -> bool:
+            return _states(node.db) == {"committed": 3}
+
+        wait_until(all_committed, 60, "Orthanc's storage commitment report")
+        assert orthanc.count_instances() == 3
+        with node.db.session() as s:
+            rows = s.scalars(select(Dispatch)).all()
+            assert len({r.commit_uid for r in rows}) == 1 and rows[0].commit_uid
+            assert all(r.committed_at >= r.sent_at for r in rows)
+            events = s.scalars(select(Event).where(Event.kind == "committed")).all()
+            assert {e.message.split()[1] for e in events} == {d.SOPInstanceUID for d in datasets}
+
+
+def test_commitment_report_with_failures_sends_those_again(db, tmp_path):
+    from pydicom.dataset import Dataset
+
+    from dicom_node.commitment import record_report
+
+    study, series = generate_uid(), generate_uid()
+    kept, lost = ct_slice(study, series, 0), ct_slice(study, series, 1)
+    _queue(db, [kept, lost], tmp_path)
+    with db.session() as s:
+        for row in s.scalars(select(Dispatch)):
+            row.state, row.sent_at, row.commit_uid = "sent", utcnow(), "1.2.3.4"
+    report = Dataset()
+    report.TransactionUID = "1.2.3.4"
+    ok, bad = Dataset(), Dataset()
+    ok.ReferencedSOPClassUID, ok.ReferencedSOPInstanceUID = CTImageStorage, kept.SOPInstanceUID
+    bad.ReferencedSOPClassUID, bad.ReferencedSOPInstanceUID = CTImageStorage, lost.SOPInstanceUID
+    bad.FailureReason = 0x0110
+    report.ReferencedSOPSequence, report.FailedSOPSequence = [ok], [bad]
+    assert record_report(db, 2, report) == 2
+    with db.session() as s:
+        rows = {r.sop_uid: r for r in s.scalars(select(Dispatch))}
+        assert rows[kept.SOPInstanceUID].state == "committed"
+        again = rows[lost.SOPInstanceUID]
+        assert (again.state, again.commit_uid) == ("pending", None)
+        assert "0x0110" in again.last_error
+    # A report for a transaction nobody asked for changes nothing.
+    report.TransactionUID = "9.9.9"
+    assert record_report(db, 1, report) == 0
