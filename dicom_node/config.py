@@ -72,10 +72,11 @@ class Destination(_Strict):
     calling_ae_title: str | None = Field(
         None, description="AE title we present to this destination (default: our ae_title)."
     )
-    seg_type: Literal["BINARY", "LABELMAP"] = Field(
+    result_type: Literal["BINARY", "LABELMAP", "RTSTRUCT"] = Field(
         "BINARY",
-        description="DICOM-SEG flavour this destination gets: BINARY (every viewer) or "
-        "LABELMAP (Label Map Segmentation, RLE; smaller, needs a recent viewer).",
+        description="What this destination gets for a result: a BINARY DICOM-SEG (every "
+        "viewer), a LABELMAP SEG (Label Map Segmentation, RLE; smaller, needs a recent "
+        "viewer) or an RTSTRUCT (contours, for systems that cannot show SEG).",
     )
     storage_commitment: bool = Field(
         False,

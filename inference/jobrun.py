@@ -31,11 +31,16 @@ from inference.volume import Volume
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.7"
-SEG_SOP_CLASS_UIDS = {"BINARY": SEG_SOP_CLASS_UID, "LABELMAP": LABELMAP_SEG_SOP_CLASS_UID}
+RTSTRUCT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.481.3"
+RESULT_SOP_CLASS_UIDS = {
+    "BINARY": SEG_SOP_CLASS_UID,
+    "LABELMAP": LABELMAP_SEG_SOP_CLASS_UID,
+    "RTSTRUCT": RTSTRUCT_SOP_CLASS_UID,
+}
 
 
 def result_uids(
-    source_series_uid: str, pipeline: str, version: str, seg_type: str = "BINARY"
+    source_series_uid: str, pipeline: str, version: str, result_type: str = "BINARY"
 ) -> tuple[str, str, int]:
     """(SeriesInstanceUID, SOPInstanceUID, SeriesNumber) of a pipeline's SEG.
 
@@ -44,8 +49,8 @@ def result_uids(
     copy (another SOP class) is its own series.
     """
     parts = (source_series_uid, pipeline, version)
-    if seg_type != "BINARY":
-        parts += (seg_type,)
+    if result_type != "BINARY":
+        parts += (result_type,)
     series_uid = derived_uid("seg-series", *parts)
     sop_uid = derived_uid("seg-instance", *parts)
     digest = hashlib.sha256(f"{pipeline}\x1f{version}".encode()).digest()
@@ -59,7 +64,7 @@ class WrittenSeg:
     series_uid: str
     source_series_uid: str
     label_count: int
-    seg_type: str = "BINARY"
+    result_type: str = "BINARY"
     sop_class_uid: str = SEG_SOP_CLASS_UID
     destinations: tuple[str, ...] = ()
     empty: bool = False
@@ -137,8 +142,8 @@ class JobRunner:
         }
         empty = not bool(result.label_map.any())
         segs = [
-            self._write_seg(job, result, seg_type, tuple(names), empty)
-            for seg_type, names in self._outputs(empty).items()
+            self._write_seg(job, result, result_type, tuple(names), empty)
+            for result_type, names in self._outputs(empty).items()
         ]
         if empty:
             summary["empty"] = True
@@ -162,7 +167,11 @@ class JobRunner:
             summary["seconds"]["write"] = round(time.perf_counter() - inferred, 3)
             summary["seg_sop_uid"] = segs[0].sop_uid
             summary["segs"] = [
-                {"sop_uid": g.sop_uid, "seg_type": g.seg_type, "destinations": list(g.destinations)}
+                {
+                    "sop_uid": g.sop_uid,
+                    "result_type": g.result_type,
+                    "destinations": list(g.destinations),
+                }
                 for g in segs
             ]
         return summary, segs
@@ -176,7 +185,7 @@ class JobRunner:
         for dest in destinations:
             if empty and dest.empty_result != "send":
                 continue
-            outputs.setdefault(dest.seg_type, []).append(dest.name)
+            outputs.setdefault(dest.result_type, []).append(dest.name)
         if not destinations and not empty:
             outputs["BINARY"] = []
         return outputs
@@ -185,37 +194,41 @@ class JobRunner:
         self,
         job: Job,
         result: PipelineResult,
-        seg_type: str,
+        result_type: str,
         destinations: tuple[str, ...],
         empty: bool,
     ) -> WrittenSeg:
         ref = result.reference
         series_uid, sop_uid, series_number = result_uids(
-            ref.series_uid, job.pipeline, result.version, seg_type
+            ref.series_uid, job.pipeline, result.version, result_type
         )
         folder = self.results_dir / str(ref.headers[0].StudyInstanceUID) / series_uid
         folder.mkdir(parents=True, exist_ok=True)
-        path = write_seg(
-            ref.headers,
-            result.label_map,
-            result.labels,
+        common: dict[str, Any] = dict(
             path=folder / f"{sop_uid}.dcm",
             algorithm=Algorithm(name=job.pipeline, version=result.version),
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
             series_number=series_number,
             series_description=f"AI {job.pipeline} {result.version}"[:64],
-            seg_type=seg_type,  # type: ignore[arg-type]
             allow_empty=empty,
         )
+        if result_type == "RTSTRUCT":
+            from inference.rtstruct_writer import write_rtstruct
+
+            path = write_rtstruct(ref.headers, result.label_map, result.labels, **common)
+        else:
+            path = write_seg(
+                ref.headers, result.label_map, result.labels, seg_type=result_type, **common
+            )
         return WrittenSeg(
             path,
             sop_uid,
             series_uid,
             ref.series_uid,
             len(result.labels),
-            seg_type=seg_type,
-            sop_class_uid=SEG_SOP_CLASS_UIDS[seg_type],
+            result_type=result_type,
+            sop_class_uid=RESULT_SOP_CLASS_UIDS[result_type],
             destinations=destinations,
             empty=empty,
         )
@@ -228,7 +241,7 @@ class JobRunner:
                 Result(
                     job_id=job.id,
                     study_id=job.study_id,
-                    kind="SEG",
+                    kind="RTSTRUCT" if seg.result_type == "RTSTRUCT" else "SEG",
                     sop_uid=seg.sop_uid,
                     series_uid=seg.series_uid,
                     sop_class_uid=seg.sop_class_uid,
@@ -264,7 +277,7 @@ class JobRunner:
         add_event(
             s,
             "result_written",
-            f"{seg.seg_type} SEG {seg.sop_uid} ({content}) queued for "
+            f"{seg.result_type} {seg.sop_uid} ({content}) queued for "
             f"{', '.join(destinations) or 'no destination'}",
             study_uid=_study_uid(s, job),
             series_uid=seg.source_series_uid,

@@ -431,3 +431,60 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --- TotalSegmentator layout --------------------------------------------------------------
+
+
+def make_totalsegmentator_weights(source: Path, weights_root: Path, task: str = "total") -> Path:
+    """Install the ``totalseg`` stand-in as TotalSegmentator's ``task --fast`` weights.
+
+    TotalSegmentator finds a task's model by folder name under its weights folder
+    (``Dataset297_TotalSegmentator_total_3mm_1559subj/<trainer>__nnUNetPlans__3d_fullres``
+    for ``total --fast``) and expects every class of its class map as an output. The
+    stand-in's few organs carry TotalSegmentator's names, so its segmentation head is
+    widened to the full class map: each organ's row goes to that organ's TotalSegmentator
+    id, every other class gets a logit far below background and is never predicted. The
+    result is a weights folder on which TotalSegmentator's own code runs offline.
+    """
+    from totalsegmentator.libs import TASK_ID_WEIGHTS_CONFIGS
+    from totalsegmentator.map_to_binary import class_map
+    from totalsegmentator.python_api import get_task_config
+
+    config = get_task_config(task, fast=True, fastest=False, quiet=True)
+    info = TASK_ID_WEIGHTS_CONFIGS[config["task_id"]]
+    inner = f"{config['trainer']}__{config.get('plans') or 'nnUNetPlans'}__{config['model']}"
+    folder = Path(weights_root) / info["foldername"] / inner
+    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+
+    names = class_map[task]  # id -> TotalSegmentator class name
+    ids = {name: value for value, name in names.items()}
+    dataset = json.loads((Path(source) / "dataset.json").read_text())
+    ours = {int(v): k for k, v in dataset["labels"].items()}  # our id -> name
+    target_of = {our: (0 if name == "background" else ids[name]) for our, name in ours.items()}
+    n_out = max(names) + 1
+
+    checkpoint = torch.load(Path(source) / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    weights = checkpoint["network_weights"]
+    for key in [k for k in weights if ".seg_layers." in k]:
+        old = weights[key]
+        shape = (n_out, *old.shape[1:])
+        new = torch.zeros(shape, dtype=old.dtype)
+        if key.endswith(".bias"):
+            new.fill_(-50.0)  # never the argmax; small enough for nnU-Net's float16 sums
+        for our, target in target_of.items():
+            new[target] = old[our]
+        weights[key] = new
+    full_dataset = {
+        **dataset,
+        "name": info["foldername"],
+        "labels": {"background": 0, **{names[i]: i for i in sorted(names)}},
+    }
+    plans = json.loads((Path(source) / "plans.json").read_text())
+    plans["dataset_name"] = info["foldername"]
+    checkpoint["init_args"]["dataset_json"] = full_dataset
+    checkpoint["init_args"]["plans"] = plans
+    (folder / "dataset.json").write_text(json.dumps(full_dataset, indent=2) + "\n")
+    (folder / "plans.json").write_text(json.dumps(plans, indent=2) + "\n")
+    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    return folder

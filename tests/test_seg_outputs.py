@@ -1,7 +1,7 @@
 """Per-destination SEG flavours and the empty-result policy, on the live node.
 
-Two real Orthanc PACS: one gets BINARY SEGs and a "no finding" SEG when nothing is found,
-the other gets LABELMAP SEGs and nothing for an empty result.
+Three real Orthanc PACS: one gets BINARY SEGs and a "no finding" SEG when nothing is found,
+one gets LABELMAP SEGs and nothing for an empty result, one gets RTSTRUCTs.
 """
 
 from __future__ import annotations
@@ -51,13 +51,16 @@ def test_each_destination_gets_its_seg_flavour_and_empty_policy(tmp_path, start_
     with (
         OrthancServer(tmp_path / "a", aet="PACS_A", extra_config=ACCEPT_NEW_SOP_CLASSES) as a,
         OrthancServer(tmp_path / "b", aet="PACS_B", extra_config=ACCEPT_NEW_SOP_CLASSES) as b,
+        OrthancServer(tmp_path / "c", aet="PACS_C") as c,
     ):
         node = start_node(
             destinations=[
                 {"name": "binary", "ae_title": a.aet, "host": "127.0.0.1",
                  "port": a.dicom_port, "empty_result": "send"},
                 {"name": "labelmap", "ae_title": b.aet, "host": "127.0.0.1",
-                 "port": b.dicom_port, "seg_type": "LABELMAP"},
+                 "port": b.dicom_port, "result_type": "LABELMAP"},
+                {"name": "rtstruct", "ae_title": c.aet, "host": "127.0.0.1",
+                 "port": c.dicom_port, "result_type": "RTSTRUCT"},
             ]  # fmt: skip
         )
         study = generate_study(
@@ -71,7 +74,9 @@ def test_each_destination_gets_its_seg_flavour_and_empty_policy(tmp_path, start_
         assert binary_uid != labelmap_uid
         binary = a.instance_file(a.wait_for_instance(binary_uid, timeout_s=300))
         labelmap = b.instance_file(b.wait_for_instance(labelmap_uid, timeout_s=120))
-        assert (a.count_instances(), b.count_instances()) == (1, 1)
+        _, rtstruct_uid, _ = result_uids(source.series_uid, "tumor", version, "RTSTRUCT")
+        rtstruct = c.instance_file(c.wait_for_instance(rtstruct_uid, timeout_s=120))
+        assert (a.count_instances(), b.count_instances(), c.count_instances()) == (1, 1, 1)
 
         source_uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in source.files]
         maps = {}
@@ -92,6 +97,26 @@ def test_each_destination_gets_its_seg_flavour_and_empty_policy(tmp_path, start_
         assert binary_names == labelmap_names
         assert binary_map.any()
         np.testing.assert_array_equal(binary_map, labelmap_map)
+
+        # The RTSTRUCT outlines the same labels, each contour on a real source slice.
+        structure_set = pydicom.dcmread(io.BytesIO(rtstruct))
+        assert structure_set.Modality == "RTSTRUCT"
+        assert [r.ROIName for r in structure_set.StructureSetROISequence] == [
+            "kidney",
+            "kidney tumor",
+        ]
+        slice_z = {
+            str(ds.SOPInstanceUID): float(ds.ImagePositionPatient[2])
+            for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in source.files)
+        }
+        contours = [c for r in structure_set.ROIContourSequence for c in r.ContourSequence]
+        assert contours
+        for contour in contours:
+            ref = str(contour.ContourImageSequence[0].ReferencedSOPInstanceUID)
+            assert {float(v) for v in contour.ContourData[2::3]} == {slice_z[ref]}
+        path = tmp_path / "rtstruct.dcm"
+        path.write_bytes(rtstruct)
+        assert dciodvfy.validate_file(path) == []
 
         # An empty result: a "no finding" SEG for the destination that asked, nothing else.
         air = _air_copy(source.files, tmp_path / "air")
@@ -120,12 +145,13 @@ def test_each_destination_gets_its_seg_flavour_and_empty_policy(tmp_path, start_
                 ]
 
         wait_until(second_job_done, 60, "the empty study's job done")
-        assert (a.count_instances(), b.count_instances()) == (2, 1)
+        assert (a.count_instances(), b.count_instances(), c.count_instances()) == (2, 1, 1)
         with node.db.session() as s:
             rows = s.scalars(select(Dispatch).order_by(Dispatch.id)).all()
             assert [(r.destination, r.sop_uid, r.state) for r in rows] == [
                 ("binary", binary_uid, "sent"),
                 ("labelmap", labelmap_uid, "sent"),
+                ("rtstruct", rtstruct_uid, "sent"),
                 ("binary", empty_uid, "sent"),
             ]
             event = s.scalars(select(Event).where(Event.kind == "result_empty")).one()
