@@ -85,16 +85,37 @@ def test_study_sent_with_storescu_comes_back_as_seg_in_orthanc(tmp_path, orthanc
     seg_file.write_bytes(seg_bytes)
     assert dciodvfy.validate_file(seg_file) == []
 
+    # The vessel pipeline (A + P, output in A's geometry) ran on the same study.
+    arterial = study.by_phase("A")
+    vessel_version = pipeline_version({"vessel": node.registry.get("vessel").version})
+    _, vessel_sop_uid, _ = result_uids(arterial.series_uid, "vessel", vessel_version)
+    vessel_seg = hd.seg.segread(
+        io.BytesIO(orthanc.instance_file(orthanc.wait_for_instance(vessel_sop_uid, 300)))
+    )
+    assert vessel_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == arterial.series_uid
+    a_volume = load_series(arterial.files)
+    numbers, names = seg_label_map(vessel_seg, [str(h.SOPInstanceUID) for h in a_volume.headers])
+    by_name = {name: number for number, name in names.items()}
+    a_truth = arterial.truth
+    for name, structures in (
+        ("kidney", ["kidney_left", "kidney_right"]),
+        ("artery", ["aorta"]),
+        ("vein", ["inferior_vena_cava"]),
+    ):
+        expected = np.isin(a_truth, [STRUCTURES[x] for x in structures])
+        assert dice(numbers == by_name[name], expected) >= 0.9, name
+
     # The database holds the whole story.
     with node.db.session() as s:
-        jobs = s.scalars(select(Job)).all()
+        jobs = s.scalars(select(Job).order_by(Job.pipeline)).all()
         assert [(j.pipeline, j.state, j.inputs) for j in jobs] == [
-            ("tumor", "done", {"image": portal.series_uid})
+            ("tumor", "done", {"image": portal.series_uid}),
+            ("vessel", "done", {"A": arterial.series_uid, "P": portal.series_uid}),
         ]
-        sends = s.scalars(select(Dispatch)).all()
-        assert [(d.sop_uid, d.destination, d.state, d.last_status) for d in sends] == [
-            (seg_sop_uid, "pacs", "sent", 0)
-        ]
+        sends = s.scalars(select(Dispatch).order_by(Dispatch.sop_uid)).all()
+        assert [(d.sop_uid, d.destination, d.state, d.last_status) for d in sends] == sorted(
+            [(seg_sop_uid, "pacs", "sent", 0), (vessel_sop_uid, "pacs", "sent", 0)]
+        )
         series = s.scalars(select(Series)).all()
         assert {x.series_uid: x.instance_count for x in series} == {
             x.series_uid: len(x.files) for x in study.series
