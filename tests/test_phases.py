@@ -191,8 +191,9 @@ def test_explain_json_has_exactly_the_documented_keys(tmp_path):
     for item in items:
         by_phase.setdefault(item["phase"], []).append(item)
     assert sorted(by_phase) == ["A", "D", "N", "P"]
-    assert all(i["pipelines"] == ["tumor"] for i in by_phase["P"])
-    assert all(i["pipelines"] == [] for i in by_phase["A"])  # P is preferred for tumor
+    assert all(i["pipelines"] == ["tumor", "vessel"] for i in by_phase["P"])
+    # P is preferred for tumor; A feeds only vessel (with P).
+    assert all(i["pipelines"] == ["vessel"] for i in by_phase["A"])
 
 
 def test_explain_uses_the_same_logic_as_the_node(tmp_path):
