@@ -327,7 +327,14 @@ class OrthancServer:
     def rest(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """One REST call, e.g. ``rest("GET", "/statistics")``; raises OrthancError on 4xx/5xx."""
         kwargs.setdefault("timeout", 30)
-        response = self._session.request(method, f"{self.url}{path}", **kwargs)
+        try:
+            response = self._session.request(method, f"{self.url}{path}", **kwargs)
+        except requests.ConnectionError:
+            # Orthanc closes idle keep-alive connections; a reused one then fails before
+            # the request is read. Every call made here is safe to repeat: try once more
+            # on a fresh connection.
+            self._session.close()
+            response = self._session.request(method, f"{self.url}{path}", **kwargs)
         if not response.ok:
             raise OrthancError(
                 f"Orthanc {method} {path} answered {response.status_code}: {response.text[:500]}"
