@@ -81,7 +81,7 @@ class NodeCollector:
         yield g
         c = CounterMetricFamily("dicom_node_sends", "Outbox rows by outcome", labels=["outcome"])
         outcomes = dict(sends)
-        for state in ("sent", "failed", "pending", "sending"):
+        for state in ("sent", "committed", "failed", "pending", "sending"):
             c.add_metric([state], outcomes.get(state, 0))
         c.add_metric(["retry"], retries or 0)
         yield c
