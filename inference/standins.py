@@ -164,11 +164,12 @@ SPECS: dict[str, StandinSpec] = {
             spacing_zyx=(3.0, 3.0, 3.0),
             patch_size=(72, 136, 136),
             train_patch=(32, 80, 80),
-            steps=1500,
-            cases=16,
+            steps=2500,
+            cases=24,
             features=(8, 16, 24, 32),
             decoder_convs=1,
-            hard_negatives=("kidney_tumor", "ureter_left", "ureter_right"),
+            # Spleen and liver share HU in P: only position tells them apart.
+            hard_negatives=("spleen", "spleen", "liver", "kidney_tumor", "ureter_left"),
             mirror_axes=None,
         ),
     )
