@@ -24,6 +24,7 @@ from dicom_node.rules import PipelineSpec
 from inference.crop import crop_volume, label_box, paste
 from inference.model_cache import ModelCache
 from inference.nnunet_runner import NnUNetRunner
+from inference.orientation import canonical_ras
 from inference.postprocess import postprocess
 from inference.registry import ModelRegistry, ModelSpec
 from inference.seg_writer import SegmentLabel
@@ -141,9 +142,15 @@ class Engine:
                 for c in spec.channels
             ]
         )
-        seg = self.runner(model_id).predict(channels, ref.spacing_zyx)
         if spec.kind == "totalsegmentator":
-            seg = _keep_only(seg, _totalseg_keep(spec))
+            # TotalSegmentator's weights expect its closest-canonical (RAS) voxel order.
+            turn = canonical_ras(ref.direction)
+            seg = self.runner(model_id).predict(
+                turn.to_canonical(channels), turn.spacing(ref.spacing_zyx)
+            )
+            seg = _keep_only(turn.from_canonical(seg), _totalseg_keep(spec))
+        else:
+            seg = self.runner(model_id).predict(channels, ref.spacing_zyx)
         return paste(seg, box, full_ref.shape) if box is not None else seg
 
     def predict_cached(self, model_id: str, inputs: dict[str, Volume]) -> np.ndarray:

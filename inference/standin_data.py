@@ -137,6 +137,10 @@ def make_case(spec: StandinSpec, seed: int, plans: dict, dataset: dict) -> Train
         tuple(origin_zyx[::-1]), tuple(new_spacing), tuple(int(v) for v in new_shape)
     )
     seg = spec.truth_lut()[truth]
+    if spec.canonical_ras:  # the phantom grids have identity direction: mirror x and y
+        images = [np.ascontiguousarray(i[:, :, ::-1, ::-1]) for i in images]
+        seg = np.ascontiguousarray(seg[:, ::-1, ::-1])
+        truth = np.ascontiguousarray(truth[:, ::-1, ::-1])
     locations = {label: _some_voxels(seg == label, rng) for label in range(1, len(spec.labels) + 1)}
     negatives = [_some_voxels(truth == STRUCTURES[name], rng) for name in spec.hard_negatives]
     return TrainingCase(images=images, seg=seg, locations=locations, negatives=negatives)

@@ -81,6 +81,9 @@ class StandinSpec:
     # left / right labels must not mirror across x.
     mirror_axes: tuple[int, ...] | None = (2,)
     eval_phases: str = ""  # channel phases for evaluation; default: first of each channel
+    # Train and evaluate on closest-canonical (RAS) arrays, the order TotalSegmentator
+    # feeds its models (inference/orientation.py), instead of the DICOM order.
+    canonical_ras: bool = False
 
     @property
     def label_ids(self) -> dict[str, int]:
@@ -171,6 +174,31 @@ SPECS: dict[str, StandinSpec] = {
             # Spleen and liver share HU in P: only position tells them apart.
             hard_negatives=("spleen", "spleen", "liver", "kidney_tumor", "ureter_left"),
             mirror_axes=None,
+        ),
+        StandinSpec(
+            name="totalseg_ras",
+            dataset_id=905,
+            description="totalseg in TotalSegmentator's canonical (RAS) voxel order",
+            channel_phases=("P",),
+            labels={
+                "spleen": ("spleen",),
+                "kidney_right": ("kidney_right",),
+                "kidney_left": ("kidney_left",),
+                "liver": ("liver",),
+                "aorta": ("aorta",),
+                "inferior_vena_cava": ("inferior_vena_cava",),
+            },
+            spacing_zyx=(3.0, 3.0, 3.0),
+            patch_size=(72, 136, 136),
+            train_patch=(32, 80, 80),
+            steps=2500,
+            cases=24,
+            features=(8, 16, 24, 32),
+            decoder_convs=1,
+            # Spleen and liver share HU in P: only position tells them apart.
+            hard_negatives=("spleen", "spleen", "liver", "kidney_tumor", "ureter_left"),
+            mirror_axes=None,
+            canonical_ras=True,
         ),
     )
 }
@@ -397,9 +425,13 @@ def evaluate(
     volumes, truth = phantom_volumes(seed, phases, geometry)
     images = np.stack([volumes[p] for p in phases]).astype(np.float32)
     t0 = time.perf_counter()
+    if spec.canonical_ras:  # identity-direction phantom grids: RAS = x and y mirrored
+        images = np.ascontiguousarray(images[:, :, ::-1, ::-1])
     prediction = predictor.predict_single_npy_array(
         images, {"spacing": list(geometry.spacing_zyx)}, None, None, False
     )
+    if spec.canonical_ras:
+        prediction = np.ascontiguousarray(prediction[:, ::-1, ::-1])
     seconds = time.perf_counter() - t0
     dice = dice_per_label(prediction, spec.truth_lut()[truth], spec.label_ids)
     return {
@@ -445,8 +477,10 @@ def make_totalsegmentator_weights(source: Path, weights_root: Path, task: str = 
     for ``total --fast``) and expects every class of its class map as an output. The
     stand-in's few organs carry TotalSegmentator's names, so its segmentation head is
     widened to the full class map: each organ's row goes to that organ's TotalSegmentator
-    id, every other class gets a logit far below background and is never predicted. The
-    result is a weights folder on which TotalSegmentator's own code runs offline.
+    id, every other class gets a logit far below background and is never predicted.
+    TotalSegmentator feeds its models closest-canonical (RAS) arrays, so the source must be
+    a stand-in trained in that order (``totalseg_ras``). The result is a weights folder on
+    which TotalSegmentator's own code runs offline.
     """
     from totalsegmentator.libs import TASK_ID_WEIGHTS_CONFIGS
     from totalsegmentator.map_to_binary import class_map
