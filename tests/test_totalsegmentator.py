@@ -1,0 +1,121 @@
+"""TotalSegmentator, for real, from an installed weights folder.
+
+The folder is laid out as TotalSegmentator expects for ``total --fast`` (Dataset297, its
+trainer folder name, all 117 classes as outputs) and holds the phantom-trained
+``totalseg_ras`` stand-in, trained like TotalSegmentator's models on closest-canonical (RAS)
+arrays (``inference.standins.make_totalsegmentator_weights``). Our registry resolves it with
+TotalSegmentator's own task tables and runs it warm, reoriented as TotalSegmentator does;
+TotalSegmentator's own command line runs on the same folder, offline; both find the
+phantom's organs (a model fed the wrong voxel order would swap left and right).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from inference.engine import Engine
+from inference.nifti_io import write_volume
+from inference.registry import load_registry
+from inference.standins import make_totalsegmentator_weights
+from tests.test_engine_support import dice, grid, phantom_volume, require_model, truth_of
+
+pytestmark = pytest.mark.slow
+
+ANATOMY = ["SCT", "91723000", "Anatomical Structure"]
+# TotalSegmentator class id -> (name, SNOMED type, phantom structures)
+ORGANS = {
+    1: ("spleen", ["SCT", "78961009", "Spleen"], ("spleen",)),
+    2: ("kidney_right", ["SCT", "64033007", "Kidney"], ("kidney_right",)),
+    3: ("kidney_left", ["SCT", "64033007", "Kidney"], ("kidney_left",)),
+    5: ("liver", ["SCT", "10200004", "Liver"], ("liver",)),
+    52: ("aorta", ["SCT", "15825003", "Aorta"], ("aorta",)),
+    63: ("inferior_vena_cava", ["SCT", "64131007", "Inferior vena cava"], ("inferior_vena_cava",)),
+}
+
+
+@pytest.fixture(scope="module")
+def totalseg_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("totalseg")
+    make_totalsegmentator_weights(require_model("totalseg_ras"), home / "weights")
+    return home
+
+
+@pytest.fixture
+def totalseg_env(totalseg_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {
+        "TOTALSEG_WEIGHTS_PATH": str(totalseg_home / "weights"),
+        "TOTALSEG_HOME_DIR": str(totalseg_home / "home"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture(scope="module")
+def portal() -> tuple:
+    return phantom_volume(
+        "P", grid(rows=192, columns=192, pixel_spacing_mm=2.0, slice_thickness_mm=2.5)
+    )
+
+
+def test_registry_runs_the_task_from_the_installed_weights(
+    totalseg_env: dict[str, str], portal: tuple, tmp_path: Path
+) -> None:
+    entry = {
+        "kind": "totalsegmentator",
+        "task": "total",
+        "fast": True,
+        "version": "stand-in",
+        "use_mirroring": False,
+        "channels": ["image"],
+        "labels": {
+            v: {"name": n, "category": ANATOMY, "type": t} for v, (n, t, _) in ORGANS.items()
+        },
+    }
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": {"organs": entry}}))
+    engine = Engine(load_registry(path), torch.device("cpu"))
+    volume, truth = portal
+    labels = engine.predict("organs", {"image": volume})
+    assert labels.shape == truth.shape
+    assert set(np.unique(labels)) <= {0, *ORGANS}
+    for value, (name, _, structures) in ORGANS.items():
+        assert dice(labels == value, truth_of(truth, *structures)) >= 0.9, name
+    # Usage statistics are off before anything of TotalSegmentator runs.
+    config = json.loads((Path(totalseg_env["TOTALSEG_HOME_DIR"]) / "config.json").read_text())
+    assert config["send_usage_stats"] is False
+
+
+def test_totalsegmentator_command_line_runs_offline_on_the_same_weights(
+    totalseg_env: dict[str, str], portal: tuple, tmp_path: Path
+) -> None:
+    volume, truth = portal
+    image = write_volume(volume, tmp_path / "ct.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    home = Path(totalseg_env["TOTALSEG_HOME_DIR"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.json").write_text(
+        json.dumps({"totalseg_id": "test", "send_usage_stats": False, "prediction_counter": 0})
+    )
+    exe = Path(sys.executable).parent / "TotalSegmentator"
+    env = {**os.environ, **totalseg_env, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [str(exe), "-i", str(image), "-o", str(out), "--task", "total", "--fast", "--ml",
+         "--device", "cpu", "--nr_thr_resamp", "1", "--nr_thr_saving", "1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert theirs.shape == truth.shape
+    for value, (name, _, structures) in ORGANS.items():
+        assert dice(theirs == value, truth_of(truth, *structures)) >= 0.9, name
