@@ -50,7 +50,6 @@ slice's bounding boxes at a time and the contours themselves.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -73,9 +72,12 @@ from inference.seg_writer import (
     Code,
     EmptySegmentationError,
     SegmentLabel,
-    _check_label_map,
-    _check_labels,
     _product_version,
+    check_label_map,
+    check_labels,
+    present_labels,
+    save_atomically,
+    source_series_uid,
 )
 
 logger = logging.getLogger(__name__)
@@ -179,9 +181,9 @@ def build_rtstruct(
         mixed series, missing geometry).
     """
     started = time.perf_counter()
-    series_uid = _source_series_uid(source_images)
-    label_map = _check_label_map(label_map, source_images, series_uid)
-    by_value = _check_labels(labels)
+    series_uid = source_series_uid(source_images)
+    label_map = check_label_map(label_map, source_images, series_uid)
+    by_value = check_labels(labels)
     frame_of_reference_uid = _common_uid(source_images, "FrameOfReferenceUID", series_uid)
     _common_uid(source_images, "StudyInstanceUID", series_uid)
     _common_uid(source_images, "SeriesInstanceUID", series_uid)
@@ -189,21 +191,7 @@ def build_rtstruct(
 
     boxes = [ndimage.find_objects(plane) for plane in label_map]
     found = {value for planes in boxes for value, box in enumerate(planes, 1) if box}
-    undescribed = sorted(found - set(by_value))
-    if undescribed:
-        raise ValueError(
-            f"label map for series {series_uid} contains values {undescribed} that no "
-            "SegmentLabel describes; add them to the model's label list"
-        )
-    present = [by_value[v] for v in sorted(by_value) if v in found]
-    for label in by_value.values():
-        if label.value not in found:
-            logger.info(
-                "rtstruct: label %d (%s) absent from series %s, ROI skipped",
-                label.value,
-                label.name,
-                series_uid,
-            )
+    present = present_labels(found, by_value, series_uid, "ROI")
     if not present:
         if not allow_empty:
             raise EmptySegmentationError(
@@ -299,17 +287,7 @@ def write_rtstruct(
         software_versions=software_versions,
         allow_empty=allow_empty,
     )
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    rtstruct.save_as(partial, enforce_file_format=True)
-    os.replace(partial, path)
-    return path
-
-
-def _source_series_uid(source_images: Sequence[pydicom.Dataset]) -> str:
-    if not source_images:
-        raise ValueError("no source images given for the RT Structure Set")
-    return str(source_images[0].get("SeriesInstanceUID", "?"))
+    return save_atomically(rtstruct, path)
 
 
 def _common_uid(source_images: Sequence[pydicom.Dataset], keyword: str, series_uid: str) -> str:

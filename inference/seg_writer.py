@@ -157,26 +157,13 @@ def build_seg(
         When the inputs do not fit together (shape, undescribed values, duplicate labels).
     """
     started = time.perf_counter()
-    series_uid = _source_series_uid(source_images)
-    label_map = _check_label_map(label_map, source_images, series_uid)
-    by_value = _check_labels(labels)
+    series_uid = source_series_uid(source_images)
+    label_map = check_label_map(label_map, source_images, series_uid)
+    by_value = check_labels(labels)
 
     counts = _count_label_values(label_map)
-    undescribed = sorted(int(v) for v in np.flatnonzero(counts[1:]) + 1 if v not in by_value)
-    if undescribed:
-        raise ValueError(
-            f"label map for series {series_uid} contains values {undescribed} that no "
-            "SegmentLabel describes; add them to the model's label list"
-        )
-    present = [by_value[v] for v in sorted(by_value) if counts[v] > 0]
-    for label in by_value.values():
-        if counts[label.value] == 0:
-            logger.info(
-                "seg: label %d (%s) absent from series %s, segment skipped",
-                label.value,
-                label.name,
-                series_uid,
-            )
+    found = {int(v) for v in np.flatnonzero(counts[1:]) + 1}
+    present = present_labels(found, by_value, series_uid, "segment")
     content_description = f"{algorithm.name} {algorithm.version}"
     if not present:
         if not allow_empty:
@@ -268,20 +255,49 @@ def write_seg(
         content_creator=content_creator,
         allow_empty=allow_empty,
     )
+    return save_atomically(seg, path)
+
+
+def save_atomically(ds: pydicom.Dataset, path: Path) -> Path:
+    """Save ``ds`` as a Part 10 file that appears whole: written beside, then renamed, so
+    a dispatcher watching the folder never sends a half-written object."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    seg.save_as(partial, enforce_file_format=True)
+    ds.save_as(partial, enforce_file_format=True)
     os.replace(partial, path)
     return path
 
 
-def _source_series_uid(source_images: Sequence[pydicom.Dataset]) -> str:
+def present_labels(
+    found: set[int], by_value: dict[int, SegmentLabel], series_uid: str, item: str
+) -> list[SegmentLabel]:
+    """The described labels among the label values ``found`` in a map, in value order.
+
+    A value no label describes is an error; a described label that is absent is skipped
+    with one log line (``item`` names what it would have become: segment, ROI).
+    """
+    undescribed = sorted(found - set(by_value))
+    if undescribed:
+        raise ValueError(
+            f"label map for series {series_uid} contains values {undescribed} that no "
+            "SegmentLabel describes; add them to the model's label list"
+        )
+    for label in by_value.values():
+        if label.value not in found:
+            logger.info(
+                "label %d (%s) absent from series %s, %s skipped",
+                label.value, label.name, series_uid, item,
+            )  # fmt: skip
+    return [by_value[v] for v in sorted(by_value) if v in found]
+
+
+def source_series_uid(source_images: Sequence[pydicom.Dataset]) -> str:
     if not source_images:
-        raise ValueError("no source images given for the Segmentation")
+        raise ValueError("no source images given")
     return str(source_images[0].get("SeriesInstanceUID", "?"))
 
 
-def _check_label_map(
+def check_label_map(
     label_map: np.ndarray, source_images: Sequence[pydicom.Dataset], series_uid: str
 ) -> np.ndarray:
     """Check shape and value range; return the map as uint8 (a copy only if it was not)."""
@@ -306,7 +322,7 @@ def _check_label_map(
     return label_map.astype(np.uint8)
 
 
-def _check_labels(labels: Sequence[SegmentLabel]) -> dict[int, SegmentLabel]:
+def check_labels(labels: Sequence[SegmentLabel]) -> dict[int, SegmentLabel]:
     by_value: dict[int, SegmentLabel] = {}
     names: set[str] = set()
     for label in labels:

@@ -23,7 +23,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -175,33 +175,18 @@ SPECS: dict[str, StandinSpec] = {
             hard_negatives=("spleen", "spleen", "liver", "kidney_tumor", "ureter_left"),
             mirror_axes=None,
         ),
-        StandinSpec(
-            name="totalseg_ras",
-            dataset_id=905,
-            description="totalseg in TotalSegmentator's canonical (RAS) voxel order",
-            channel_phases=("P",),
-            labels={
-                "spleen": ("spleen",),
-                "kidney_right": ("kidney_right",),
-                "kidney_left": ("kidney_left",),
-                "liver": ("liver",),
-                "aorta": ("aorta",),
-                "inferior_vena_cava": ("inferior_vena_cava",),
-            },
-            spacing_zyx=(3.0, 3.0, 3.0),
-            patch_size=(72, 136, 136),
-            train_patch=(32, 80, 80),
-            steps=2500,
-            cases=24,
-            features=(8, 16, 24, 32),
-            decoder_convs=1,
-            # Spleen and liver share HU in P: only position tells them apart.
-            hard_negatives=("spleen", "spleen", "liver", "kidney_tumor", "ureter_left"),
-            mirror_axes=None,
-            canonical_ras=True,
-        ),
     )
 }
+
+# The same organs in the voxel order TotalSegmentator feeds its models (closest-canonical
+# RAS): the source of the TotalSegmentator weights folder the tests install.
+SPECS["totalseg_ras"] = replace(
+    SPECS["totalseg"],
+    name="totalseg_ras",
+    dataset_id=905,
+    description="totalseg in TotalSegmentator's canonical (RAS) voxel order",
+    canonical_ras=True,
+)
 
 
 # --- nnU-Net files ----------------------------------------------------------------------

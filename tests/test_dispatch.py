@@ -42,17 +42,7 @@ def test_pending_send_retries_until_the_pacs_is_up(db, tmp_path):
         db, {"pacs": dest}, DispatchSettings(retry_initial_s=1, timeout_s=5), "DICOM_NODE"
     )
     ds = ct_slice(generate_uid(), generate_uid(), 0)
-    path = write(ds, tmp_path / "x.dcm")
-    with db.session() as s:
-        s.add(
-            Dispatch(
-                kind="result",
-                sop_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                path=str(path),
-                destination="pacs",
-            )
-        )
+    _queue(db, [ds], tmp_path)
 
     assert dispatcher.poll() == 1  # nobody listens on the port
     with db.session() as s:

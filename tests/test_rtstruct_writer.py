@@ -321,7 +321,7 @@ def test_rois_carry_names_colours_codes_and_algorithm(rtstruct):
 
 
 def test_absent_label_is_skipped_with_a_log_line(source_images, label_map, caplog):
-    with caplog.at_level(logging.INFO, logger="inference.rtstruct_writer"):
+    with caplog.at_level(logging.INFO, logger="inference"):
         rtstruct = _build(source_images, label_map)
 
     assert "kidney_cyst" not in [i.ROIName for i in rtstruct.StructureSetROISequence]

@@ -78,7 +78,8 @@ def test_each_destination_gets_its_seg_flavour_and_empty_policy(tmp_path, start_
         rtstruct = c.instance_file(c.wait_for_instance(rtstruct_uid, timeout_s=120))
         assert (a.count_instances(), b.count_instances(), c.count_instances()) == (1, 1, 1)
 
-        source_uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in source.files]
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in source.files]
+        source_uids = [str(ds.SOPInstanceUID) for ds in headers]
         maps = {}
         for name, blob, sop_class in (
             ("binary", binary, SEG_SOP_CLASS_UID),
@@ -105,10 +106,7 @@ def test_each_destination_gets_its_seg_flavour_and_empty_policy(tmp_path, start_
             "kidney",
             "kidney tumor",
         ]
-        slice_z = {
-            str(ds.SOPInstanceUID): float(ds.ImagePositionPatient[2])
-            for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in source.files)
-        }
+        slice_z = {str(ds.SOPInstanceUID): float(ds.ImagePositionPatient[2]) for ds in headers}
         contours = [c for r in structure_set.ROIContourSequence for c in r.ContourSequence]
         assert contours
         for contour in contours:
