@@ -1,68 +1,130 @@
 """Engine benchmark: one synthetic N/A/P/D study, all four seed pipelines.
 
-(a) this engine: each series read once, warm models, in-process prediction, crop for the
-    tumour model; (b) the naive chain the seed service started from: every series written
-    to NIfTI, then one ``nnUNetv2_predict_from_modelfolder`` process per model.
-Prints wall time and peak RSS of each and the ratio. Run: ``python bench/bench_engine.py``
-(``--size 256`` for a bigger series; the stand-ins must be in models/).
+(a) this engine: each series read once, warm models, in-process prediction, the tumour
+    model cropped to the organ model's kidneys (whose label map the totalseg pipeline
+    already made). Measured in one fresh process twice: the first study cold (imports,
+    model loading included), then a second study on the warm worker, which is how the node
+    runs: its worker keeps models loaded between jobs.
+(b) the naive chain the seed service started from: every series written to NIfTI, then one
+    ``nnUNetv2_predict_from_modelfolder`` process per model (full volume, same settings).
+Peak memory is the resident memory of the whole process tree (the CLI starts worker
+processes), sampled every 20 ms. Run: ``.venv/bin/python bench/bench_engine.py``
+(``--size 512`` for a scanner's 512x512 series; the stand-ins must be in models/).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.rules import load_rules  # noqa: E402
 from dicom_node.synth import generate_study  # noqa: E402
 from inference.registry import load_registry  # noqa: E402
 
 CLI = Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+# Which phase feeds each model channel (the shipped pipelines' first choices).
+MODEL_PHASES = {"totalseg": "P", "vessel": "AP", "ureter": "D", "tumor": "P"}
 
-
-def _children_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
-def run_engine(study_dir: Path, size: int) -> tuple[float, float]:
-    """(wall s, peak RSS MB) of a fresh process running all four pipelines."""
-    code = f"""
-import sys, time, resource, torch
-sys.path.insert(0, {str(ROOT)!r})
+ENGINE_CODE = """
+import time
+t0 = time.perf_counter()
+import json, sys
+sys.path.insert(0, {root!r})
 from pathlib import Path
-from dicom_node.rules import load_rules
+import torch
+from dicom_node.rules import CropSpec, load_rules
 from inference.engine import Engine
-from inference.registry import load_registry
 from inference.path_api import load_input
-t = time.perf_counter()
-registry = load_registry()
-rules = load_rules(Path({str(ROOT / "routing_rules.yaml")!r}))
-engine = Engine(registry, torch.device("cpu"))
-study = Path({str(study_dir)!r})
-folders = {{p: study / f"0{{n}}_{{p}}" for p, n in (("A", 3), ("P", 4), ("D", 5))}}
+from inference.registry import load_registry
+
+torch.set_num_threads({threads})
+rules = load_rules(Path({root!r}) / "routing_rules.yaml")
+pipelines = dict(rules.pipelines)
+# The tumour model runs inside totalseg's kidneys (plus 20 mm), as a deployment would set it.
+pipelines["tumor"] = pipelines["tumor"].model_copy(update={{"crop": CropSpec(
+    to_model="totalseg", labels=["kidney_left", "kidney_right"], margin_mm=20)}})
+engine = Engine(load_registry(), torch.device("cpu"))
 phase_of = {{"image": "P", "A": "A", "P": "P", "D": "D"}}
-for name in ("totalseg", "vessel", "ureter", "tumor"):
-    spec = rules.pipelines[name]
-    inputs = {{
-        r: load_input({{"path": str(folders[phase_of[r]])}}, engine=engine) for r in spec.inputs
-    }}
-    engine.run(name, spec, inputs, mask_dir=Path({str(study_dir)!r}) / "masks")
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+times = []
+for study in map(Path, {studies!r}):
+    folders = {{p: study / f"0{{n}}_{{p}}" for p, n in (("A", 3), ("P", 4), ("D", 5))}}
+    for name in ("totalseg", "vessel", "ureter", "tumor"):
+        spec = pipelines[name]
+        inputs = {{r: load_input({{"path": str(folders[phase_of[r]])}}, engine=engine)
+                  for r in spec.inputs}}
+        engine.run(name, spec, inputs, mask_dir=study / "masks")
+    times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+print(json.dumps(times))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    wall, rss = out.stdout.split()[-2:]
-    return float(wall), float(rss)
 
 
-def run_naive(study_dir: Path, work: Path) -> tuple[float, float, float]:
-    """(wall s, peak RSS MB of the largest single CLI run, sum of CLI wall s)."""
+def tree_rss_bytes(root_pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc)."""
+    parent_of: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/statm") as f:
+                rss[int(entry)] = int(f.read().split()[1]) * PAGE
+        except OSError:  # the process ended while we looked
+            continue
+        parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, changed = {root_pid}, True
+    while changed:
+        children = {pid for pid, ppid in parent_of.items() if ppid in tree} - tree
+        tree |= children
+        changed = bool(children)
+    return sum(rss.get(pid, 0) for pid in tree)
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, str]:
+    """(wall s, peak tree RSS MB, stdout) of one command."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss_bytes(proc.pid))
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    done.set()
+    sampler.join()
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{err[-3000:]}")
+    return wall, peak / 2**20, out
+
+
+def run_engine(studies: list[Path], threads: int) -> tuple[list[float], float, float]:
+    """(per-study seconds inside the process, process wall s, peak RSS MB)."""
+    code = ENGINE_CODE.format(root=str(ROOT), studies=[str(s) for s in studies], threads=threads)
+    wall, peak, out = run_measured([sys.executable, "-c", code])
+    return json.loads(out.strip().splitlines()[-1]), wall, peak
+
+
+def run_naive(study: Path, work: Path) -> tuple[float, dict[str, tuple[float, float]]]:
+    """(total wall s, {model: (wall s, peak tree RSS MB)}), NIfTI writing included."""
     import SimpleITK as sitk
 
     registry = load_registry()
@@ -70,47 +132,65 @@ def run_naive(study_dir: Path, work: Path) -> tuple[float, float, float]:
     nifti: dict[str, Path] = {}
     for phase, number in (("A", 3), ("P", 4), ("D", 5)):
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(study_dir / f"0{number}_{phase}")))
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(study / f"0{number}_{phase}")))
         nifti[phase] = work / f"{phase}.nii.gz"
         sitk.WriteImage(reader.Execute(), str(nifti[phase]))
-    plan = {"totalseg": "P", "vessel": "AP", "ureter": "D", "tumor": "P"}
-    peak = 0.0
-    for model_id, phases in plan.items():
+    per_model = {}
+    for model_id, phases in MODEL_PHASES.items():
         spec = registry.get(model_id)
         src = work / f"in_{model_id}"
         src.mkdir()
         for i, phase in enumerate(phases):
             (src / f"case_{i:04d}.nii.gz").symlink_to(nifti[phase])
         cmd = [str(CLI), "-i", str(src), "-o", str(work / f"out_{model_id}"),
-               "-m", str(spec.model_folder), "-f", "0", "-device", "cpu",
-               "-npp", "1", "-nps", "1", "--disable_tta"]  # fmt: skip
-        subprocess.run(cmd, check=True, capture_output=True)
-        peak = max(peak, _children_peak_mb())  # RUSAGE_CHILDREN: the largest child so far
-    return time.perf_counter() - started, peak, 0.0
+               "-m", str(spec.model_folder), "-f", *map(str, spec.folds),
+               "-chk", spec.checkpoint, "-step_size", str(spec.tile_step_size),
+               "-device", "cpu", "-npp", "1", "-nps", "1"]  # fmt: skip
+        if not spec.use_mirroring:
+            cmd.append("--disable_tta")
+        wall, peak, _ = run_measured(cmd)
+        per_model[model_id] = (wall, peak)
+    return time.perf_counter() - started, per_model
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=192, help="rows = columns of each series")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, both chains")
     args = parser.parse_args()
-    load_rules(ROOT / "routing_rules.yaml")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the CLI processes too
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         tmp_path = Path(tmp)
         spacing = 400.0 / args.size
-        generate_study(tmp_path / "study", seed=7, rows=args.size, columns=args.size,
-                       pixel_spacing_mm=spacing, slice_thickness_mm=2.5)  # fmt: skip
+        studies = [
+            generate_study(
+                tmp_path / f"study{seed}",
+                seed=seed,
+                rows=args.size,
+                columns=args.size,
+                pixel_spacing_mm=spacing,
+            )  # fmt: skip
+            for seed in (7, 3)
+        ]
+        folders = [tmp_path / f"study{s.seed}" for s in studies]
         (tmp_path / "naive").mkdir()
-        naive_wall, naive_peak, _ = run_naive(tmp_path / "study", tmp_path / "naive")
-        engine_wall, engine_peak = run_engine(tmp_path / "study", args.size)
-    print(f"synthetic N/A/P/D study, {args.size}x{args.size} px, 4 pipelines, CPU")
-    print(f"{'chain':<44}{'wall s':>9}{'peak RSS MB':>13}")
-    print(f"{'(a) engine: read once, warm, in-process':<44}{engine_wall:>9.1f}{engine_peak:>13.0f}")
-    print(f"{'(b) naive: NIfTI + 1 CLI process per model':<44}{naive_wall:>9.1f}"
-          f"{naive_peak:>13.0f}  (largest single model run)")  # fmt: skip
-    print(
-        f"speed-up (b)/(a): {naive_wall / engine_wall:.1f}x; "
-        f"peak RSS (a) / largest single run: {engine_peak / naive_peak:.2f}"
-    )
+        naive_wall, per_model = run_naive(folders[0], tmp_path / "naive")
+        (cold, warm), engine_wall, engine_peak = run_engine(folders, args.threads)
+
+    largest = max(peak for _, peak in per_model.values())
+    print(f"synthetic N/A/P/D study, {args.size}x{args.size} px at {spacing:.2f} mm, 4 pipelines "
+          f"(totalseg, vessel, ureter, tumor), CPU, {args.threads} threads\n")  # fmt: skip
+    print("| chain | wall s | peak RSS MB |")
+    print("| --- | ---: | ---: |")
+    for model_id, (wall, peak) in per_model.items():
+        print(f"| (b) naive: {model_id} CLI process | {wall:.1f} | {peak:.0f} |")
+    print(f"| (b) naive: NIfTI + 4 CLI processes | {naive_wall:.1f} | {largest:.0f} (largest) |")
+    print(f"| (a) engine, fresh process (imports, model loading) | {cold:.1f} | |")
+    print(f"| (a) engine, next study on the warm worker | {warm:.1f} | |")
+    print(f"| (a) engine process, both studies | {engine_wall:.1f} | {engine_peak:.0f} |")
+    print(f"\nspeed-up (b)/(a): warm worker {naive_wall / warm:.1f}x, "
+          f"fresh process {naive_wall / cold:.1f}x")  # fmt: skip
+    print(f"peak RSS (a) / largest single model run (b): {engine_peak / largest:.2f}")
     return 0
 
 

@@ -139,7 +139,8 @@ def child_main(conn: Connection, settings_data: dict[str, Any], device: str) -> 
                 state = runner.run(job_id, (worker, attempt))
             except Exception as exc:
                 log.error("job %s failed: %s", job_id, traceback.format_exc())
-                conn.send(("error", job_id, f"{type(exc).__name__}: {exc}"))
+                kind = "input_error" if is_input_error(exc) else "error"
+                conn.send((kind, job_id, f"{type(exc).__name__}: {exc}"))
             else:
                 conn.send(("done", job_id, state))
     finally:
@@ -151,3 +152,13 @@ def _pipeline_of(db: Any, job_id: int) -> str:
 
     with db.session() as s:
         return s.get_one(Job, job_id).pipeline
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """The job's input is wrong (an unreadable image, a missing phase, a bad path): a retry
+    would fail the same way, so the job fails at once with the reason."""
+    from inference.engine import PipelineInputError
+    from inference.path_api import PathInputError
+    from inference.volume import SeriesReadError
+
+    return isinstance(exc, PipelineInputError | PathInputError | SeriesReadError)

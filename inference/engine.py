@@ -184,7 +184,12 @@ class Engine:
         versions: dict[str, str] = {}
         for model in models:
             started = time.perf_counter()
-            seg = self.predict(model.id, inputs, box)
+            # Full-volume label maps are remembered: a crop model's organs (totalseg's
+            # kidneys for tumor) and a pipeline running that model share one prediction.
+            if box is None:
+                seg = self.predict_cached(model.id, inputs)
+            else:
+                seg = self.predict(model.id, inputs, box)
             seg = postprocess(
                 seg, {v: lab.postprocess for v, lab in model.labels.items()}, reference.spacing_zyx
             )
@@ -247,9 +252,9 @@ def _reference(name: str, models: list[ModelSpec], inputs: dict[str, Volume]) ->
     return refs[0]
 
 
-def _content_key(volume: Volume) -> tuple:
-    """What identifies a volume's content: its series (or path) and its grid."""
-    return (volume.series_uid, volume.shape, volume.origin_lps, volume.spacing_zyx)
+def _content_key(volume: Volume) -> str:
+    """What identifies a volume's content: its voxels and grid, not its name."""
+    return volume.digest
 
 
 def _totalseg_keep(spec: ModelSpec) -> list[int]:

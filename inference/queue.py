@@ -189,8 +189,13 @@ def fail(
     *,
     retry_base_s: float = 10.0,
     owner: Owner | None = None,
+    retry: bool = True,
 ) -> str:
-    """Record a failed attempt; requeue with backoff or fail for good. Returns the state."""
+    """Record a failed attempt; requeue with backoff or fail for good. Returns the state.
+
+    ``retry=False`` fails for good at once: the input itself is wrong (an unreadable
+    image, a missing phase) and another attempt would only fail the same way, later.
+    """
     with db.session() as s:
         job = _locked(s, db, job_id)
         if not _owned(job, owner):
@@ -200,7 +205,11 @@ def fail(
         if job.state == "cancelling":
             job.state = "cancelled"
             return job.state
-        if job.attempts < job.max_attempts:
+        if not retry:
+            job.state = "failed"
+            message = f"failed on its input (not retried): {error}"
+            level = "error"
+        elif job.attempts < job.max_attempts:
             job.state = "queued"
             delay = retry_base_s * 2 ** (job.attempts - 1)
             job.not_before = utcnow() + timedelta(seconds=delay)

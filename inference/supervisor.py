@@ -132,9 +132,14 @@ class DeviceSupervisor:
                 elif kind == "done":
                     log.info("job %s %s in %.1f s", job.id, value, time.monotonic() - started)
                     return value
-                elif kind == "error":
+                elif kind in ("error", "input_error"):
                     return queue.fail(
-                        self.db, job.id, value, retry_base_s=w.retry_backoff_s, owner=owner
+                        self.db,
+                        job.id,
+                        value,
+                        retry_base_s=w.retry_backoff_s,
+                        owner=owner,
+                        retry=kind == "error",
                     )
             if self.process is None or not self.process.is_alive():
                 if self.closing:

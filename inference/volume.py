@@ -8,8 +8,10 @@ SimpleITK/GDCM (which handles JPEG, JPEG-LS, JPEG 2000 and RLE) in exactly that 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,19 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @cached_property
+    def digest(self) -> str:
+        """A fingerprint of the voxels and the grid: the same digest means the same image.
+
+        Results are cached under it, not under a name: a NIfTI path rewritten with a new
+        image, or a series that gained slices, never gets an old label map back.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        grid = (self.shape, self.spacing_zyx, self.origin_lps, self.direction, self.array.dtype.str)
+        h.update(repr(grid).encode())
+        h.update(np.ascontiguousarray(self.array).data)
+        return h.hexdigest()
 
     def to_sitk(self, array: np.ndarray | None = None) -> sitk.Image:
         """This geometry around ``array`` (default: the image itself)."""

@@ -105,16 +105,36 @@ def test_study_sent_with_storescu_comes_back_as_seg_in_orthanc(tmp_path, orthanc
         expected = np.isin(a_truth, [STRUCTURES[x] for x in structures])
         assert dice(numbers == by_name[name], expected) >= 0.9, name
 
+    # The ureter pipeline (delayed phase) ran on the same study, in D's geometry.
+    delayed = study.by_phase("D")
+    ureter_version = pipeline_version({"ureter": node.registry.get("ureter").version})
+    _, ureter_sop_uid, _ = result_uids(delayed.series_uid, "ureter", ureter_version)
+    ureter_seg = hd.seg.segread(
+        io.BytesIO(orthanc.instance_file(orthanc.wait_for_instance(ureter_sop_uid, 300)))
+    )
+    assert ureter_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == delayed.series_uid
+    d_volume = load_series(delayed.files)
+    numbers, names = seg_label_map(ureter_seg, [str(h.SOPInstanceUID) for h in d_volume.headers])
+    by_name = {name: number for number, name in names.items()}
+    d_truth = delayed.truth
+    for name, structures in (
+        ("ureter", ["ureter_left", "ureter_right"]),
+        ("kidney", ["kidney_left", "kidney_right"]),
+    ):
+        expected = np.isin(d_truth, [STRUCTURES[x] for x in structures])
+        assert dice(numbers == by_name[name], expected) >= 0.9, name
+
     # The database holds the whole story.
     with node.db.session() as s:
         jobs = s.scalars(select(Job).order_by(Job.pipeline)).all()
         assert [(j.pipeline, j.state, j.inputs) for j in jobs] == [
             ("tumor", "done", {"image": portal.series_uid}),
+            ("ureter", "done", {"D": delayed.series_uid}),
             ("vessel", "done", {"A": arterial.series_uid, "P": portal.series_uid}),
         ]
         sends = s.scalars(select(Dispatch).order_by(Dispatch.sop_uid)).all()
         assert [(d.sop_uid, d.destination, d.state, d.last_status) for d in sends] == sorted(
-            [(seg_sop_uid, "pacs", "sent", 0), (vessel_sop_uid, "pacs", "sent", 0)]
+            (uid, "pacs", "sent", 0) for uid in (seg_sop_uid, vessel_sop_uid, ureter_sop_uid)
         )
         series = s.scalars(select(Series)).all()
         assert {x.series_uid: x.instance_count for x in series} == {

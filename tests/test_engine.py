@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import torch
 import yaml
 
+from dicom_node.rules import CropSpec, PipelineSpec
 from inference.crop import crop_volume, label_box
 from inference.engine import Engine
 from inference.memwatch import peak_rss
@@ -18,7 +19,7 @@ from inference.model_cache import ModelCache
 from inference.nifti_io import write_volume
 from inference.postprocess import postprocess
 from inference.registry import PostProcessSpec, load_registry
-from inference.volume import resample_to
+from inference.volume import Volume, resample_to
 from tests.test_engine_support import (
     dice,
     grid,
@@ -115,6 +116,48 @@ def test_crop_then_paste_matches_full_volume(tmp_path: Path) -> None:
     # Peak memory is a benchmark number (bench/bench_engine.py), not a test assertion: in a
     # long test process RSS growth is dominated by what earlier tests left behind.
     print(f"peak RSS growth: full {full_mem.growth_mb:.0f} MB, crop {crop_mem.growth_mb:.0f} MB")
+
+
+def test_crop_reuses_the_organ_pipelines_label_map(tmp_path: Path) -> None:
+    """totalseg's kidneys crop the tumour model; the organ model runs once for both."""
+    engine = Engine(load_registry(registry_file(tmp_path, ["totalseg", "tumor"])), CPU)
+    volume, truth = phantom_volume("P", grid(rows=128, columns=128, pixel_spacing_mm=3.0))
+    calls: list[str] = []
+    for model_id in ("totalseg", "tumor"):
+        runner = engine.runner(model_id)
+        real = runner.predict
+        runner.predict = lambda *a, _real=real, _id=model_id: calls.append(_id) or _real(*a)
+    organs = PipelineSpec(models=["totalseg"], inputs={"image": ["P"]})
+    tumor = PipelineSpec(
+        models=["tumor"],
+        inputs={"image": ["P"]},
+        crop=CropSpec(to_model="totalseg", labels=["kidney_left", "kidney_right"], margin_mm=20),
+    )
+    organ_result = engine.run("totalseg", organs, {"image": volume})
+    tumor_result = engine.run("tumor", tumor, {"image": volume})
+    assert calls == ["totalseg", "tumor"]
+    box = tumor_result.crop_box
+    assert box is not None
+    assert np.prod([s.stop - s.start for s in box]) < 0.5 * np.prod(volume.shape)
+    kidneys = truth_of(truth, "kidney_left", "kidney_right")
+    assert dice(tumor_result.label_map == 1, kidneys) >= 0.9
+    names = {label.value: label.name for label in organ_result.labels}
+    assert set(names.values()) >= {"kidney_left", "kidney_right", "liver", "spleen"}
+
+
+def test_label_maps_are_cached_by_content_not_by_name(tmp_path: Path) -> None:
+    """The same series name with other voxels (a rewritten NIfTI) is predicted afresh."""
+    engine = Engine(load_registry(registry_file(tmp_path, ["tumor"])), CPU)
+    volume, _ = phantom_volume("P", grid())
+    first = engine.predict_cached("tumor", {"image": volume})
+    assert (first == 1).sum() > 100
+    air = Volume(np.full_like(volume.array, -1000.0), volume.spacing_zyx, volume.origin_lps,
+                 volume.direction, series_uid=volume.series_uid)  # fmt: skip
+    assert air.digest != volume.digest
+    assert not engine.predict_cached("tumor", {"image": air}).any()
+    same = Volume(volume.array.copy(), volume.spacing_zyx, volume.origin_lps,
+                  volume.direction, series_uid="another name")  # fmt: skip
+    assert engine.predict_cached("tumor", {"image": same}) is first
 
 
 def test_series_is_read_once_per_worker() -> None:

@@ -194,6 +194,8 @@ def test_explain_json_has_exactly_the_documented_keys(tmp_path):
     assert all(i["pipelines"] == ["tumor", "vessel"] for i in by_phase["P"])
     # P is preferred for tumor; A feeds only vessel (with P).
     assert all(i["pipelines"] == ["vessel"] for i in by_phase["A"])
+    assert all(i["pipelines"] == ["ureter"] for i in by_phase["D"])  # excretory phase only
+    assert all(i["pipelines"] == [] for i in by_phase["N"])
 
 
 def test_explain_uses_the_same_logic_as_the_node(tmp_path):

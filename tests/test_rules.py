@@ -43,11 +43,11 @@ def test_conditions(cond, expected):
     assert reasons  # every decision explains itself
 
 
-def test_shipped_rules_send_contrast_ct_to_tumor_and_vessel():
+def test_shipped_rules_send_contrast_ct_to_tumor_vessel_and_ureter():
     rules = load_rules(REPO_ROOT / "routing_rules.yaml")
     attrs = {**PV, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "Phase": "P", "Orientation": "axial"}
     decision = rules.decide(attrs)
-    assert decision.pipelines == ["tumor", "vessel"]
+    assert decision.pipelines == ["tumor", "vessel", "ureter"]
     assert "Phase 'P' matches" in decision.reasons[0]
     assert rules.decide({**attrs, "Phase": "N"}).pipelines == []
     assert rules.decide({**attrs, "Phase": "unknown"}).pipelines == []

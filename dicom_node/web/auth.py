@@ -121,8 +121,15 @@ def principal(request: Request) -> Principal | None:
     return Principal(data["u"], role, data.get("csrf")) if role else None
 
 
+# JSON endpoints: a missing login answers 401, not a redirect to the login page. The
+# seed service's path API lives outside /api/ for compatibility.
+JSON_PREFIXES = ("/api/", "/inference/")
+JSON_PATHS = {"/models"}
+
+
 def _is_page(request: Request) -> bool:
-    return not request.url.path.startswith("/api/")
+    path = request.url.path
+    return not (path.startswith(JSON_PREFIXES) or path in JSON_PATHS)
 
 
 def require_viewer(request: Request) -> Principal:
