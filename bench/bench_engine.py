@@ -123,8 +123,14 @@ def run_engine(studies: list[Path], threads: int) -> tuple[list[float], float, f
     return json.loads(out.strip().splitlines()[-1]), wall, peak
 
 
-def run_naive(study: Path, work: Path) -> tuple[float, dict[str, tuple[float, float]]]:
-    """(total wall s, {model: (wall s, peak tree RSS MB)}), NIfTI writing included."""
+def run_naive(
+    study: Path, work: Path, processes: int
+) -> tuple[float, dict[str, tuple[float, float]]]:
+    """(total wall s, {model: (wall s, peak tree RSS MB)}), NIfTI writing included.
+
+    ``processes``: the CLI's preprocessing and export worker counts (-npp / -nps; its
+    default is 3 each, 1 is the leanest it runs with).
+    """
     import SimpleITK as sitk
 
     registry = load_registry()
@@ -138,14 +144,14 @@ def run_naive(study: Path, work: Path) -> tuple[float, dict[str, tuple[float, fl
     per_model = {}
     for model_id, phases in MODEL_PHASES.items():
         spec = registry.get(model_id)
-        src = work / f"in_{model_id}"
+        src = work / f"in_{model_id}_{processes}"
         src.mkdir()
         for i, phase in enumerate(phases):
             (src / f"case_{i:04d}.nii.gz").symlink_to(nifti[phase])
-        cmd = [str(CLI), "-i", str(src), "-o", str(work / f"out_{model_id}"),
+        cmd = [str(CLI), "-i", str(src), "-o", str(work / f"out_{model_id}_{processes}"),
                "-m", str(spec.model_folder), "-f", *map(str, spec.folds),
                "-chk", spec.checkpoint, "-step_size", str(spec.tile_step_size),
-               "-device", "cpu", "-npp", "1", "-nps", "1"]  # fmt: skip
+               "-device", "cpu", "-npp", str(processes), "-nps", str(processes)]  # fmt: skip
         if not spec.use_mirroring:
             cmd.append("--disable_tta")
         wall, peak, _ = run_measured(cmd)
@@ -169,28 +175,35 @@ def main() -> int:
                 rows=args.size,
                 columns=args.size,
                 pixel_spacing_mm=spacing,
-            )  # fmt: skip
+            )
             for seed in (7, 3)
         ]
         folders = [tmp_path / f"study{s.seed}" for s in studies]
         (tmp_path / "naive").mkdir()
-        naive_wall, per_model = run_naive(folders[0], tmp_path / "naive")
+        naive = {n: run_naive(folders[0], tmp_path / "naive", n) for n in (3, 1)}
         (cold, warm), engine_wall, engine_peak = run_engine(folders, args.threads)
 
-    largest = max(peak for _, peak in per_model.values())
     print(f"synthetic N/A/P/D study, {args.size}x{args.size} px at {spacing:.2f} mm, 4 pipelines "
           f"(totalseg, vessel, ureter, tumor), CPU, {args.threads} threads\n")  # fmt: skip
     print("| chain | wall s | peak RSS MB |")
     print("| --- | ---: | ---: |")
-    for model_id, (wall, peak) in per_model.items():
-        print(f"| (b) naive: {model_id} CLI process | {wall:.1f} | {peak:.0f} |")
-    print(f"| (b) naive: NIfTI + 4 CLI processes | {naive_wall:.1f} | {largest:.0f} (largest) |")
+    for n, (naive_wall, per_model) in naive.items():
+        label = f"(b) naive, CLI -npp {n} -nps {n}" + (" (its default)" if n == 3 else "")
+        for model_id, (wall, peak) in per_model.items():
+            print(f"| {label}: {model_id} process | {wall:.1f} | {peak:.0f} |")
+        largest = max(peak for _, peak in per_model.values())
+        print(f"| {label}: NIfTI + 4 processes | {naive_wall:.1f} | {largest:.0f} (largest) |")
     print(f"| (a) engine, fresh process (imports, model loading) | {cold:.1f} | |")
     print(f"| (a) engine, next study on the warm worker | {warm:.1f} | |")
     print(f"| (a) engine process, both studies | {engine_wall:.1f} | {engine_peak:.0f} |")
-    print(f"\nspeed-up (b)/(a): warm worker {naive_wall / warm:.1f}x, "
-          f"fresh process {naive_wall / cold:.1f}x")  # fmt: skip
-    print(f"peak RSS (a) / largest single model run (b): {engine_peak / largest:.2f}")
+    print()
+    for n, (naive_wall, per_model) in naive.items():
+        largest = max(peak for _, peak in per_model.values())
+        print(
+            f"vs CLI -npp {n} -nps {n}: speed-up warm worker {naive_wall / warm:.1f}x, "
+            f"fresh process {naive_wall / cold:.1f}x; "
+            f"peak RSS engine / largest single model run {engine_peak / largest:.2f}"
+        )
     return 0
 
 
