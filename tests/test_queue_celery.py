@@ -89,9 +89,12 @@ def test_celery_worker_runs_jobs_and_a_killed_workers_job_runs_again(tmp_path):
         row = job_row(db, first)
         assert "/celery/cpu/" in row.worker and row.attempts == 1, log.read_text()[-3000:]
 
-        second = queue_job(db, study, series_uid)
+        # Another series: the worker remembers label maps by content, and the first
+        # series' job would now finish before the kill.
+        other, other_series_uid = record_study(db, tmp_path / "other", seed=4)
+        second = queue_job(db, other, other_series_uid)
         wait_until(lambda: job_row(db, second).state == "running", 60, "second job running")
-        time.sleep(1.0)
+        time.sleep(0.2)
         workers[0].send_signal(signal.SIGKILL)
         workers[0].wait(10)
         workers.append(_start_worker(config, log))

@@ -61,7 +61,7 @@ def test_node_killed_mid_job_completes_the_job_after_restart(tmp_path):
                 return s.scalars(select(Job)).first()
 
         wait_until(lambda: (j := job()) and j.state == "running", 120, "the job running")
-        time.sleep(1.0)
+        time.sleep(0.3)
         node.send_signal(signal.SIGKILL)
         node.wait(10)
         assert job().state == "running"  # killed mid-job

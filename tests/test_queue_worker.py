@@ -62,11 +62,11 @@ def running(tmp_path: Path) -> Iterator:
 
 
 def _wait_mid_job(db: Database, job_id: int) -> None:
-    """Running for a second: the tiny model's job takes several seconds on a CPU (series
+    """Just started: the tiny model's job takes a few seconds on a CPU (child start, series
     load, resampling, prediction, SEG); the tests check afterwards that the kill or
     cancel really hit the running attempt."""
     wait_until(lambda: job_row(db, job_id).state == "running", 120, "the job running")
-    time.sleep(1.0)
+    time.sleep(0.3)
 
 
 def test_killed_child_costs_one_attempt_and_the_seg_is_recorded_once(tmp_path, running):
