@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from inference.postprocess import postprocess
 from inference.registry import ModelRegistry, ModelSpec
 from inference.seg_writer import SegmentLabel
 from inference.volume import Volume, resample_to
+
+if TYPE_CHECKING:
+    from inference.totalseg_runner import TotalSegEnsemble
 
 log = logging.getLogger("inference.engine")
 
@@ -106,11 +109,11 @@ class Engine:
         self.volumes = _Lru(volume_cache_items)
         self._label_maps = _Lru(LABEL_CACHE_ITEMS)
 
-    def runner(self, model_id: str) -> NnUNetRunner:
+    def runner(self, model_id: str) -> NnUNetRunner | TotalSegEnsemble:
         """The warm runner of a model, loaded on first use."""
         spec = self.registry.get(model_id)
         return self.models.get(  # type: ignore[return-value]
-            model_id, spec.memory_mb, lambda: NnUNetRunner(spec, self.device)
+            model_id, spec.memory_mb, lambda: _make_runner(spec, self.device)
         )
 
     def volume(self, key: str, load: Callable[[], Volume]) -> Volume:
@@ -269,3 +272,12 @@ def _keep_only(seg: np.ndarray, values: list[int]) -> np.ndarray:
     lut = np.zeros(max(256, int(seg.max()) + 1), seg.dtype)
     lut[values] = values
     return lut[seg]
+
+
+def _make_runner(spec: ModelSpec, device: torch.device) -> NnUNetRunner | TotalSegEnsemble:
+    """A warm runner: one nnU-Net predictor, or TotalSegmentator's ensemble of parts."""
+    if spec.parts:
+        from inference.totalseg_runner import TotalSegEnsemble
+
+        return TotalSegEnsemble(spec, device)
+    return NnUNetRunner(spec, device)

@@ -88,6 +88,9 @@ class ModelSpec(_Strict):
     fast: bool = True  # 3 mm model (False: the 1.5 mm ensemble of five)
     fastest: bool = False  # 6 mm model
     roi_subset: list[str] = Field(default_factory=list)
+    # Resolved at validation for TotalSegmentator's full-resolution ensemble: one model
+    # folder per part (organs, vertebrae, cardiac, muscles, ribs); ``folder`` is the first.
+    parts: list[Path] = Field(default_factory=list)
     # Which input phase / role feeds which nnU-Net channel, in channel order.
     channels: list[str] = Field(default_factory=lambda: ["image"])
     labels: dict[int, LabelSpec]
@@ -184,10 +187,11 @@ def checkpoint_outputs(ckpt: Path) -> int | None:
 
 
 def _check_totalseg(spec: ModelSpec) -> ModelSpec:
-    from inference.totalseg_runner import resolve_task_folder
+    from inference.totalseg_runner import resolve_task_folders
 
-    folder = resolve_task_folder(spec)  # raises RegistryError naming task and folder
-    return spec.model_copy(update={"folder": folder})
+    folders = resolve_task_folders(spec)  # raises RegistryError naming task and folder
+    parts = folders if len(folders) > 1 else []
+    return spec.model_copy(update={"folder": folders[0], "parts": parts})
 
 
 def load_registry(path: Path | None = None, *, check_folders: bool = True) -> ModelRegistry:

@@ -458,57 +458,76 @@ if __name__ == "__main__":
 # --- TotalSegmentator layout --------------------------------------------------------------
 
 
-def make_totalsegmentator_weights(source: Path, weights_root: Path, task: str = "total") -> Path:
-    """Install the ``totalseg`` stand-in as TotalSegmentator's ``task --fast`` weights.
+def make_totalsegmentator_weights(
+    source: Path, weights_root: Path, task: str = "total", *, fast: bool = True
+) -> list[Path]:
+    """Install the ``totalseg`` stand-in as TotalSegmentator's weights for ``task``.
 
-    TotalSegmentator finds a task's model by folder name under its weights folder
+    TotalSegmentator finds a task's models by folder name under its weights folder
     (``Dataset297_TotalSegmentator_total_3mm_1559subj/<trainer>__nnUNetPlans__3d_fullres``
-    for ``total --fast``) and expects every class of its class map as an output. The
+    for ``total --fast``; five part folders, Dataset291-295, for the full-resolution
+    ensemble) and expects every class of each model's class map as an output. The
     stand-in's few organs carry TotalSegmentator's names, so its segmentation head is
-    widened to the full class map: each organ's row goes to that organ's TotalSegmentator
-    id, every other class gets a logit far below background and is never predicted.
-    TotalSegmentator feeds its models closest-canonical (RAS) arrays, so the source must be
-    a stand-in trained in that order (``totalseg_ras``). The result is a weights folder on
-    which TotalSegmentator's own code runs offline.
+    widened to each class map: an organ's row goes to that organ's id in the map, every
+    other class gets a logit far below background and is never predicted (a part without
+    any of the organs predicts background only). TotalSegmentator feeds its models
+    closest-canonical (RAS) arrays, so the source must be a stand-in trained in that order
+    (``totalseg_ras``). The result is a weights folder on which TotalSegmentator's own code
+    runs offline. Returns the model folders written.
     """
     from totalsegmentator.libs import TASK_ID_WEIGHTS_CONFIGS
-    from totalsegmentator.map_to_binary import class_map
+    from totalsegmentator.map_to_binary import class_map, class_map_5_parts
+    from totalsegmentator.map_to_binary import map_taskid_to_partname_ct as part_names
     from totalsegmentator.python_api import get_task_config
 
-    config = get_task_config(task, fast=True, fastest=False, quiet=True)
-    info = TASK_ID_WEIGHTS_CONFIGS[config["task_id"]]
+    config = get_task_config(task, fast=fast, fastest=False, quiet=True)
+    task_ids = config["task_id"] if isinstance(config["task_id"], list) else [config["task_id"]]
     inner = f"{config['trainer']}__{config.get('plans') or 'nnUNetPlans'}__{config['model']}"
-    folder = Path(weights_root) / info["foldername"] / inner
-    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
-
-    names = class_map[task]  # id -> TotalSegmentator class name
-    ids = {name: value for value, name in names.items()}
     dataset = json.loads((Path(source) / "dataset.json").read_text())
     ours = {int(v): k for k, v in dataset["labels"].items()}  # our id -> name
-    target_of = {our: (0 if name == "background" else ids[name]) for our, name in ours.items()}
-    n_out = max(names) + 1
+    written = []
+    for task_id in task_ids:
+        info = TASK_ID_WEIGHTS_CONFIGS[task_id]
+        folder = Path(weights_root) / info["foldername"] / inner
+        (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+        # id -> class name of this model's outputs
+        names = class_map[task] if len(task_ids) == 1 else class_map_5_parts[part_names[task_id]]
+        ids = {name: value for value, name in names.items()}
+        # An organ of another part gets an extra class after the part's own ones, named
+        # so that neither TotalSegmentator's merge nor ours maps it to anything: the part
+        # reads it as background, as a part model trained without that organ would (a
+        # part lacking it altogether would put its nearest class there instead, which
+        # then overwrites the organ in the merge).
+        foreign = [n for n in ours.values() if n != "background" and n not in ids]
+        last = max(names)
+        names = {**names, **{last + 1 + i: f"not_in_part_{n}" for i, n in enumerate(foreign)}}
+        ids = {name: value for value, name in names.items()}
+        ids["background"] = 0
+        target_of = {our: ids.get(n, ids.get(f"not_in_part_{n}")) for our, n in ours.items()}
+        n_out = max(names) + 1
 
-    checkpoint = torch.load(Path(source) / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    weights = checkpoint["network_weights"]
-    for key in [k for k in weights if ".seg_layers." in k]:
-        old = weights[key]
-        shape = (n_out, *old.shape[1:])
-        new = torch.zeros(shape, dtype=old.dtype)
-        if key.endswith(".bias"):
-            new.fill_(-50.0)  # never the argmax; small enough for nnU-Net's float16 sums
-        for our, target in target_of.items():
-            new[target] = old[our]
-        weights[key] = new
-    full_dataset = {
-        **dataset,
-        "name": info["foldername"],
-        "labels": {"background": 0, **{names[i]: i for i in sorted(names)}},
-    }
-    plans = json.loads((Path(source) / "plans.json").read_text())
-    plans["dataset_name"] = info["foldername"]
-    checkpoint["init_args"]["dataset_json"] = full_dataset
-    checkpoint["init_args"]["plans"] = plans
-    (folder / "dataset.json").write_text(json.dumps(full_dataset, indent=2) + "\n")
-    (folder / "plans.json").write_text(json.dumps(plans, indent=2) + "\n")
-    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
-    return folder
+        checkpoint_path = Path(source) / "fold_0" / "checkpoint_final.pth"
+        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        weights = checkpoint["network_weights"]
+        for key in [k for k in weights if ".seg_layers." in k]:
+            old = weights[key]
+            new = torch.zeros((n_out, *old.shape[1:]), dtype=old.dtype)
+            if key.endswith(".bias"):
+                new.fill_(-50.0)  # never the argmax; small enough for nnU-Net's float16 sums
+            for our, target in target_of.items():
+                new[target] = old[our]
+            weights[key] = new
+        full_dataset = {
+            **dataset,
+            "name": info["foldername"],
+            "labels": {"background": 0, **{names[i]: i for i in sorted(names)}},
+        }
+        plans = json.loads((Path(source) / "plans.json").read_text())
+        plans["dataset_name"] = info["foldername"]
+        checkpoint["init_args"]["dataset_json"] = full_dataset
+        checkpoint["init_args"]["plans"] = plans
+        (folder / "dataset.json").write_text(json.dumps(full_dataset, indent=2) + "\n")
+        (folder / "plans.json").write_text(json.dumps(plans, indent=2) + "\n")
+        torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+        written.append(folder)
+    return written

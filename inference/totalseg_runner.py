@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from inference.registry import ModelSpec, RegistryError
 
 TOTALSEG_CONFIG = {
@@ -69,36 +71,85 @@ def task_folders(task: str, *, fast: bool, fastest: bool) -> list[tuple[int, Pat
     return out
 
 
-def resolve_task_folder(spec: ModelSpec) -> Path:
-    """The installed model folder for a registry entry of kind ``totalsegmentator``."""
+def resolve_task_folders(spec: ModelSpec) -> list[Path]:
+    """The installed model folders of a registry entry of kind ``totalsegmentator``: one,
+    or one per part for the full-resolution ensemble (``fast: false``)."""
     where = f"model {spec.id!r} (TotalSegmentator task {spec.task!r})"
     try:
         folders = task_folders(str(spec.task), fast=spec.fast, fastest=spec.fastest)
     except (ValueError, KeyError) as exc:
         raise RegistryError(f"{where}: unknown task or mode: {exc}") from None
-    if len(folders) != 1:
-        raise RegistryError(
-            f"{where}: the full-resolution mode is an ensemble of {len(folders)} models; "
-            "use fast: true or fastest: true"
-        )
-    task_id, folder = folders[0]
-    if not folder.is_dir():
-        hint = (
-            "TOTALSEG_WEIGHTS_PATH"
-            if "TOTALSEG_WEIGHTS_PATH" in os.environ
-            else ("TOTALSEG_HOME_DIR (or TOTALSEG_WEIGHTS_PATH)")
-        )
-        raise RegistryError(
-            f"{where}: weights for task id {task_id} are not installed: {folder} does not "
-            f"exist. Install them there (set {hint}); nothing is downloaded."
-        )
+    for task_id, folder in folders:
+        if not folder.is_dir():
+            hint = (
+                "TOTALSEG_WEIGHTS_PATH"
+                if "TOTALSEG_WEIGHTS_PATH" in os.environ
+                else ("TOTALSEG_HOME_DIR (or TOTALSEG_WEIGHTS_PATH)")
+            )
+            raise RegistryError(
+                f"{where}: weights for task id {task_id} are not installed: {folder} does "
+                f"not exist. Install them there (set {hint}); nothing is downloaded."
+            )
     ensure_offline_config()
-    dataset = json.loads((folder / "dataset.json").read_text())
-    known = {int(v): k for k, v in dataset["labels"].items()}
+    paths = [folder for _, folder in folders]
+    known = task_label_names(str(spec.task), paths)
     for value, label in spec.labels.items():
         if known.get(value) is None:
             raise RegistryError(f"{where}: label {value} ({label.name}) is not an output")
     unknown = [n for n in spec.roi_subset if n not in known.values()]
     if unknown:
         raise RegistryError(f"{where}: roi_subset names unknown classes {unknown}")
-    return folder
+    return paths
+
+
+def folder_labels(folder: Path) -> dict[int, str]:
+    """Label id -> class name of one nnU-Net model folder (its dataset.json)."""
+    dataset = json.loads((folder / "dataset.json").read_text())
+    return {int(v): k for k, v in dataset["labels"].items() if int(v) != 0}
+
+
+def task_label_names(task: str, folders: list[Path]) -> dict[int, str]:
+    """Task class id -> name of what the folders predict. A single model predicts task
+    ids; an ensemble's parts predict their own ids, mapped to the task's by class name."""
+    if len(folders) == 1:
+        return folder_labels(folders[0])
+    from totalsegmentator.map_to_binary import class_map
+
+    task_id_of = {name: value for value, name in class_map[task].items()}
+    names = {name for folder in folders for name in folder_labels(folder).values()}
+    return {task_id_of[n]: n for n in names if n in task_id_of}
+
+
+class TotalSegEnsemble:
+    """TotalSegmentator's full-resolution mode: every part model runs on the same input,
+    and each part's classes are written into one map of the task's class ids, later
+    parts over earlier ones where both claim a voxel (as TotalSegmentator combines them)."""
+
+    def __init__(self, spec: ModelSpec, device: object) -> None:
+        from totalsegmentator.map_to_binary import class_map
+
+        from inference.nnunet_runner import NnUNetRunner
+
+        task_id_of = {name: value for value, name in class_map[str(spec.task)].items()}
+        self.parts = []
+        for folder in spec.parts:
+            runner = NnUNetRunner(spec.model_copy(update={"folder": folder}), device)
+            lut = np.zeros(256, dtype=np.uint8)
+            for local, name in folder_labels(folder).items():
+                lut[local] = task_id_of.get(name, 0)
+            self.parts.append((runner, lut))
+
+    def predict(self, channels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+        combined: np.ndarray | None = None
+        for runner, lut in self.parts:
+            part = lut[runner.predict(channels, spacing_zyx)]
+            if combined is None:
+                combined = part
+            else:
+                combined[part > 0] = part[part > 0]
+        assert combined is not None
+        return combined
+
+    def close(self) -> None:
+        for runner, _ in self.parts:
+            runner.close()

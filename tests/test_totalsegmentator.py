@@ -1,7 +1,8 @@
 """TotalSegmentator, for real, from an installed weights folder.
 
 The folder is laid out as TotalSegmentator expects for ``total --fast`` (Dataset297, its
-trainer folder name, all 117 classes as outputs) and holds the phantom-trained
+trainer folder name, all 117 classes as outputs) and for ``total`` at full resolution (five
+part models, Dataset291-295, each with its part's classes); each holds the phantom-trained
 ``totalseg_ras`` stand-in, trained like TotalSegmentator's models on closest-canonical (RAS)
 arrays (``inference.standins.make_totalsegmentator_weights``). Our registry resolves it with
 TotalSegmentator's own task tables and runs it warm, reoriented as TotalSegmentator does;
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ import yaml
 
 from inference.engine import Engine
 from inference.nifti_io import write_volume
-from inference.registry import load_registry
+from inference.registry import RegistryError, load_registry
 from inference.standins import make_totalsegmentator_weights
 from tests.test_engine_support import dice, grid, phantom_volume, require_model, truth_of
 
@@ -46,7 +48,10 @@ ORGANS = {
 @pytest.fixture(scope="module")
 def totalseg_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("totalseg")
-    make_totalsegmentator_weights(require_model("totalseg_ras"), home / "weights")
+    source = require_model("totalseg_ras")
+    make_totalsegmentator_weights(source, home / "weights")  # total --fast
+    parts = make_totalsegmentator_weights(source, home / "weights", fast=False)  # 5 parts
+    assert len(parts) == 5
     return home
 
 
@@ -68,13 +73,17 @@ def portal() -> tuple:
     )
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "full-resolution-ensemble"])
 def test_registry_runs_the_task_from_the_installed_weights(
-    totalseg_env: dict[str, str], portal: tuple, tmp_path: Path
+    totalseg_env: dict[str, str], portal: tuple, tmp_path: Path, fast: bool
 ) -> None:
+    """fast: one 3 mm model. Full resolution: TotalSegmentator's five part models, merged
+    into the task's class ids by name (the stand-in's organs sit in two parts: spleen,
+    kidneys and liver in "organs", aorta and IVC in "cardiac")."""
     entry = {
         "kind": "totalsegmentator",
         "task": "total",
-        "fast": True,
+        "fast": fast,
         "version": "stand-in",
         "use_mirroring": False,
         "channels": ["image"],
@@ -85,6 +94,7 @@ def test_registry_runs_the_task_from_the_installed_weights(
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump({"models": {"organs": entry}}))
     engine = Engine(load_registry(path), torch.device("cpu"))
+    assert len(engine.registry.get("organs").parts) == (0 if fast else 5)
     volume, truth = portal
     labels = engine.predict("organs", {"image": volume})
     assert labels.shape == truth.shape
@@ -96,8 +106,9 @@ def test_registry_runs_the_task_from_the_installed_weights(
     assert config["send_usage_stats"] is False
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "full-resolution-ensemble"])
 def test_totalsegmentator_command_line_runs_offline_on_the_same_weights(
-    totalseg_env: dict[str, str], portal: tuple, tmp_path: Path
+    totalseg_env: dict[str, str], portal: tuple, tmp_path: Path, fast: bool
 ) -> None:
     volume, truth = portal
     image = write_volume(volume, tmp_path / "ct.nii.gz")
@@ -110,7 +121,8 @@ def test_totalsegmentator_command_line_runs_offline_on_the_same_weights(
     exe = Path(sys.executable).parent / "TotalSegmentator"
     env = {**os.environ, **totalseg_env, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
-        [str(exe), "-i", str(image), "-o", str(out), "--task", "total", "--fast", "--ml",
+        [str(exe), "-i", str(image), "-o", str(out), "--task", "total", "--ml",
+         *(["--fast"] if fast else []),
          "--device", "cpu", "--nr_thr_resamp", "1", "--nr_thr_saving", "1"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -119,3 +131,24 @@ def test_totalsegmentator_command_line_runs_offline_on_the_same_weights(
     assert theirs.shape == truth.shape
     for value, (name, _, structures) in ORGANS.items():
         assert dice(theirs == value, truth_of(truth, *structures)) >= 0.9, name
+
+
+def test_a_missing_ensemble_part_is_named(
+    totalseg_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = tmp_path / "weights"
+    shutil.copytree(totalseg_home / "weights", weights)
+    ribs = next(weights.glob("Dataset295_*"))
+    shutil.rmtree(ribs)
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(weights))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "home"))
+    entry = {"kind": "totalsegmentator", "task": "total", "fast": False, "version": "1",
+             "labels": {1: {"name": "spleen", "category": ANATOMY,
+                            "type": ORGANS[1][1]}}}  # fmt: skip
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": {"organs_full": entry}}))
+    with pytest.raises(RegistryError) as error:
+        load_registry(path)
+    message = str(error.value)
+    assert "organs_full" in message and "task id 295" in message and ribs.name in message
+    assert "nothing is downloaded" in message
