@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,6 +49,7 @@ from dicom_node.rules import CropSpec, load_rules
 from inference.engine import Engine
 from inference.path_api import load_input
 from inference.registry import load_registry
+import numpy as np
 
 torch.set_num_threads({threads})
 rules = load_rules(Path({root!r}) / "routing_rules.yaml")
@@ -53,7 +57,7 @@ pipelines = dict(rules.pipelines)
 # The tumour model runs inside totalseg's kidneys (plus 20 mm), as a deployment would set it.
 pipelines["tumor"] = pipelines["tumor"].model_copy(update={{"crop": CropSpec(
     to_model="totalseg", labels=["kidney_left", "kidney_right"], margin_mm=20)}})
-engine = Engine(load_registry(), torch.device("cpu"))
+engine = Engine(load_registry(Path({registry!r})), torch.device("cpu"))
 phase_of = {{"image": "P", "A": "A", "P": "P", "D": "D"}}
 times = []
 for study in map(Path, {studies!r}):
@@ -65,7 +69,24 @@ for study in map(Path, {studies!r}):
         engine.run(name, spec, inputs, mask_dir=study / "masks")
     times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-print(json.dumps(times))
+
+# The tumour model alone on the last study's P: in totalseg's kidney box vs the full volume
+# (the crop first, so memory it leaves behind only lowers the full run's growth).
+from inference.crop import label_box
+from inference.memwatch import peak_rss
+volume = load_input({{"path": str(folders["P"])}}, engine=engine)
+ids = engine.registry.get("totalseg").label_ids()
+organs = engine.predict_cached("totalseg", {{"image": volume}})
+box = label_box(organs, [ids["kidney_left"], ids["kidney_right"]], volume.spacing_zyx, 20.0)
+crop = {{"box_fraction": float(np.prod([s.stop - s.start for s in box]) / np.prod(volume.shape))}}
+for model in ("tumor", "tumor_patch128"):
+    engine.predict(model, {{"image": volume}}, box)  # load and warm up
+    for name, b in (("crop", box), ("full", None)):
+        with peak_rss() as mem:
+            t = time.perf_counter()
+            engine.predict(model, {{"image": volume}}, b)
+            crop[f"{{model}} {{name}}"] = [time.perf_counter() - t, mem.growth_mb]
+print(json.dumps({{"times": times, "crop": crop}}))
 """
 
 
@@ -116,9 +137,33 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
     return wall, peak / 2**20, out
 
 
-def run_engine(studies: list[Path], threads: int) -> tuple[list[float], float, float]:
-    """(per-study seconds inside the process, process wall s, peak RSS MB)."""
-    code = ENGINE_CODE.format(root=str(ROOT), studies=[str(s) for s in studies], threads=threads)
+def registry_with_small_patch_tumor(work: Path) -> Path:
+    """models.yaml plus ``tumor_patch128``: the tumour stand-in with a 64x128x128 patch.
+
+    The stand-ins' patches cover a whole series, and nnU-Net pads a smaller input up to the
+    patch, so a crop saves them nothing. Real nnU-Net plans have patches of this size,
+    which tile a whole abdomen many times; the stand-in has no normalisation layers, so
+    its output does not depend on the patch and the copy shows what a crop saves then.
+    """
+    raw = yaml.safe_load((ROOT / "models.yaml").read_text())
+    folder = work / "tumor_patch128"
+    shutil.copytree(ROOT / "models" / "tumor", folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["patch_size"] = [64, 128, 128]
+    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
+    for entry in raw["models"].values():
+        entry["folder"] = str(ROOT / entry["folder"])
+    raw["models"]["tumor_patch128"] = {**raw["models"]["tumor"], "folder": str(folder)}
+    path = work / "models.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_engine(studies: list[Path], threads: int, registry: Path) -> tuple[dict, float, float]:
+    """({"times": per-study s, "crop": tumour crop vs full}, process wall s, peak RSS MB)."""
+    code = ENGINE_CODE.format(
+        root=str(ROOT), studies=[str(s) for s in studies], threads=threads, registry=str(registry)
+    )
     wall, peak, out = run_measured([sys.executable, "-c", code])
     return json.loads(out.strip().splitlines()[-1]), wall, peak
 
@@ -181,7 +226,10 @@ def main() -> int:
         folders = [tmp_path / f"study{s.seed}" for s in studies]
         (tmp_path / "naive").mkdir()
         naive = {n: run_naive(folders[0], tmp_path / "naive", n) for n in (3, 1)}
-        (cold, warm), engine_wall, engine_peak = run_engine(folders, args.threads)
+        registry = registry_with_small_patch_tumor(tmp_path)
+        measured, engine_wall, engine_peak = run_engine(folders, args.threads, registry)
+    cold, warm = measured["times"]
+    crop = measured["crop"]
 
     print(f"synthetic N/A/P/D study, {args.size}x{args.size} px at {spacing:.2f} mm, 4 pipelines "
           f"(totalseg, vessel, ureter, tumor), CPU, {args.threads} threads\n")  # fmt: skip
@@ -196,6 +244,13 @@ def main() -> int:
     print(f"| (a) engine, fresh process (imports, model loading) | {cold:.1f} | |")
     print(f"| (a) engine, next study on the warm worker | {warm:.1f} | |")
     print(f"| (a) engine process, both studies | {engine_wall:.1f} | {engine_peak:.0f} |")
+    print(f"\ntumour model alone on P, totalseg's kidneys + 20 mm "
+          f"({crop['box_fraction']:.0%} of the volume) vs the full volume:\n")  # fmt: skip
+    print("| model | crop s | full s | crop peak RSS growth MB | full MB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for model in ("tumor", "tumor_patch128"):
+        (cs, cm), (fs, fm) = crop[f"{model} crop"], crop[f"{model} full"]
+        print(f"| {model} | {cs:.2f} | {fs:.2f} | {cm:.0f} | {fm:.0f} |")
     print()
     for n, (naive_wall, per_model) in naive.items():
         largest = max(peak for _, peak in per_model.values())
