@@ -37,7 +37,7 @@ log = logging.getLogger("inference.engine")
 
 DEFAULT_MODEL_BUDGET_MB = 8192
 VOLUME_CACHE_ITEMS = 8  # about two 4-phase studies
-LABEL_CACHE_ITEMS = 8
+LABEL_CACHE_ITEMS = 4  # one study's pipelines (uint8 maps, a quarter of a volume each)
 
 
 class PipelineInputError(ValueError):
