@@ -38,56 +38,53 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # Which phase feeds each model channel (the shipped pipelines' first choices).
 MODEL_PHASES = {"totalseg": "P", "vessel": "AP", "ureter": "D", "tumor": "P"}
 
-ENGINE_CODE = """
-import time
-t0 = time.perf_counter()
-import json, sys
-sys.path.insert(0, {root!r})
-from pathlib import Path
-import torch
-from dicom_node.rules import CropSpec, load_rules
-from inference.engine import Engine
-from inference.path_api import load_input
-from inference.registry import load_registry
-import numpy as np
+PHASE_OF_ROLE = {"image": "P", "A": "A", "P": "P", "D": "D"}
 
-torch.set_num_threads({threads})
-rules = load_rules(Path({root!r}) / "routing_rules.yaml")
-pipelines = dict(rules.pipelines)
-# The tumour model runs inside totalseg's kidneys (plus 20 mm), as a deployment would set it.
-pipelines["tumor"] = pipelines["tumor"].model_copy(update={{"crop": CropSpec(
-    to_model="totalseg", labels=["kidney_left", "kidney_right"], margin_mm=20)}})
-engine = Engine(load_registry(Path({registry!r})), torch.device("cpu"))
-phase_of = {{"image": "P", "A": "A", "P": "P", "D": "D"}}
-times = []
-for study in map(Path, {studies!r}):
-    folders = {{p: study / f"0{{n}}_{{p}}" for p, n in (("A", 3), ("P", 4), ("D", 5))}}
-    for name in ("totalseg", "vessel", "ureter", "tumor"):
-        spec = pipelines[name]
-        inputs = {{r: load_input({{"path": str(folders[phase_of[r]])}}, engine=engine)
-                  for r in spec.inputs}}
-        engine.run(name, spec, inputs, mask_dir=study / "masks")
-    times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
 
-# The tumour model alone on the last study's P: in totalseg's kidney box vs the full volume
-# (the crop first, so memory it leaves behind only lowers the full run's growth).
-from inference.crop import label_box
-from inference.memwatch import peak_rss
-volume = load_input({{"path": str(folders["P"])}}, engine=engine)
-ids = engine.registry.get("totalseg").label_ids()
-organs = engine.predict_cached("totalseg", {{"image": volume}})
-box = label_box(organs, [ids["kidney_left"], ids["kidney_right"]], volume.spacing_zyx, 20.0)
-crop = {{"box_fraction": float(np.prod([s.stop - s.start for s in box]) / np.prod(volume.shape))}}
-for model in ("tumor", "tumor_patch128"):
-    engine.predict(model, {{"image": volume}}, box)  # load and warm up
-    for name, b in (("crop", box), ("full", None)):
-        with peak_rss() as mem:
-            t = time.perf_counter()
-            engine.predict(model, {{"image": volume}}, b)
-            crop[f"{{model}} {{name}}"] = [time.perf_counter() - t, mem.growth_mb]
-print(json.dumps({{"times": times, "crop": crop}}))
-"""
+def engine_child(studies: list[str], threads: int, registry: str, launched: float) -> None:
+    """(a), in the fresh process ``run_engine`` measures: all four pipelines per study, then
+    the tumour model alone, cropped and full. Prints one JSON line. The first study's time
+    counts from ``launched`` (the parent's clock at start), so it includes the imports."""
+    import numpy as np
+    import torch
+
+    from dicom_node.rules import CropSpec, load_rules
+    from inference.engine import Engine
+    from inference.memwatch import peak_rss
+    from inference.path_api import load_input
+
+    torch.set_num_threads(threads)
+    pipelines = dict(load_rules(ROOT / "routing_rules.yaml").pipelines)
+    # The tumour model runs inside totalseg's kidneys (+ 20 mm), as a deployment would set it.
+    crop_spec = CropSpec(to_model="totalseg", labels=["kidney_left", "kidney_right"])
+    pipelines["tumor"] = pipelines["tumor"].model_copy(update={"crop": crop_spec})
+    engine = Engine(load_registry(Path(registry)), torch.device("cpu"))
+    times, started = [], launched
+    for study in map(Path, studies):
+        folders = {p: study / f"0{n}_{p}" for p, n in (("A", 3), ("P", 4), ("D", 5))}
+        for name in ("totalseg", "vessel", "ureter", "tumor"):
+            spec = pipelines[name]
+            inputs = {
+                role: load_input({"path": str(folders[PHASE_OF_ROLE[role]])}, engine=engine)
+                for role in spec.inputs
+            }
+            engine.run(name, spec, inputs, mask_dir=study / "masks")
+        times.append(time.time() - started)
+        started = time.time()
+
+    # The tumour model alone on the last study's P, in totalseg's kidney box and on the full
+    # volume (the crop first, so memory it leaves behind only lowers the full run's growth).
+    volume = load_input({"path": str(folders["P"])}, engine=engine)
+    box = engine.crop_box("tumor", crop_spec, {"image": volume}, volume)  # totalseg's, cached
+    crop = {"box_fraction": float(np.prod([s.stop - s.start for s in box]) / volume.array.size)}
+    for model in ("tumor", "tumor_patch128"):
+        engine.predict(model, {"image": volume}, box)  # load and warm up
+        for name, b in (("crop", box), ("full", None)):
+            with peak_rss() as mem:
+                t = time.perf_counter()
+                engine.predict(model, {"image": volume}, b)
+                crop[f"{model} {name}"] = [time.perf_counter() - t, mem.growth_mb]
+    print(json.dumps({"times": times, "crop": crop}))
 
 
 def tree_rss_bytes(root_pid: int) -> int:
@@ -161,10 +158,9 @@ def registry_with_small_patch_tumor(work: Path) -> Path:
 
 def run_engine(studies: list[Path], threads: int, registry: Path) -> tuple[dict, float, float]:
     """({"times": per-study s, "crop": tumour crop vs full}, process wall s, peak RSS MB)."""
-    code = ENGINE_CODE.format(
-        root=str(ROOT), studies=[str(s) for s in studies], threads=threads, registry=str(registry)
-    )
-    wall, peak, out = run_measured([sys.executable, "-c", code])
+    args = {"studies": [str(s) for s in studies], "threads": threads,
+            "registry": str(registry), "launched": time.time()}  # fmt: skip
+    wall, peak, out = run_measured([sys.executable, __file__, "--engine-child", json.dumps(args)])
     return json.loads(out.strip().splitlines()[-1]), wall, peak
 
 
@@ -208,7 +204,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=192, help="rows = columns of each series")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both chains")
+    parser.add_argument("--engine-child", help=argparse.SUPPRESS)  # run_engine's process
     args = parser.parse_args()
+    if args.engine_child:
+        engine_child(**json.loads(args.engine_child))
+        return 0
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the CLI processes too
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         tmp_path = Path(tmp)

@@ -102,11 +102,9 @@ def demo_settings(workdir: Path, pacs_aet: str, pacs_port: int) -> NodeSettings:
     )
 
 
-def _other_segs_in_pacs(
-    node: Any, study: Any, pacs_handle: Any, started: float, timeout_s: float
-) -> str:
-    """Wait for the SEGs of the study's other pipelines (vessel and ureter with the
-    shipped rules) and name them; a missing one raises TimeoutError like the tumour SEG."""
+def _other_segs_in_pacs(node: Any, pacs_handle: Any, started: float, timeout_s: float) -> str:
+    """Wait for the SEGs of the study's other jobs (vessel and ureter with the shipped
+    rules) and name them; a missing one raises TimeoutError like the tumour SEG."""
     from sqlalchemy import select
 
     from db.models import Job
@@ -114,15 +112,17 @@ def _other_segs_in_pacs(
     from inference.worker import result_uids
 
     with node.db.session() as s:
-        names = sorted(set(s.scalars(select(Job.pipeline))) - {DEMO_PIPELINE})
-    pipelines = node.rules.get().pipelines
-    for name in names:
-        spec = pipelines[name]
-        reference_role = node.registry.get(spec.models[0]).channels[0]
-        phase = spec.inputs[reference_role][0]
-        version = pipeline_version({m: node.registry.get(m).version for m in spec.models})
-        _, sop_uid, _ = result_uids(study.by_phase(phase).series_uid, name, version)
+        jobs = [(j.pipeline, j.inputs) for j in s.scalars(select(Job))]
+    names = []
+    for name, inputs in sorted(jobs):
+        if name == DEMO_PIPELINE:
+            continue
+        models = node.rules.get().pipelines[name].models
+        reference = inputs[node.registry.get(models[0]).channels[0]]  # its series UID
+        version = pipeline_version({m: node.registry.get(m).version for m in models})
+        _, sop_uid, _ = result_uids(reference, name, version)
         pacs_handle.wait_for_instance(sop_uid, timeout_s=timeout_s - (time.monotonic() - started))
+        names.append(name)
     return ",".join(names) or "none"
 
 
@@ -171,7 +171,7 @@ def run_demo(keep: bool = False, rows: int = 512, timeout_s: float = 600) -> int
             sop_uids = [
                 pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in source.files
             ]
-            others = _other_segs_in_pacs(node, study, pacs_handle, started, timeout_s)
+            others = _other_segs_in_pacs(node, pacs_handle, started, timeout_s)
             label_map, names = seg_label_map(seg, sop_uids)
             by_name = {name: number for number, name in names.items()}
             from dicom_node.phantom import STRUCTURES

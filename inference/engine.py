@@ -180,7 +180,7 @@ class Engine:
         crop = getattr(spec, "crop", None)
         if crop is not None:
             started = time.perf_counter()
-            box = self._crop_box(name, crop, inputs, reference)
+            box = self.crop_box(name, crop, inputs, reference)
             timings[f"crop:{crop.to_model}"] = round(time.perf_counter() - started, 3)
         combined = np.zeros(reference.shape, np.uint8)
         labels: list[SegmentLabel] = []
@@ -220,7 +220,9 @@ class Engine:
         log.info("pipeline %s ran on %s: %s", name, reference.series_uid, timings)
         return result
 
-    def _crop_box(self, name: str, crop: Any, inputs: dict[str, Volume], reference: Volume) -> Any:
+    def crop_box(self, name: str, crop: Any, inputs: dict[str, Volume], reference: Volume) -> Any:
+        """Pipeline ``name``'s box on ``reference``: the crop model's labels (its cached
+        full-volume prediction) plus the margin; None when it finds none of them."""
         organ = self.registry.get(crop.to_model)
         if inputs.get(organ.channels[0]) is not reference:
             # The organ model reads the pipeline's reference role under its own name.

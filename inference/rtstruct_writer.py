@@ -55,6 +55,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -258,36 +259,11 @@ def write_rtstruct(
     labels: Sequence[SegmentLabel],
     *,
     path: Path,
-    algorithm: Algorithm,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int,
-    series_description: str,
-    manufacturer: str = "dicom-node",
-    manufacturer_model_name: str = "dicom-node",
-    software_versions: str | None = None,
-    allow_empty: bool = False,
+    **options: Any,
 ) -> Path:
-    """Build the RT Structure Set (see ``build_rtstruct``) and save it as a Part 10 file.
-
-    The file appears atomically (written beside, then renamed), so a dispatcher watching
-    the folder never sends a half-written object.
-    """
-    rtstruct = build_rtstruct(
-        source_images,
-        label_map,
-        labels,
-        algorithm=algorithm,
-        series_instance_uid=series_instance_uid,
-        sop_instance_uid=sop_instance_uid,
-        series_number=series_number,
-        series_description=series_description,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
-        allow_empty=allow_empty,
-    )
-    return save_atomically(rtstruct, path)
+    """Build the RT Structure Set (``build_rtstruct``, which takes ``options``) and save it as a
+    Part 10 file at ``path``, atomically (see ``save_atomically``)."""
+    return save_atomically(build_rtstruct(source_images, label_map, labels, **options), path)
 
 
 def _common_uid(source_images: Sequence[pydicom.Dataset], keyword: str, series_uid: str) -> str:

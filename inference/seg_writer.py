@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import highdicom as hd
 import numpy as np
@@ -220,42 +220,11 @@ def write_seg(
     labels: Sequence[SegmentLabel],
     *,
     path: Path,
-    algorithm: Algorithm,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int,
-    series_description: str,
-    seg_type: SegType = "BINARY",
-    manufacturer: str = "dicom-node",
-    manufacturer_model_name: str = "dicom-node",
-    software_versions: str | None = None,
-    device_serial_number: str | None = None,
-    content_creator: str = "dicom-node",
-    allow_empty: bool = False,
+    **options: Any,
 ) -> Path:
-    """Build the Segmentation (see ``build_seg``) and save it as a Part 10 file at ``path``.
-
-    The file appears atomically (written beside, then renamed), so a dispatcher watching
-    the folder never sends a half-written object.
-    """
-    seg = build_seg(
-        source_images,
-        label_map,
-        labels,
-        algorithm=algorithm,
-        series_instance_uid=series_instance_uid,
-        sop_instance_uid=sop_instance_uid,
-        series_number=series_number,
-        series_description=series_description,
-        seg_type=seg_type,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions,
-        device_serial_number=device_serial_number,
-        content_creator=content_creator,
-        allow_empty=allow_empty,
-    )
-    return save_atomically(seg, path)
+    """Build the Segmentation (``build_seg``, which takes ``options``) and save it as a
+    Part 10 file at ``path``, atomically (see ``save_atomically``)."""
+    return save_atomically(build_seg(source_images, label_map, labels, **options), path)
 
 
 def save_atomically(ds: pydicom.Dataset, path: Path) -> Path:

@@ -113,11 +113,16 @@ def task_label_names(task: str, folders: list[Path]) -> dict[int, str]:
     ids; an ensemble's parts predict their own ids, mapped to the task's by class name."""
     if len(folders) == 1:
         return folder_labels(folders[0])
-    from totalsegmentator.map_to_binary import class_map
-
-    task_id_of = {name: value for value, name in class_map[task].items()}
+    task_id_of = task_class_ids(task)
     names = {name for folder in folders for name in folder_labels(folder).values()}
     return {task_id_of[n]: n for n in names if n in task_id_of}
+
+
+def task_class_ids(task: str) -> dict[str, int]:
+    """Class name -> the task's class id (TotalSegmentator's class map)."""
+    from totalsegmentator.map_to_binary import class_map
+
+    return {name: value for value, name in class_map[task].items()}
 
 
 class TotalSegEnsemble:
@@ -126,11 +131,9 @@ class TotalSegEnsemble:
     parts over earlier ones where both claim a voxel (as TotalSegmentator combines them)."""
 
     def __init__(self, spec: ModelSpec, device: object) -> None:
-        from totalsegmentator.map_to_binary import class_map
-
         from inference.nnunet_runner import NnUNetRunner
 
-        task_id_of = {name: value for value, name in class_map[str(spec.task)].items()}
+        task_id_of = task_class_ids(str(spec.task))
         self.parts = []
         for folder in spec.parts:
             runner = NnUNetRunner(spec.model_copy(update={"folder": folder}), device)
@@ -146,7 +149,7 @@ class TotalSegEnsemble:
             if combined is None:
                 combined = part
             else:
-                combined[part > 0] = part[part > 0]
+                np.copyto(combined, part, where=part > 0)
         assert combined is not None
         return combined
 

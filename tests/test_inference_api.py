@@ -51,7 +51,8 @@ def test_all_four_pipelines_answer_a_mask_in_the_input_space(tmp_path: Path, api
                            pixel_spacing_mm=2.0, slice_thickness_mm=2.5)  # fmt: skip
     folders = {s.phase: s.files[0].parent for s in study.series}
     # NIfTI files and DICOM folders are both accepted: totalseg reads P as NIfTI.
-    p_nifti = write_volume(load_input({"path": str(folders["P"])}), tmp_path / "p.nii.gz")
+    references = {phase: load_input({"path": str(folders[phase])}) for phase in "APD"}
+    p_nifti = write_volume(references["P"], tmp_path / "p.nii.gz")
     bodies = {
         "totalseg": {"image_path": str(p_nifti)},
         "tumor": {"image_path": str(folders["P"])},
@@ -68,7 +69,7 @@ def test_all_four_pipelines_answer_a_mask_in_the_input_space(tmp_path: Path, api
         r = client.post(f"/inference/{pipeline}", json=bodies[pipeline])
         assert r.status_code == 200, (pipeline, r.text)
         mask = read_nifti(Path(r.json()["mask_path"]))
-        reference = load_input({"path": str(folders[phase])})
+        reference = references[phase]
         assert mask.shape == reference.shape, pipeline
         np.testing.assert_allclose(mask.origin_lps, reference.origin_lps, atol=1e-3)
         np.testing.assert_allclose(mask.spacing_zyx, reference.spacing_zyx, atol=1e-4)

@@ -18,6 +18,8 @@ API_GETS = [
     "/api/destinations",
     "/api/openapi.json",
     "/api/results/1/preview.png",
+    "/models",  # the seed service's path API
+    "/inference/jobs/1",
 ]
 API_POSTS = [
     "/api/jobs/1/retry",
@@ -27,6 +29,7 @@ API_POSTS = [
     "/api/destinations/pacs/echo",
     "/api/destinations/pacs/resend",
     "/api/dispatches/resend",
+    "/inference/tumor",
 ]
 
 

@@ -121,15 +121,14 @@ def principal(request: Request) -> Principal | None:
     return Principal(data["u"], role, data.get("csrf")) if role else None
 
 
-# JSON endpoints: a missing login answers 401, not a redirect to the login page. The
-# seed service's path API lives outside /api/ for compatibility.
-JSON_PREFIXES = ("/api/", "/inference/")
-JSON_PATHS = {"/models"}
+def html_page(request: Request) -> None:
+    """Router dependency of the HTML pages: without a login they redirect to the login
+    page; every other route (the JSON API, the seed service's path API) answers 401."""
+    request.state.html_page = True
 
 
 def _is_page(request: Request) -> bool:
-    path = request.url.path
-    return not (path.startswith(JSON_PREFIXES) or path in JSON_PATHS)
+    return getattr(request.state, "html_page", False)
 
 
 def require_viewer(request: Request) -> Principal:

@@ -12,10 +12,17 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from dicom_node.web import api, queries, users
-from dicom_node.web.auth import COOKIE, SESSION_MAX_AGE_S, Principal, require_csrf, require_viewer
+from dicom_node.web.auth import (
+    COOKIE,
+    SESSION_MAX_AGE_S,
+    Principal,
+    html_page,
+    require_csrf,
+    require_viewer,
+)
 
 log = logging.getLogger("dicom_node.web")
-router = APIRouter(include_in_schema=False)
+router = APIRouter(include_in_schema=False, dependencies=[Depends(html_page)])
 templates = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
 LOGIN_COOKIE = "dicom_node_login"
 
