@@ -2,7 +2,7 @@
 # Sets everything up (idempotent) and runs the demo or the test suite.
 #
 #   ./run.sh demo    end-to-end demo on the embedded default
-#   ./run.sh test    the whole test suite (ruff + pytest)
+#   ./run.sh test    the whole test suite (ruff, import-linter, pytest)
 #
 # As root it installs the Debian packages it needs (dcmtk, orthanc, dicom3tools,
 # python3-venv); otherwise it says which are missing. The virtualenv is .venv, with the
@@ -73,5 +73,6 @@ case "$mode" in
   demo) exec dicom-node demo "$@" ;;
   test)
     ruff check .
+    lint-imports
     exec python -m pytest "$@" ;;
 esac

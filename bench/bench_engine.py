@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.synth import generate_study  # noqa: E402
+from devkit.synth import generate_study  # noqa: E402
 from inference.registry import load_registry  # noqa: E402
 
 CLI = Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"
@@ -48,10 +48,11 @@ def engine_child(studies: list[str], threads: int, registry: str, launched: floa
     import numpy as np
     import torch
 
-    from dicom_node.rules import CropSpec, load_rules
+    from devkit.memwatch import peak_rss
+    from dicom_node.rules import load_rules
     from inference.engine import Engine
-    from inference.memwatch import peak_rss
     from inference.path_api import load_input
+    from kernel.catalog import CropSpec
 
     torch.set_num_threads(threads)
     pipelines = dict(load_rules(ROOT / "routing_rules.yaml").pipelines)

@@ -32,7 +32,7 @@ from sqlalchemy import select, text  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
 from db.models import Job, Study  # noqa: E402
 from db.session import Database  # noqa: E402
-from dicom_node.config import load_settings  # noqa: E402
+from kernel.settings import load_settings  # noqa: E402
 
 # A database of its own: the test suite resets the schema of `test` at will.
 POSTGRES_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -42,8 +42,8 @@ REDIS_URL = "redis://127.0.0.1:6379/12"
 
 def noop_child(conn: Any, settings_data: dict[str, Any], device: str) -> None:
     """A worker child that finishes every job at once (queue overhead only)."""
-    from dicom_node.config import NodeSettings
     from inference import queue
+    from kernel.settings import NodeSettings
 
     db = Database(NodeSettings(**settings_data).db_url)
     conn.send(("ready", None, None))

@@ -32,10 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from dicom_node import netutil
-from dicom_node.dcmtk import dcmtk_tool
-from dicom_node.orthanc import OrthancServer
-from dicom_node.synth import generate_study
+from devkit import net
+from devkit.dcmtk import dcmtk_tool
+from devkit.orthanc import OrthancServer
+from devkit.synth import generate_study
+from dicom_node.echo import echo
 
 RECEIVERS = ("storescp", "orthanc", "node")
 HOST = "127.0.0.1"
@@ -117,7 +118,7 @@ class StorescpReceiver:
     def start(self, workdir: Path) -> None:
         self._out_dir = workdir / "received"
         self._out_dir.mkdir(parents=True)
-        self.port = netutil.free_port(HOST)
+        self.port = net.free_port(HOST)
         log = workdir / "storescp.log"
         # +B writes the incoming stream to disk without re-encoding, +xa accepts every
         # transfer syntax, -pdu 131072 is DCMTK's largest PDU, -dhl skips reverse DNS;
@@ -129,7 +130,7 @@ class StorescpReceiver:
             self._process = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **DCMTK_ENV}
             )
-        _wait_ready(self._process, lambda: netutil.port_is_open(HOST, self.port), "storescp", log)
+        _wait_ready(self._process, lambda: net.port_is_open(HOST, self.port), "storescp", log)
 
     def count(self) -> int:
         return sum(1 for p in self._out_dir.rglob("*") if p.is_file())
@@ -192,7 +193,7 @@ class NodeReceiver:
         self._data_dir.mkdir(parents=True)
         rules = workdir / "rules.yaml"
         rules.write_text("rules: []\n")
-        self.port = netutil.free_port(HOST)
+        self.port = net.free_port(HOST)
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DICOM_NODE_")}
         env.update(
             DICOM_NODE_AE_TITLE=self.aet,
@@ -201,7 +202,7 @@ class NodeReceiver:
             DICOM_NODE_DATA_DIR=str(self._data_dir),
             DICOM_NODE_PEERS=json.dumps([{"ae_title": "*", "host": HOST}]),
             DICOM_NODE_RULES_FILE=str(rules),
-            DICOM_NODE_WEB__PORT=str(netutil.free_port(HOST)),
+            DICOM_NODE_WEB__PORT=str(net.free_port(HOST)),
         )
         env.update(self.extra_env)
         log = workdir / "node.log"
@@ -216,8 +217,8 @@ class NodeReceiver:
         _wait_ready(
             self._process,
             lambda: (
-                netutil.port_is_open(HOST, self.port)
-                and netutil.echo(HOST, self.port, self.aet, CALLING_AE)
+                net.port_is_open(HOST, self.port)
+                and echo(HOST, self.port, self.aet, CALLING_AE)
             ),
             "dicom-node serve",
             log,

@@ -25,7 +25,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.uids import derived_uid  # noqa: E402
+from kernel.uids import derived_uid  # noqa: E402
 
 # TotalSegmentator class names (its SNOMED table knows them) for the 10 labels.
 TOTALSEG_NAMES = [

@@ -18,7 +18,9 @@ from sqlalchemy import select
 
 from db.models import Series, utcnow
 from db.session import Database
-from dicom_node.records import add_event
+from dicom_node.records import mark_complete
+from kernel.events import add_event
+from kernel.vocabulary import EventKind, EventLevel, SeriesState
 
 log = logging.getLogger("dicom_node.assembler")
 
@@ -73,21 +75,13 @@ class Assembler:
         with self.db.session() as s:
             due = s.scalars(
                 select(Series)
-                .where(Series.state == "receiving", Series.last_received_at <= cutoff)
+                .where(Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff)
                 .with_for_update()
             ).all()
             for series in due:
                 if series.series_uid in still_open:
                     continue
-                series.state = "complete"
-                series.completed_at = utcnow()
-                add_event(
-                    s,
-                    "series_complete",
-                    f"{series.instance_count} instances, quiet for {self.quiet_period_s:g} s",
-                    study_uid=series.study.study_uid,
-                    series_uid=series.series_uid,
-                )
+                mark_complete(s, series, self.quiet_period_s)
                 completed.append(series.series_uid)
         for series_uid in completed:
             try:
@@ -97,9 +91,9 @@ class Assembler:
                 with self.db.session() as s:
                     add_event(
                         s,
-                        "routing_error",
+                        EventKind.ROUTING_ERROR,
                         "routing raised an error; see the node log",
-                        level="error",
+                        level=EventLevel.ERROR,
                         series_uid=series_uid,
                     )
         return completed

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
+from types import ModuleType
 
-from dicom_node.config import ConfigError, load_settings
 from dicom_node.rules import RulesError
 from inference.registry import RegistryError
+from kernel.settings import ConfigError, load_settings
+
+# The synthetic study's field of view: the same ~400 mm at every matrix size (0.78 mm
+# pixels at 512), so the phantom's body and its kidneys stay in the image whatever --rows
+# is; --rows changes the pixel size.
+SYNTH_FIELD_OF_VIEW_MM = 0.78 * 512
+
+
+def _devkit(module: str) -> ModuleType:
+    """A module of the development kit, loaded only by the commands that need it."""
+    try:
+        return importlib.import_module(f"devkit.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("devkit"):
+            raise SystemExit(
+                "dicom-node: this command needs the development kit (the devkit package), "
+                "which this installation does not include"
+            ) from None
+        raise
 
 
 def _setup_logging(level: str) -> None:
@@ -33,31 +53,33 @@ def _serve(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     import pydicom.uid
 
-    from dicom_node.synth import generate_study, write_truth_nifti
-
+    synth = _devkit("synth")
+    if args.rows < 16:
+        print("dicom-node: --rows must be at least 16", file=sys.stderr)
+        return 2
     ts = getattr(pydicom.uid, args.transfer_syntax)
-    study = generate_study(
+    study = synth.generate_study(
         Path(args.out),
         seed=args.seed,
         phases=args.phases,
         rows=args.rows,
         columns=args.rows,
+        pixel_spacing_mm=round(SYNTH_FIELD_OF_VIEW_MM / args.rows, 4),
         slices=args.slices,
         transfer_syntax=ts,
     )
     for series in study.series:
         if args.truth:
-            write_truth_nifti(series, Path(args.out) / f"truth_{series.phase}.nii.gz")
+            synth.write_truth_nifti(series, Path(args.out) / f"truth_{series.phase}.nii.gz")
         print(f"{series.phase} {series.series_uid} {len(series.files)} files  {series.description}")
     print(f"study {study.study_uid} written to {args.out}")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dicom_node.demo import run_demo
-
+    demo = _devkit("demo")
     _setup_logging("WARNING" if not args.verbose else "INFO")
-    return run_demo(keep=args.keep, rows=args.rows)
+    return demo.run_demo(keep=args.keep, rows=args.rows)
 
 
 def _route_explain(args: argparse.Namespace) -> int:
@@ -190,7 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phases", default="NAPD", help="letters of N, A, P, D")
-    p.add_argument("--rows", type=int, default=512, help="rows and columns")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=512,
+        help="rows and columns of every image (default 512). The field of view stays "
+        f"{SYNTH_FIELD_OF_VIEW_MM:.0f} mm, so N changes the pixel size "
+        f"({SYNTH_FIELD_OF_VIEW_MM:.0f}/N mm) and the file size, not the anatomy: the whole "
+        "body stays in the image at every N",
+    )
     p.add_argument("--slices", type=int, default=None)
     p.add_argument(
         "--transfer-syntax",

@@ -19,11 +19,10 @@ from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StorageCommitmentPushModel
-from sqlalchemy import select
+from pynetdicom.status import Status
 
-from db.models import Dispatch, Study, utcnow
 from db.session import Database
-from dicom_node.records import add_event
+from kernel import outbox
 
 log = logging.getLogger("dicom_node.commitment")
 
@@ -32,6 +31,10 @@ STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 ACTION_REQUEST_COMMIT = 1
 EVENT_ALL_COMMITTED = 1
 EVENT_SOME_FAILED = 2
+# General statuses of DIMSE-N services (PS3.7 annex C) that pynetdicom's Status does not
+# name, registered with its own mechanism.
+Status.add("PROCESSING_FAILURE", 0x0110)
+Status.add("NO_SUCH_SOP_INSTANCE", 0x0112)
 
 
 def new_transaction_uid() -> str:
@@ -69,7 +72,7 @@ def request_commitment(
         log.warning("storage commitment request not sent: %s", exc)
         return False
     code = int(status.Status) if status is not None and "Status" in status else None
-    if code != 0x0000:
+    if code != Status.SUCCESS:
         log.warning("storage commitment request refused (status %s)", code)
         return False
     return True
@@ -80,40 +83,13 @@ def record_report(db: Database, event_type: int, report: Dataset) -> int:
     transaction = str(report.get("TransactionUID", ""))
     committed = {str(i.ReferencedSOPInstanceUID) for i in report.get("ReferencedSOPSequence", [])}
     failed = {
-        str(i.ReferencedSOPInstanceUID): int(i.get("FailureReason", 0x0110))
+        str(i.ReferencedSOPInstanceUID): int(i.get("FailureReason", Status.PROCESSING_FAILURE))
         for i in report.get("FailedSOPSequence", [])
     }
-    now = utcnow()
-    settled = 0
-    with db.session() as s:
-        rows = s.scalars(select(Dispatch).where(Dispatch.commit_uid == transaction)).all()
-        if not rows:
-            log.warning("storage commitment report for unknown transaction %s", transaction)
-            return 0
-        for row in rows:
-            study_uid = s.get(Study, row.study_id).study_uid if row.study_id else None
-            if row.sop_uid in committed and row.state == "sent":
-                row.state, row.committed_at = "committed", now
-                settled += 1
-                add_event(
-                    s,
-                    "committed",
-                    f"{row.kind} {row.sop_uid} committed by {row.destination}",
-                    study_uid=study_uid,
-                )
-            elif row.sop_uid in failed and row.state == "sent":
-                reason = failed[row.sop_uid]
-                row.state, row.next_attempt_at, row.commit_uid = "pending", now, None
-                row.last_error = f"storage commitment failed (reason 0x{reason:04X}); resending"
-                settled += 1
-                add_event(
-                    s,
-                    "commit_failed",
-                    f"{row.kind} {row.sop_uid}: {row.destination} did not commit it "
-                    f"(reason 0x{reason:04X}); sending again",
-                    level="warning",
-                    study_uid=study_uid,
-                )
+    if not outbox.transaction_known(db, transaction):
+        log.warning("storage commitment report for unknown transaction %s", transaction)
+        return 0
+    settled = outbox.record_commitment(db, transaction, committed, failed)
     log.info(
         "storage commitment %s (event type %d): %d committed, %d failed",
         transaction, event_type, len(committed), len(failed),
@@ -122,17 +98,22 @@ def record_report(db: Database, event_type: int, report: Dataset) -> int:
 
 
 def event_report_handler(db: Database):
-    """A pynetdicom EVT_N_EVENT_REPORT handler bound to ``db``: (status, reply)."""
+    """A pynetdicom EVT_N_EVENT_REPORT handler bound to ``db``: (status, reply).
+
+    Answers ``0x0000`` Success once the report is recorded, ``0x0112`` No Such SOP
+    Instance for a report of any other SOP class, ``0x0110`` Processing Failure when the
+    database could not record it (the destination may send it again).
+    """
 
     def on_event_report(event: evt.Event) -> tuple[int, None]:
         request = event.request
         if str(request.AffectedSOPClassUID) != StorageCommitmentPushModel:
-            return 0x0112, None  # no such SOP instance: we only take commitment reports
+            return Status.NO_SUCH_SOP_INSTANCE, None  # we only take commitment reports
         try:
             record_report(db, int(request.EventTypeID), event.event_information)
         except Exception:
             log.exception("storage commitment report could not be recorded")
-            return 0x0110, None  # processing failure: the destination may send it again
-        return 0x0000, None
+            return Status.PROCESSING_FAILURE, None
+        return Status.SUCCESS, None
 
     return on_event_report

@@ -1,59 +1,76 @@
-"""The outbox: delivers pending (instance, destination) rows by C-STORE.
+"""The dispatcher: delivers due outbox rows by C-STORE (the outbox itself is ``kernel.outbox``).
 
-One association per destination batch. Outcomes are classified per instance:
-success and warnings (0xBxxx) are ``sent``; out-of-resources (0xA7xx), refused or
-broken associations retry with capped exponential backoff and jitter; errors that a
-resend will not change (0xA9xx, 0xCxxx, unknown SOP class) are ``failed`` at once.
+One association per destination batch. Contract: how each answer of a destination is
+handled (PS3.4 B.2.3 Storage Service Class statuses, PS3.7 C.1.3 categories, read with
+pynetdicom's ``code_to_category``):
+
+- ``0x0000`` Success -> ``sent``;
+- Warning ``0xB000`` coercion, ``0xB006`` element discarded, ``0xB007`` dataset does not
+  match the SOP class, any ``0xBxxx`` -> ``sent`` (the destination kept the object; the
+  status is stored on the row);
+- ``0xA7xx`` Refused: Out of Resources -> retry with capped exponential backoff and
+  jitter (``dispatch.retry_initial_s`` .. ``retry_max_s``);
+- no answer: association refused, rejected, aborted or timed out (``dispatch.timeout_s``)
+  -> retry the same way;
+- ``0xA9xx`` dataset does not match SOP class, ``0xCxxx`` cannot understand, any other
+  failure status, a SOP class or transfer syntax the destination did not accept, or a file
+  that cannot be read -> ``failed`` at once: a resend cannot change the answer;
+- a retryable row fails when it was not delivered ``dispatch.max_age_s`` after it was
+  queued, or after ``dispatch.max_attempts`` attempts.
+
+A compressed object whose transfer syntax the destination refused is sent decompressed
+(lossless, same SOP Instance UID). With ``storage_commitment`` the batch's successes are
+sent an N-ACTION on the same association (see ``dicom_node.commitment``).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
-from collections import defaultdict
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
-from sqlalchemy import select
+from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from db.models import Dispatch, Study, utcnow
+from db.models import Dispatch
 from db.session import Database
 from dicom_node.commitment import (
     event_report_handler,
     new_transaction_uid,
     request_commitment,
 )
-from dicom_node.config import Destination, DispatchSettings
-from dicom_node.records import add_event
+from kernel import outbox
+from kernel.outbox import SendOutcome
+from kernel.settings import Destination, DispatchSettings
 
 log = logging.getLogger("dicom_node.dispatch")
 
-
-@dataclass(frozen=True)
-class SendOutcome:
-    state: str  # sent | retry | failed
-    status: int | None
-    detail: str
+OUT_OF_RESOURCES_MASK, OUT_OF_RESOURCES = 0xFF00, 0xA700
 
 
 def classify_status(status: int | None) -> SendOutcome:
+    """The outbox verdict for one C-STORE response status (None: no response)."""
     if status is None:
         return SendOutcome("retry", None, "no response (association lost or timed out)")
-    if status == 0x0000:
+    category = code_to_category(status)
+    if category == STATUS_SUCCESS:
         return SendOutcome("sent", status, "success")
-    if status & 0xF000 == 0xB000:
+    if category == STATUS_WARNING:
         return SendOutcome("sent", status, f"warning 0x{status:04X}")
-    if status & 0xFF00 == 0xA700:
+    if category == STATUS_FAILURE and status & OUT_OF_RESOURCES_MASK == OUT_OF_RESOURCES:
         return SendOutcome("retry", status, f"out of resources 0x{status:04X}")
     return SendOutcome("failed", status, f"refused 0x{status:04X}")
 
 
 class Dispatcher:
+    """The outbox loop: claims due rows, sends them per destination, records outcomes.
+
+    ``destinations``: name -> Destination; ``calling_ae``: our AE title unless a
+    destination sets ``calling_ae_title``. ``wake`` lets other stages ask for a poll now.
+    """
+
     def __init__(
         self,
         db: Database,
@@ -71,9 +88,7 @@ class Dispatcher:
 
     def reset_interrupted(self) -> None:
         """Rows left ``sending`` by a stopped node are simply pending again."""
-        with self.db.session() as s:
-            for row in s.scalars(select(Dispatch).where(Dispatch.state == "sending")):
-                row.state = "pending"
+        outbox.reset_interrupted(self.db)
 
     def run_forever(self, stop: threading.Event, interval_s: float = 1.0) -> None:
         while not stop.is_set():
@@ -88,23 +103,16 @@ class Dispatcher:
 
     def poll(self) -> int:
         """Send everything that is due; returns the number of rows attempted."""
-        now = utcnow()
-        with self.db.session() as s:
-            rows = s.scalars(
-                select(Dispatch)
-                .where(Dispatch.state == "pending", Dispatch.next_attempt_at <= now)
-                .order_by(Dispatch.next_attempt_at, Dispatch.id)
-                .limit(self.batch_size)
-            ).all()
-            for row in rows:
-                row.state = "sending"
-            batches: dict[str, list[Dispatch]] = defaultdict(list)
-            for row in rows:
-                s.expunge(row)
-                batches[row.destination].append(row)
+        batches: dict[str, list[Dispatch]] = {}
+        for row in outbox.claim_due(self.db, self.batch_size):
+            batches.setdefault(row.destination, []).append(row)
         for name, batch in batches.items():
             self._send_batch(name, batch)
         return sum(len(b) for b in batches.values())
+
+    def backoff_s(self, attempts: int) -> float:
+        """The delay after the ``attempts``-th failed send (policy of ``kernel.outbox``)."""
+        return outbox.send_policy(self.settings).delay_s(attempts)
 
     def _send_batch(self, name: str, batch: list[Dispatch]) -> None:
         dest = self.destinations.get(name)
@@ -112,7 +120,7 @@ class Dispatcher:
             outcomes = {
                 r.id: SendOutcome("failed", None, f"destination {name!r} unknown") for r in batch
             }
-            self._record(batch, outcomes)
+            outbox.record_outcomes(self.db, batch, outcomes, self.settings)
             return
         outcomes: dict[int, SendOutcome] = {}
         recorded = False
@@ -173,81 +181,14 @@ class Dispatcher:
                         if row.id in outcomes and outcomes[row.id].state == "sent"
                     ]
                     transaction = new_transaction_uid()
-                    self._record(batch, outcomes, transaction)
+                    outbox.record_outcomes(self.db, batch, outcomes, self.settings, transaction)
                     recorded = True
                     request_commitment(assoc, stored, transaction)
             finally:
                 if assoc.is_established:
                     assoc.release()
         if not recorded:
-            self._record(batch, outcomes)
-
-    def _record(
-        self,
-        batch: list[Dispatch],
-        outcomes: dict[int, SendOutcome],
-        commit_uid: str | None = None,
-    ) -> None:
-        now = utcnow()
-        with self.db.session() as s:
-            for detached in batch:
-                row = s.get_one(Dispatch, detached.id)
-                out = outcomes[row.id]
-                row.attempts += 1
-                row.last_status = out.status
-                row.last_error = None if out.state == "sent" else out.detail
-                study_uid = s.get(Study, row.study_id).study_uid if row.study_id else None
-                if out.state == "sent":
-                    row.state, row.sent_at, row.commit_uid = "sent", now, commit_uid
-                    add_event(
-                        s,
-                        "sent",
-                        f"{row.kind} {row.sop_uid} sent to {row.destination} ({out.detail})",
-                        study_uid=study_uid,
-                    )
-                elif out.state == "retry" and self._too_old(row, now):
-                    row.state = "failed"
-                    row.last_error = (
-                        f"{out.detail}; not delivered within max_age_s="
-                        f"{self.settings.max_age_s:g} s of being queued"
-                    )
-                    add_event(
-                        s,
-                        "send_failed",
-                        f"{row.kind} {row.sop_uid} to {row.destination} failed: {row.last_error}",
-                        level="error",
-                        study_uid=study_uid,
-                    )
-                elif out.state == "retry" and row.attempts < self.settings.max_attempts:
-                    row.state = "pending"
-                    delay = self.backoff_s(row.attempts)
-                    row.next_attempt_at = now + timedelta(seconds=delay)
-                    add_event(
-                        s,
-                        "send_retry",
-                        f"{row.kind} {row.sop_uid} to {row.destination}: {out.detail}; "
-                        f"attempt {row.attempts}, next in {delay:.1f} s",
-                        level="warning",
-                        study_uid=study_uid,
-                    )
-                else:
-                    row.state = "failed"
-                    add_event(
-                        s,
-                        "send_failed",
-                        f"{row.kind} {row.sop_uid} to {row.destination} failed after "
-                        f"{row.attempts} attempts: {out.detail}",
-                        level="error",
-                        study_uid=study_uid,
-                    )
-
-    def _too_old(self, row: Dispatch, now: datetime) -> bool:
-        queued = row.queued_at or row.created_at
-        return (now - queued).total_seconds() >= self.settings.max_age_s
-
-    def backoff_s(self, attempts: int) -> float:
-        base = min(self.settings.retry_max_s, self.settings.retry_initial_s * 2 ** (attempts - 1))
-        return base * random.uniform(0.5, 1.0)  # jitter spreads retries of many rows
+            outbox.record_outcomes(self.db, batch, outcomes, self.settings)
 
 
 def _fit_to_accepted(assoc, ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -274,24 +215,3 @@ def _fit_to_accepted(assoc, ds: pydicom.Dataset) -> pydicom.Dataset:
                 ds.file_meta.TransferSyntaxUID = target
             return ds
     return ds
-
-
-def resend(db: Database, dispatch_ids: list[int], by: str = "admin") -> int:
-    """Queue chosen outbox rows again (any state but ``sending``); returns how many."""
-    now = utcnow()
-    count = 0
-    with db.session() as s:
-        for row in s.scalars(select(Dispatch).where(Dispatch.id.in_(dispatch_ids))):
-            if row.state == "sending":
-                continue
-            row.state, row.attempts, row.next_attempt_at, row.last_error = "pending", 0, now, None
-            row.queued_at = now
-            count += 1
-            study_uid = s.get(Study, row.study_id).study_uid if row.study_id else None
-            add_event(
-                s,
-                "resend",
-                f"{row.kind} {row.sop_uid} to {row.destination} re-queued by {by}",
-                study_uid=study_uid,
-            )
-    return count

@@ -10,7 +10,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.uids import InvalidUIDError, require_uid
+from kernel.uids import InvalidUIDError, require_uid
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 

@@ -24,7 +24,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from dicom_node.conditions import evaluate, validate_condition
+from kernel.strict import StrictModel
 
 Phase = Literal["A", "P", "D", "N", "unknown"]
 PHASES = ("A", "P", "D", "N")
@@ -32,11 +35,7 @@ PHASE_NAMES = {"A": "arterial", "P": "portal venous", "D": "delayed", "N": "non-
 CT_IMAGE_STORAGE = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PhaseRule(_Strict):
+class PhaseRule(StrictModel):
     """An explicit rule: when the condition matches, the phase is decided (or 'none')."""
 
     name: str
@@ -46,13 +45,11 @@ class PhaseRule(_Strict):
     @field_validator("when")
     @classmethod
     def _valid(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from dicom_node.rules import validate_condition
-
         validate_condition(v)
         return v
 
 
-class PhaseSettings(_Strict):
+class PhaseSettings(StrictModel):
     """The ``phases:`` section of routing_rules.yaml."""
 
     keywords: dict[Literal["A", "P", "D", "N"], list[str]] = Field(default_factory=dict)
@@ -146,8 +143,6 @@ class PhaseClassifier:
 
     def classify_study(self, series_attrs: dict[str, dict[str, Any]]) -> dict[str, PhaseResult]:
         """Classify every series of one study; ``series_attrs``: series UID -> attributes."""
-        from dicom_node.rules import evaluate
-
         results: dict[str, PhaseResult] = {}
         votes: dict[str, dict[str, float]] = {}
         reasons: dict[str, list[str]] = {}

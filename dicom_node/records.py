@@ -1,18 +1,27 @@
-"""Database bookkeeping shared by the stages: received instances and timeline events."""
+"""The record of what was received: the one writer of studies, series and instances.
+
+The SCP (``InstanceRecorder``) and the start-up spool re-index add instances; the
+assembler marks series complete (``mark_complete``); the router stores each series' phase
+and matched rules (``record_routing``) and a study's note (``set_study_note``); the path
+API keeps a study row per set of input paths (``path_study``). Nothing else writes these
+tables, so every state a series passes through is set here (see
+``kernel.vocabulary.SeriesState``).
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Event, Instance, Series, Study, utcnow
+from db.models import Instance, Series, Study, utcnow
 from db.session import Database
 from dicom_node.instance import InstanceHeader
+from kernel.events import add_event, add_event_on
+from kernel.uids import derived_uid
+from kernel.vocabulary import EventKind, EventLevel, SeriesState
 
 log = logging.getLogger("dicom_node.records")
 
@@ -24,34 +33,6 @@ class Origin:
     calling_ae: str
     called_ae: str
     address: str
-
-
-def add_event(
-    session: Session,
-    kind: str,
-    message: str,
-    *,
-    level: str = "info",
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    job_id: int | None = None,
-    data: dict[str, Any] | None = None,
-) -> None:
-    """Append one timeline event and log it (UIDs only, never patient names)."""
-    session.add(
-        Event(
-            kind=kind,
-            message=message,
-            level=level,
-            study_uid=study_uid,
-            series_uid=series_uid,
-            job_id=job_id,
-            data=data,
-        )
-    )
-    getattr(log, "error" if level == "error" else level)(
-        "%s study=%s series=%s job=%s %s", kind, study_uid, series_uid, job_id, message
-    )
 
 
 class InstanceRecorder:
@@ -111,8 +92,8 @@ class InstanceRecorder:
                 )
             reopened = s.execute(
                 series.update()
-                .where(series.c.id == series_id, series.c.state != "receiving")
-                .values(state="receiving")
+                .where(series.c.id == series_id, series.c.state != SeriesState.RECEIVING)
+                .values(state=SeriesState.RECEIVING)
             ).rowcount
             s.execute(
                 series.update()
@@ -124,22 +105,13 @@ class InstanceRecorder:
             )
             s.execute(studies.update().where(studies.c.id == study_id).values(last_received_at=now))
             if reopened:
-                message = f"late instance {header.sop_uid} re-opened the series"
-                s.execute(
-                    Event.__table__.insert().values(
-                        at=now,
-                        kind="series_reopened",
-                        level="warning",
-                        message=message,
-                        study_uid=header.study_uid,
-                        series_uid=header.series_uid,
-                    )
-                )
-                log.warning(
-                    "series_reopened study=%s series=%s %s",
-                    header.study_uid,
-                    header.series_uid,
-                    message,
+                add_event_on(
+                    s,
+                    EventKind.SERIES_REOPENED,
+                    f"late instance {header.sop_uid} re-opened the series",
+                    level=EventLevel.WARNING,
+                    study_uid=header.study_uid,
+                    series_uid=header.series_uid,
                 )
         return bool(reopened)
 
@@ -163,7 +135,10 @@ class InstanceRecorder:
                 s.add(study)
                 s.flush()
                 add_event(
-                    s, "study_received", "first instance of the study", study_uid=study.study_uid
+                    s,
+                    EventKind.STUDY_RECEIVED,
+                    "first instance of the study",
+                    study_uid=study.study_uid,
                 )
             series = s.scalars(
                 select(Series).where(Series.series_uid == header.series_uid)
@@ -194,13 +169,64 @@ def record_instance(
     return InstanceRecorder(db).record(header, path, size_bytes, origin)
 
 
-def series_files(session: Session, series_uid: str) -> list[str]:
-    """Paths of the instances of a series, in no particular order."""
-    rows = session.scalars(
-        select(Instance.path).join(Series).where(Series.series_uid == series_uid)
+def mark_complete(session: Session, series: Series, quiet_period_s: float) -> None:
+    """A receiving series is complete: quiet and released (``SeriesState.COMPLETE``)."""
+    series.state = SeriesState.COMPLETE
+    series.completed_at = utcnow()
+    add_event(
+        session,
+        EventKind.SERIES_COMPLETE,
+        f"{series.instance_count} instances, quiet for {quiet_period_s:g} s",
+        study_uid=series.study.study_uid,
+        series_uid=series.series_uid,
     )
-    return list(rows)
 
 
-def as_utc(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+def record_routing(
+    session: Session,
+    series: Series,
+    *,
+    phase: str,
+    confidence: float,
+    reasons: list[str],
+    matched_rules: list[str],
+) -> None:
+    """Store a series' phase (with its reasons) and the rules that matched it.
+
+    A phase that differs from the one stored before (the study's other series changed the
+    picture) is recorded as a ``phase_changed`` event.
+    """
+    if series.phase is not None and series.phase != phase:
+        add_event(
+            session,
+            EventKind.PHASE_CHANGED,
+            f"phase {series.phase} -> {phase} with the study's other series",
+            study_uid=series.study.study_uid,
+            series_uid=series.series_uid,
+        )
+    series.phase = phase
+    series.phase_confidence = confidence
+    series.phase_reasons = reasons
+    series.matched_rule = ", ".join(matched_rules) or None
+
+
+def mark_routed(series: Series) -> None:
+    """The router acted on this completion of the series."""
+    series.routed_at = utcnow()
+
+
+def set_study_note(study: Study, note: str | None) -> None:
+    """Why nothing ran for a study (or None): shown on the status page."""
+    study.note = note or None
+
+
+def path_study(session: Session, inputs: dict[str, dict[str, str]]) -> Study:
+    """The study row of path API jobs, one per set of input paths (keeps jobs per study)."""
+    uid = derived_uid("path-study", *(f"{r}={v['path']}" for r, v in sorted(inputs.items())))
+    study = session.scalars(select(Study).where(Study.study_uid == uid)).one_or_none()
+    if study is None:
+        study = Study(study_uid=uid, study_description="path API request")
+        session.add(study)
+        session.flush()
+    return study
+

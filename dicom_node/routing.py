@@ -16,12 +16,15 @@ import pydicom
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from db.models import Dispatch, Event, Instance, Job, Series, Study, utcnow
+from db.models import Event, Instance, Job, Series, Study, utcnow
 from db.session import Database
+from dicom_node import records
 from dicom_node.planning import PipelinePlan, SeriesPlan, derived_attributes, plan_study
-from dicom_node.records import add_event
 from dicom_node.rules import RoutingDecision, RuleSet
 from inference.queue import enqueue
+from kernel import outbox
+from kernel.events import add_event
+from kernel.vocabulary import EventKind, EventLevel, OutboxKind, Priority, SeriesState
 
 log = logging.getLogger("dicom_node.routing")
 
@@ -75,7 +78,9 @@ class Router:
         """Attributes of the study's complete series (one header read per series)."""
         out: dict[str, dict[str, Any]] = {}
         for series in s.scalars(
-            select(Series).where(Series.study_id == study.id, Series.state == "complete")
+            select(Series).where(
+                Series.study_id == study.id, Series.state == SeriesState.COMPLETE
+            )
         ):
             key = f"{series.series_uid}:{series.instance_count}"
             if key not in self._attrs:
@@ -95,18 +100,14 @@ class Router:
         series_plans, pipeline_plans = plan_study(ruleset, self._complete_series(s, study))
         for plan in series_plans.values():
             row = s.scalars(select(Series).where(Series.series_uid == plan.series_uid)).one()
-            if row.phase is not None and row.phase != plan.phase.phase:
-                add_event(
-                    s,
-                    "phase_changed",
-                    f"phase {row.phase} -> {plan.phase.phase} with the study's other series",
-                    study_uid=study.study_uid,
-                    series_uid=row.series_uid,
-                )
-            row.phase = plan.phase.phase
-            row.phase_confidence = plan.phase.confidence
-            row.phase_reasons = plan.phase.reasons
-            row.matched_rule = ", ".join(plan.decision.matched_rules) or None
+            records.record_routing(
+                s,
+                row,
+                phase=plan.phase.phase,
+                confidence=plan.phase.confidence,
+                reasons=plan.phase.reasons,
+                matched_rules=plan.decision.matched_rules,
+            )
         return series_plans, pipeline_plans
 
     # -- events ----------------------------------------------------------------------
@@ -118,11 +119,11 @@ class Router:
             series_plans, pipeline_plans = self._plan(s, study)
             plan = series_plans[series_uid]
             decision = plan.decision
-            series.routed_at = utcnow()
+            records.mark_routed(series)
             phase = plan.phase
             add_event(
                 s,
-                "classified",
+                EventKind.CLASSIFIED,
                 f"phase {phase.phase} ({phase.confidence:.2f}): " + "; ".join(phase.reasons),
                 study_uid=study.study_uid,
                 series_uid=series_uid,
@@ -130,7 +131,7 @@ class Router:
             )
             add_event(
                 s,
-                "routed",
+                EventKind.ROUTED,
                 "; ".join(decision.reasons) if decision.matched_rules else "no rule matched",
                 study_uid=study.study_uid,
                 series_uid=series_uid,
@@ -140,8 +141,15 @@ class Router:
                 instances = s.scalars(
                     select(Instance).where(Instance.series_id == series.id).order_by(Instance.id)
                 ).all()
+                objects = [(i.sop_uid, i.sop_class_uid, i.path) for i in instances]
                 for destination in decision.forward:
-                    self._forward(s, study.id, instances, destination)
+                    outbox.queue_many(
+                        s,
+                        study_id=study.id,
+                        kind=OutboxKind.FORWARD,
+                        objects=objects,
+                        destination=destination,
+                    )
             for pipeline_plan in pipeline_plans.values():
                 if pipeline_plan.ready:
                     self._fire(s, study, pipeline_plan, series_plans)
@@ -160,14 +168,16 @@ class Router:
                     Study.last_received_at >= cutoff - timedelta(days=7),
                     ~exists().where(
                         Event.study_uid == Study.study_uid,
-                        Event.kind == "study_settled",
+                        Event.kind == EventKind.STUDY_SETTLED,
                         Event.at >= Study.last_received_at,
                     ),
                 )
             ).all()
             for study in studies:
                 if s.scalars(
-                    select(Series).where(Series.study_id == study.id, Series.state != "complete")
+                    select(Series).where(
+                        Series.study_id == study.id, Series.state != SeriesState.COMPLETE
+                    )
                 ).first():
                     continue  # still receiving: the assembler completes it first
                 series_plans, pipeline_plans = self._plan(s, study)
@@ -179,15 +189,15 @@ class Router:
                         notes.append(f"{plan.pipeline} did not run: {plan.explain()}")
                         add_event(
                             s,
-                            "pipeline_not_run",
+                            EventKind.PIPELINE_NOT_RUN,
                             plan.explain(),
-                            level="warning",
+                            level=EventLevel.WARNING,
                             study_uid=study.study_uid,
                         )
-                study.note = "; ".join(notes) or None
+                records.set_study_note(study, "; ".join(notes))
                 add_event(
                     s,
-                    "study_settled",
+                    EventKind.STUDY_SETTLED,
                     f"no instance for {ruleset.spec.study_timeout_s:g} s",
                     study_uid=study.study_uid,
                 )
@@ -208,52 +218,17 @@ class Router:
                 select(Series.completed_at).where(Series.series_uid.in_(plan.inputs.values()))
             )
         )
-        previous = s.scalars(
-            select(Job)
-            .where(Job.study_id == study.id, Job.pipeline == plan.pipeline)
-            .order_by(Job.id.desc())
-        ).all()
-        for job in previous:
-            if job.inputs == plan.inputs and job.queued_at >= inputs_completed:
-                return None  # already queued for exactly these inputs
         spec = self.rules().pipelines[plan.pipeline]
         urgent = any(
-            series_plans[uid].decision.priority == "urgent" for uid in plan.inputs.values()
+            series_plans[uid].decision.priority == Priority.URGENT
+            for uid in plan.inputs.values()
         )
         return enqueue(
             s,
             study,
             plan.pipeline,
             plan.inputs,
-            priority="urgent" if urgent else spec.priority,
+            priority=Priority.URGENT if urgent else spec.priority,
             max_attempts=self.max_attempts,
+            inputs_ready_at=inputs_completed,
         )
-
-    @staticmethod
-    def _forward(s: Any, study_id: int, instances: list[Instance], destination: str) -> None:
-        existing = {
-            d.sop_uid: d
-            for d in s.scalars(
-                select(Dispatch).where(
-                    Dispatch.destination == destination,
-                    Dispatch.sop_uid.in_([i.sop_uid for i in instances]),
-                )
-            )
-        }
-        now = utcnow()
-        for inst in instances:
-            row = existing.get(inst.sop_uid)
-            if row is None:
-                s.add(
-                    Dispatch(
-                        study_id=study_id,
-                        kind="forward",
-                        sop_uid=inst.sop_uid,
-                        sop_class_uid=inst.sop_class_uid,
-                        path=inst.path,
-                        destination=destination,
-                        next_attempt_at=now,
-                    )
-                )
-            elif row.state in ("sent", "failed"):  # a re-sent series is forwarded again
-                row.state, row.attempts, row.next_attempt_at = "pending", 0, now

@@ -11,8 +11,9 @@ from typing import Any
 
 from db.models import utcnow
 from db.session import Database
-from dicom_node.records import add_event
 from dicom_node.rules import RulesError, RuleSet, load_rules
+from kernel.events import add_event
+from kernel.vocabulary import EventKind, EventLevel
 
 log = logging.getLogger("dicom_node.rules")
 
@@ -25,6 +26,12 @@ class ReloadStatus:
 
 
 class RulesHolder:
+    """The rules in force for the live node; ``get()`` re-reads the file when it changed.
+
+    At construction a broken file raises ``RulesError`` (the node does not start); later
+    a broken edit is logged and recorded as an event, and the previous rules stay.
+    """
+
     def __init__(self, path: Path, db: Database | None = None, **known: Any) -> None:
         self.path = Path(path)
         self.db = db
@@ -60,9 +67,9 @@ class RulesHolder:
                 with self.db.session() as s:
                     add_event(
                         s,
-                        "rules_reload_failed",
+                        EventKind.RULES_RELOAD_FAILED,
                         f"previous rules stay in force: {exc}",
-                        level="error",
+                        level=EventLevel.ERROR,
                     )
             return
         self._rules = rules
@@ -70,4 +77,4 @@ class RulesHolder:
         log.info("rules reloaded from %s", self.path)
         if self.db is not None:
             with self.db.session() as s:
-                add_event(s, "rules_reloaded", f"rules reloaded from {self.path}")
+                add_event(s, EventKind.RULES_RELOADED, f"rules reloaded from {self.path}")

@@ -2,6 +2,33 @@
 
 Handlers are small: access control at association time, then spool + record per
 instance. Nothing is decoded beyond the header; the encoded bytes go straight to disk.
+
+Contract (what a peer sees; pynetdicom's ``doc_handle_store`` is the model):
+
+Association (PS3.8 7.1.1.9):
+
+- accepted when the calling AE title and address match an entry of ``peers``
+  (``require_called_ae`` also checks the called AE title);
+- A-ASSOCIATE-RJ rejected-permanent / service-user / calling-AE-title-not-recognised
+  (result 1, source 1, reason 3) for an unknown peer; pynetdicom itself answers the
+  called-AE reason (7) when ``require_called_ae`` is on and the title is not ours.
+
+C-ECHO (PS3.4 A.2.2): ``0x0000`` Success, always.
+
+C-STORE (PS3.4 B.2.3), answered only after the instance is durable on disk:
+
+- ``0x0000`` Success: written (fsync of file and folder) to
+  ``spool/<study>/<series>/<sop>.dcm`` and recorded; a re-sent SOP instance replaces the
+  earlier file and is recorded once;
+- ``0xA700`` Refused: Out of Resources: free space below ``min_free_bytes`` or the disk
+  is full, the file could not be written, or the database could not record it (the file
+  stays; the start-up re-scan indexes it). Nothing the sender must change: retry later;
+- ``0xC000`` Error: Cannot Understand: the dataset cannot be parsed, is truncated, lacks
+  or has invalid Study / Series / SOP Instance / SOP Class UIDs, or its SOP Instance UID
+  differs from the request's. A resend of the same bytes fails the same way.
+
+N-EVENT-REPORT (Storage Commitment Push Model, PS3.4 J.3.3): see
+``dicom_node.commitment.event_report_handler``.
 """
 
 from __future__ import annotations
@@ -27,16 +54,16 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
 from db.session import Database
 from dicom_node.assembler import AssociationTracker
 from dicom_node.commitment import event_report_handler
-from dicom_node.config import NodeSettings
 from dicom_node.instance import CorruptDatasetError, parse_header
 from dicom_node.records import InstanceRecorder, Origin
 from dicom_node.spool import Spool, SpoolFullError
-from dicom_node.web import metrics as web_metrics
+from kernel.settings import NodeSettings
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -57,13 +84,17 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC000
+# Storage Service Class statuses (PS3.4 B.2.3) that pynetdicom's Status does not name:
+# registered with its own mechanism rather than kept as local copies.
+Status.add("OUT_OF_RESOURCES", 0xA700)
+Status.add("CANNOT_UNDERSTAND", 0xC000)
 
 
 class StorageSCP:
-    """Owns the pynetdicom AE; ``start()`` listens in background threads."""
+    """Owns the pynetdicom AE; ``start()`` listens in background threads.
+
+    ``on_stored(series_uid)`` is called after each stored instance (tests, benchmarks).
+    """
 
     def __init__(
         self,
@@ -83,6 +114,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         # Per open association: instances stored, studies seen, patient names seen.
         self._received: dict[int, tuple[int, set[str], set[str]]] = {}
+        self.associations_requested = 0
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = settings.max_pdu_size
         for cx in AllStoragePresentationContexts:
@@ -120,9 +152,21 @@ class StorageSCP:
         assert self._server is not None
         return self._server.server_address[1]
 
+    def is_listening(self) -> bool:
+        return self._server is not None
+
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) the listener is bound to; None when it is not listening."""
+        server = self._server
+        if server is None:
+            return None
+        host, port = server.server_address[:2]
+        return str(host), int(port)
+
     # -- handlers --------------------------------------------------------------------
     def _on_requested(self, event: evt.Event) -> None:
-        web_metrics.count_association(self)
+        with self._lock:
+            self.associations_requested += 1
         requestor = event.assoc.requestor
         # The requestor's AE title is only filled in after negotiation: read the request.
         calling_ae = str(requestor.primitive.calling_ae_title).strip()
@@ -140,7 +184,7 @@ class StorageSCP:
             event.assoc.kill()
 
     def _on_echo(self, event: evt.Event) -> int:
-        return STATUS_SUCCESS
+        return Status.SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
         assoc = event.assoc
@@ -150,15 +194,15 @@ class StorageSCP:
             header = parse_header(data, expected_sop_uid=sop_uid)
         except CorruptDatasetError as exc:
             log.warning("refused instance %s from %s: %s", sop_uid, assoc.requestor.ae_title, exc)
-            return STATUS_CANNOT_UNDERSTAND
+            return Status.CANNOT_UNDERSTAND
         try:
             path = self.spool.write(header.study_uid, header.series_uid, header.sop_uid, data)
         except SpoolFullError as exc:
             log.error("out of resources, refused instance %s: %s", sop_uid, exc)
-            return STATUS_OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES
         except OSError as exc:
             log.error("could not spool instance %s: %s", sop_uid, exc)
-            return STATUS_OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES
         self.tracker.touch(id(assoc), header.series_uid)
         with self._lock:
             count, studies, patients = self._received.get(id(assoc), (0, set(), set()))
@@ -176,10 +220,10 @@ class StorageSCP:
             # The file is durable; the start-up spool re-scan will index it. Tell the
             # sender to try again so nothing depends on that alone.
             log.exception("could not record instance %s in the database", sop_uid)
-            return STATUS_OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES
         if self.on_stored is not None:
             self.on_stored(header.series_uid)
-        return STATUS_SUCCESS
+        return Status.SUCCESS
 
     def _on_closed(self, event: evt.Event) -> None:
         self.tracker.release(id(event.assoc))

@@ -19,7 +19,6 @@ from db.migrate import upgrade
 from db.models import Instance
 from db.session import Database
 from dicom_node.assembler import Assembler, AssociationTracker
-from dicom_node.config import NodeSettings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.instance import CorruptDatasetError, parse_header
 from dicom_node.records import Origin, record_instance
@@ -27,19 +26,29 @@ from dicom_node.routing import Router
 from dicom_node.rules_holder import RulesHolder
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
+from dicom_node.view import ServiceView
 from inference import queue
-from inference.engine import Engine
 from inference.gpu import Admission, worker_devices
 from inference.keeper import QueueKeeper
-from inference.nnunet_runner import resolve_device
 from inference.registry import load_registry
 from inference.supervisor import worker_name
 from inference.worker import LocalWorker
+from kernel.catalog import PipelineSpec
+from kernel.settings import NodeSettings
 
 log = logging.getLogger("dicom_node.service")
 
 
 class Node:
+    """The whole node in one process: ``start()``, then ``stop()`` (or ``serve_forever``).
+
+    ``start`` migrates the database, checks the model registry and the rules (raising
+    ``RegistryError`` / ``RulesError`` naming the problem), re-indexes spooled files the
+    database missed, requeues jobs and sends a previous run left unfinished, and starts
+    the loops: assembler + settle check, dispatcher, one worker per device (or Celery
+    publishing), queue keeper, web app and last the DICOM listener.
+    """
+
     def __init__(self, settings: NodeSettings, stop_grace_s: float = 60.0) -> None:
         self.settings = settings
         self.stop_grace_s = stop_grace_s
@@ -48,7 +57,6 @@ class Node:
         self.web_server = None
         self.web_port: int | None = None
         self.workers: list[LocalWorker] = []
-        self._engine: Engine | None = None
 
     # -- start -------------------------------------------------------------------------
     def start(self) -> Node:
@@ -95,19 +103,36 @@ class Node:
             publish = publisher(self.celery, w.celery_queue)
         elif w.enabled:
             for device in worker_devices(w.device, w.devices):
-                admission = Admission(device, self.rules.get, self.registry)
+                admission = Admission(device, self.pipeline, self.registry)
                 worker = LocalWorker(self.db, self.settings, device, admission)
                 self.workers.append(worker)
                 self._spawn(f"worker-{device}", worker.run_forever, self.stop_event, daemon=True)
         self.keeper = QueueKeeper(self.db, w, publish)
         self._spawn("queue-keeper", self.keeper.run_forever, self.stop_event, daemon=True)
 
-    @property
-    def engine(self) -> Engine:
-        """An in-process engine for inspection (tests, demo); jobs run in worker children."""
-        if self._engine is None:
-            self._engine = Engine(self.registry, resolve_device(self.settings.worker.device))
-        return self._engine
+    def pipeline(self, name: str) -> PipelineSpec | None:
+        """A pipeline of the catalog in force (the rules file's ``pipelines``)."""
+        return self.rules.get().pipelines.get(name)
+
+    def loops(self) -> dict[str, bool]:
+        """Name -> alive for every loop thread but the web server's."""
+        return {t.name: t.is_alive() for t in self.threads if t.name != "web"}
+
+    def view(self) -> ServiceView:
+        """The small typed view the web app gets of this node."""
+        scp = self.scp
+        return ServiceView(
+            settings=self.settings,
+            db=self.db,
+            rules=self.rules,
+            registry=self.registry,
+            loops=self.loops,
+            listening=scp.is_listening,
+            listener_address=scp.address,
+            devices=tuple(w.device for w in self.workers),
+            associations_requested=lambda: scp.associations_requested,
+            wake_dispatcher=self.dispatcher.wake.set,
+        )
 
     def _spawn(self, name: str, target, *args, daemon: bool = False) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=daemon)
@@ -135,7 +160,7 @@ class Node:
 
         from dicom_node.web import create_app
 
-        app = create_app(self)
+        app = create_app(self.view())
         config = uvicorn.Config(
             app,
             host=self.settings.web.host,

@@ -13,7 +13,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from dicom_node.uids import require_uid
+from kernel.uids import require_uid
 
 
 class SpoolFullError(OSError):

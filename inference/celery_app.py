@@ -23,10 +23,11 @@ from typing import Any
 from celery import Celery
 
 from db.session import Database
-from dicom_node.config import NodeSettings
 from inference import queue
 from inference.gpu import Admission
 from inference.supervisor import DeviceSupervisor, worker_name
+from kernel.catalog import PipelineCatalog
+from kernel.settings import NodeSettings
 
 log = logging.getLogger("inference.celery")
 
@@ -83,19 +84,16 @@ class CeleryJobRunner:
         self.child_target: Any = None  # None: inference.child.child_main
 
     def _setup(self) -> None:
-        from dicom_node.rules_holder import RulesHolder
         from inference.registry import load_registry
 
         s = self.settings
         self.db = Database(s.db_url)
         self.name = worker_name("celery", self.device)
         registry = load_registry(s.models_file)
-        rules = RulesHolder(
-            s.rules_file,
-            known_destinations={d.name for d in s.destinations},
-            known_models={m: spec.channels for m, spec in registry.models.items()},
+        catalog = PipelineCatalog(
+            s.rules_file, {m: spec.channels for m, spec in registry.models.items()}
         )
-        self.admission = Admission(self.device, rules.get, registry)
+        self.admission = Admission(self.device, catalog.get, registry)
         self.supervisor = DeviceSupervisor(self.db, s, self.device, self.name)
         if self.child_target is not None:
             self.supervisor.child_target = self.child_target

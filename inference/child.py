@@ -93,7 +93,7 @@ def child_main(conn: Connection, settings_data: dict[str, Any], device: str) -> 
     threading.Thread(
         target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True
     ).start()
-    from dicom_node.config import NodeSettings
+    from kernel.settings import NodeSettings
 
     settings = NodeSettings(**settings_data)
     logging.basicConfig(
@@ -103,21 +103,19 @@ def child_main(conn: Connection, settings_data: dict[str, Any], device: str) -> 
     import torch
 
     from db.session import Database
-    from dicom_node.rules_holder import RulesHolder
     from inference.engine import Engine
     from inference.jobrun import JobRunner
     from inference.registry import load_registry
+    from kernel.catalog import PipelineCatalog
 
     registry = load_registry(settings.models_file)
-    rules = RulesHolder(
-        settings.rules_file,
-        known_destinations={d.name for d in settings.destinations},
-        known_models={m: spec.channels for m, spec in registry.models.items()},
+    catalog = PipelineCatalog(
+        settings.rules_file, {m: spec.channels for m, spec in registry.models.items()}
     )
     db = Database(settings.db_url)
     engine = Engine(registry, torch.device(device))
     runner = JobRunner(
-        db, engine, rules.get, settings.results_dir, settings.result_destination_list
+        db, engine, catalog.get, settings.results_dir, settings.result_destination_list
     )
     hook = ProgressHook(conn.send)
     conn.send(("ready", None, None))
@@ -131,7 +129,7 @@ def child_main(conn: Connection, settings_data: dict[str, Any], device: str) -> 
                 return
             _, job_id, worker, attempt = message
             try:
-                spec = rules.get().pipelines.get(_pipeline_of(db, job_id))
+                spec = catalog.get(_pipeline_of(db, job_id))
                 models = list(spec.models) if spec else []
                 hook.begin(job_id, models)
                 for model_id in models:

@@ -20,15 +20,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dicom_node.rules import PipelineSpec
 from inference.crop import crop_volume, label_box, paste
+from inference.labels import SegmentLabel
 from inference.model_cache import ModelCache
 from inference.nnunet_runner import NnUNetRunner
 from inference.orientation import canonical_ras
 from inference.postprocess import postprocess
 from inference.registry import ModelRegistry, ModelSpec
-from inference.seg_writer import SegmentLabel
+from inference.results import pipeline_version
 from inference.volume import Volume, resample_to
+from kernel.catalog import PipelineSpec
 
 if TYPE_CHECKING:
     from inference.totalseg_runner import TotalSegEnsemble
@@ -58,11 +59,6 @@ class PipelineResult:
     @property
     def version(self) -> str:
         return pipeline_version(self.model_versions)
-
-
-def pipeline_version(model_versions: dict[str, str]) -> str:
-    """One version string for a pipeline's models (part of the result UIDs)."""
-    return "+".join(f"{m}-{v}" for m, v in sorted(model_versions.items()))
 
 
 class _Lru:

@@ -10,8 +10,8 @@ import logging
 from collections.abc import Callable
 
 from db.models import Job
-from dicom_node.rules import RuleSet
 from inference.registry import ModelRegistry
+from kernel.catalog import PipelineSpec
 
 log = logging.getLogger("inference.gpu")
 
@@ -57,24 +57,28 @@ def free_memory_mb(device: str) -> int | None:
 
 
 class Admission:
-    """Decides whether a job may start on a device now (see ``queue.claim(admit=...)``)."""
+    """Decides whether a job may start on a device now (see ``queue.claim(admit=...)``).
+
+    ``pipelines`` looks a job's pipeline up in the pipeline catalog; ``probe`` gives the
+    device's free memory in MiB.
+    """
 
     def __init__(
         self,
         device: str,
-        rules: Callable[[], RuleSet],
+        pipelines: Callable[[str], PipelineSpec | None],
         registry: ModelRegistry,
         probe: FreeMemoryProbe = free_memory_mb,
     ) -> None:
         self.device = device
-        self.rules = rules
+        self.pipelines = pipelines
         self.registry = registry
         self.probe = probe
         self.waiting: int | None = None  # job id waiting for memory (logged once)
 
     def needed_mb(self, pipeline: str) -> int:
         """The largest declared need of the pipeline's models (they run one at a time)."""
-        spec = self.rules().pipelines.get(pipeline)
+        spec = self.pipelines(pipeline)
         if spec is None:
             return 0
         needs = [

@@ -7,7 +7,6 @@ still owns the job: a job is recorded, and its SEG queued for sending, exactly o
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,43 +17,32 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Dispatch, Job, Result, Series, utcnow
+from db.models import Instance, Job, Result, Series, utcnow
 from db.session import Database
-from dicom_node.config import Destination
-from dicom_node.records import add_event, series_files
-from dicom_node.rules import RuleSet
-from dicom_node.uids import derived_uid
 from inference import path_api, queue
 from inference.engine import Engine, PipelineResult
-from inference.seg_writer import Algorithm, write_seg
+from inference.results import (
+    RESULT_SOP_CLASS_UIDS,
+    SEG_SOP_CLASS_UID,
+    Algorithm,
+    result_uids,
+    series_description,
+)
+from inference.seg_writer import write_seg
 from inference.volume import Volume
-
-SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
-LABELMAP_SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.7"
-RTSTRUCT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.481.3"
-RESULT_SOP_CLASS_UIDS = {
-    "BINARY": SEG_SOP_CLASS_UID,
-    "LABELMAP": LABELMAP_SEG_SOP_CLASS_UID,
-    "RTSTRUCT": RTSTRUCT_SOP_CLASS_UID,
-}
+from kernel import outbox
+from kernel.catalog import PipelineSpec
+from kernel.events import add_event
+from kernel.settings import Destination
+from kernel.vocabulary import EventKind, EventLevel, OutboxKind, ResultType
 
 
-def result_uids(
-    source_series_uid: str, pipeline: str, version: str, result_type: str = "BINARY"
-) -> tuple[str, str, int]:
-    """(SeriesInstanceUID, SOPInstanceUID, SeriesNumber) of a pipeline's SEG.
-
-    Derived from the inputs only, so a re-run with the same model version replaces the
-    earlier SEG in the PACS, while a new model version makes a new series. A LABELMAP
-    copy (another SOP class) is its own series.
-    """
-    parts = (source_series_uid, pipeline, version)
-    if result_type != "BINARY":
-        parts += (result_type,)
-    series_uid = derived_uid("seg-series", *parts)
-    sop_uid = derived_uid("seg-instance", *parts)
-    digest = hashlib.sha256(f"{pipeline}\x1f{version}".encode()).digest()
-    return series_uid, sop_uid, 9000 + int.from_bytes(digest[:2], "big") % 1000
+def series_files(session: Session, series_uid: str) -> list[str]:
+    """Paths of the instances of a received series, in no particular order."""
+    rows = session.scalars(
+        select(Instance.path).join(Series).where(Series.series_uid == series_uid)
+    )
+    return list(rows)
 
 
 @dataclass
@@ -64,26 +52,30 @@ class WrittenSeg:
     series_uid: str
     source_series_uid: str
     label_count: int
-    result_type: str = "BINARY"
+    result_type: ResultType = ResultType.BINARY
     sop_class_uid: str = SEG_SOP_CLASS_UID
     destinations: tuple[str, ...] = ()
     empty: bool = False
 
 
 class JobRunner:
-    """Runs claimed jobs with a warm Engine; one per worker child."""
+    """Runs claimed jobs with a warm Engine; one per worker child.
+
+    ``pipelines`` looks a job's pipeline up in the pipeline catalog (name -> spec, None
+    when unknown); ``destinations`` gives the destinations every result goes to.
+    """
 
     def __init__(
         self,
         db: Database,
         engine: Engine,
-        rules: Callable[[], RuleSet],
+        pipelines: Callable[[str], PipelineSpec | None],
         results_dir: Path,
         destinations: Callable[[], list[Destination]],
     ) -> None:
         self.db = db
         self.engine = engine
-        self.rules = rules
+        self.pipelines = pipelines
         self.results_dir = Path(results_dir)
         self.destinations = destinations
 
@@ -119,9 +111,9 @@ class JobRunner:
 
     def process(self, job: Job) -> tuple[dict[str, Any], list[WrittenSeg]]:
         started = time.perf_counter()
-        spec = self.rules().pipelines.get(job.pipeline)
+        spec = self.pipelines(job.pipeline)
         if spec is None:
-            raise KeyError(f"pipeline {job.pipeline!r} is not defined in the rules in force")
+            raise KeyError(f"pipeline {job.pipeline!r} is not defined in the pipeline catalog")
         if path_api.is_path_job(job.inputs):  # HTTP path API: a NIfTI mask, no SEG
             mask_dir = self.results_dir / "masks" / f"job-{job.id}"
             return path_api.run_path_job(self.engine, job.pipeline, spec, job.inputs, mask_dir), []
@@ -151,7 +143,7 @@ class JobRunner:
             with self.db.session() as s:
                 add_event(
                     s,
-                    "result_empty",
+                    EventKind.RESULT_EMPTY,
                     f"pipeline {job.pipeline} found no label in series "
                     f"{result.reference.series_uid}: "
                     + (
@@ -159,7 +151,7 @@ class JobRunner:
                         if sent_to
                         else "nothing sent (empty_result: skip)"
                     ),
-                    level="warning",
+                    level=EventLevel.WARNING,
                     study_uid=_study_uid(s, job),
                     job_id=job.id,
                 )
@@ -176,25 +168,25 @@ class JobRunner:
             ]
         return summary, segs
 
-    def _outputs(self, empty: bool) -> dict[str, list[str]]:
+    def _outputs(self, empty: bool) -> dict[ResultType, list[str]]:
         """SEG flavour -> the destinations that get it. A result is written once per
         flavour; an empty one only for destinations that asked to be told (``send``).
         With no destination at all a BINARY SEG is still written and recorded."""
         destinations = self.destinations()
-        outputs: dict[str, list[str]] = {}
+        outputs: dict[ResultType, list[str]] = {}
         for dest in destinations:
             if empty and dest.empty_result != "send":
                 continue
             outputs.setdefault(dest.result_type, []).append(dest.name)
         if not destinations and not empty:
-            outputs["BINARY"] = []
+            outputs[ResultType.BINARY] = []
         return outputs
 
     def _write_seg(
         self,
         job: Job,
         result: PipelineResult,
-        result_type: str,
+        result_type: ResultType,
         destinations: tuple[str, ...],
         empty: bool,
     ) -> WrittenSeg:
@@ -210,10 +202,10 @@ class JobRunner:
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
             series_number=series_number,
-            series_description=f"AI {job.pipeline} {result.version}"[:64],
+            series_description=series_description(job.pipeline, result.version),
             allow_empty=empty,
         )
-        if result_type == "RTSTRUCT":
+        if result_type == ResultType.RTSTRUCT:
             from inference.rtstruct_writer import write_rtstruct
 
             path = write_rtstruct(ref.headers, result.label_map, result.labels, **common)
@@ -234,14 +226,13 @@ class JobRunner:
         )
 
     def _record_result(self, s: Session, job: Job, seg: WrittenSeg) -> None:
-        now = utcnow()
         row = s.scalars(select(Result).where(Result.sop_uid == seg.sop_uid)).one_or_none()
         if row is None:
             s.add(
                 Result(
                     job_id=job.id,
                     study_id=job.study_id,
-                    kind="RTSTRUCT" if seg.result_type == "RTSTRUCT" else "SEG",
+                    kind="RTSTRUCT" if seg.result_type == ResultType.RTSTRUCT else "SEG",
                     sop_uid=seg.sop_uid,
                     series_uid=seg.series_uid,
                     sop_class_uid=seg.sop_class_uid,
@@ -250,35 +241,23 @@ class JobRunner:
                 )
             )
         else:  # a re-run replaced the file in place
-            row.job_id, row.created_at = job.id, now
-        destinations = seg.destinations
+            row.job_id, row.created_at = job.id, utcnow()
+        # A re-run's result replaces the earlier one at each destination too.
+        outbox.queue(
+            s,
+            study_id=job.study_id,
+            kind=OutboxKind.RESULT,
+            sop_uid=seg.sop_uid,
+            sop_class_uid=seg.sop_class_uid,
+            path=str(seg.path),
+            destinations=seg.destinations,
+        )
         content = "no finding" if seg.empty else f"{seg.label_count} labels"
-        for destination in destinations:
-            dispatch = s.scalars(
-                select(Dispatch).where(
-                    Dispatch.sop_uid == seg.sop_uid, Dispatch.destination == destination
-                )
-            ).one_or_none()
-            if dispatch is None:
-                s.add(
-                    Dispatch(
-                        study_id=job.study_id,
-                        kind="result",
-                        sop_uid=seg.sop_uid,
-                        sop_class_uid=seg.sop_class_uid,
-                        path=str(seg.path),
-                        destination=destination,
-                        next_attempt_at=now,
-                    )
-                )
-            else:  # the re-run's SEG replaces the earlier one at the destination too
-                dispatch.state, dispatch.attempts, dispatch.next_attempt_at = "pending", 0, now
-                dispatch.queued_at, dispatch.path = now, str(seg.path)
         add_event(
             s,
-            "result_written",
+            EventKind.RESULT_WRITTEN,
             f"{seg.result_type} {seg.sop_uid} ({content}) queued for "
-            f"{', '.join(destinations) or 'no destination'}",
+            f"{', '.join(seg.destinations) or 'no destination'}",
             study_uid=_study_uid(s, job),
             series_uid=seg.source_series_uid,
             job_id=job.id,

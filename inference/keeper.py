@@ -18,8 +18,8 @@ from sqlalchemy import or_, select
 
 from db.models import Job, utcnow
 from db.session import Database
-from dicom_node.config import WorkerSettings
 from inference import queue
+from kernel.settings import WorkerSettings
 
 log = logging.getLogger("inference.keeper")
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dicom_node.rules import PipelineSpec
 from inference.engine import Engine, PipelineInputError
 from inference.nifti_io import is_nifti, read_nifti, write_mask
 from inference.volume import SeriesReadError, Volume, load_series
+from kernel.catalog import PipelineSpec
 
 
 class PathInputError(ValueError):

@@ -1,13 +1,16 @@
-"""The job queue in the database: enqueue, claim atomically, finish, fail with retry.
+"""The job queue in the database: the one writer of the ``jobs`` table.
 
-Claiming is one transaction: SQLite serialises writers (BEGIN IMMEDIATE), PostgreSQL
-uses ``FOR UPDATE SKIP LOCKED`` so several workers never take the same job.
+Enqueue (with de-duplication), claim atomically, heart-beat, finish, fail with retry,
+requeue, expire, and the admin actions (retry, cancel, priority). Every job state in
+``kernel.vocabulary.JobState`` is set here. Claiming is one transaction: SQLite serialises
+writers (BEGIN IMMEDIATE), PostgreSQL uses ``FOR UPDATE SKIP LOCKED`` so several workers
+never take the same job.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, or_, select
@@ -15,45 +18,86 @@ from sqlalchemy.orm import Session
 
 from db.models import Job, Study, utcnow
 from db.session import Database
-from dicom_node.records import add_event
+from kernel.events import add_event
+from kernel.retry import RetryPolicy
+from kernel.vocabulary import (
+    ACTIVE_JOB_STATES,
+    PRIORITY_RANKS,
+    RUNNING_JOB_STATES,
+    EventKind,
+    EventLevel,
+    JobState,
+    Priority,
+)
 
-PRIORITIES = {"normal": 0, "urgent": 10}
-ACTIVE_STATES = ("queued", "running", "cancelling")
-RUNNING_STATES = ("running", "cancelling")
+PRIORITIES = {str(p): rank for p, rank in PRIORITY_RANKS.items()}
+ACTIVE_STATES = ACTIVE_JOB_STATES
+RUNNING_STATES = RUNNING_JOB_STATES
 
 # Who holds a running job: (worker name, attempt number). A worker that lost its lease
 # (and so its job) can never finish or fail the job another worker took over.
 Owner = tuple[str, int]
 
 
+def identical_job(
+    session: Session,
+    study: Study,
+    pipeline: str,
+    inputs: dict[str, Any],
+    inputs_ready_at: datetime | None = None,
+) -> Job | None:
+    """A job that already covers this request: the same pipeline on the same inputs,
+    still queued, or (with ``inputs_ready_at``) queued at or after the inputs were last
+    completed. The one de-duplication rule of the queue."""
+    candidates = session.scalars(
+        select(Job)
+        .where(Job.study_id == study.id, Job.pipeline == pipeline)
+        .order_by(Job.id.desc())
+    ).all()
+    for job in candidates:
+        if job.inputs != inputs:
+            continue
+        if job.state == JobState.QUEUED:
+            return job
+        if inputs_ready_at is not None and job.queued_at >= inputs_ready_at:
+            return job
+    return None
+
+
 def enqueue(
     session: Session,
     study: Study,
     pipeline: str,
-    inputs: dict[str, str],
+    inputs: dict[str, Any],
     *,
-    priority: str = "normal",
+    priority: Priority | str = Priority.NORMAL,
     max_attempts: int = 3,
+    inputs_ready_at: datetime | None = None,
 ) -> Job | None:
-    """Queue a pipeline run unless an identical one is already waiting."""
-    waiting = session.scalars(
-        select(Job).where(Job.study_id == study.id, Job.pipeline == pipeline, Job.state == "queued")
-    ).all()
-    if any(j.inputs == inputs for j in waiting):
+    """Queue a pipeline run; None when ``identical_job`` already covers it.
+
+    ``inputs``: input role -> series UID (or ``{"path": ...}`` for the path API).
+    ``max_attempts``: tries before the job fails (the node passes ``worker.max_attempts``).
+    ``inputs_ready_at``: when the inputs were last completed; a job queued since then
+    for the same inputs is not queued again (a routing pass that repeats itself).
+    """
+    if identical_job(session, study, pipeline, inputs, inputs_ready_at) is not None:
         return None
+    priority = Priority(priority)
     job = Job(
         study_id=study.id,
         pipeline=pipeline,
         inputs=inputs,
-        priority=PRIORITIES[priority],
+        priority=priority.rank,
         max_attempts=max_attempts,
         queued_at=utcnow(),
+        state=JobState.QUEUED,
     )
     session.add(job)
     session.flush()
     add_event(
         session,
-        "job_queued",
+        EventKind.JOB_QUEUED,
         f"pipeline {pipeline} queued ({priority})",
         study_uid=study.study_uid,
         job_id=job.id,
@@ -86,7 +130,10 @@ def claim(
             rank = case((waited_long, max(PRIORITIES.values())), else_=Job.priority)
         query = (
             select(Job)
-            .where(Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now))
+            .where(
+                Job.state == JobState.QUEUED,
+                or_(Job.not_before.is_(None), Job.not_before <= now),
+            )
             .order_by(rank.desc(), Job.queued_at, Job.id)
             .limit(1)
         )
@@ -97,7 +144,7 @@ def claim(
         job = s.scalars(query).first()
         if job is None or (admit is not None and not admit(job)):
             return None
-        job.state = "running"
+        job.state = JobState.RUNNING
         job.attempts += 1
         job.worker = worker
         job.device = device
@@ -107,7 +154,7 @@ def claim(
         job.finished_at = None
         add_event(
             s,
-            "job_started",
+            EventKind.JOB_STARTED,
             f"pipeline {job.pipeline} attempt {job.attempts} on {device} ({worker})",
             study_uid=job.study.study_uid,
             job_id=job.id,
@@ -160,12 +207,12 @@ def finish(
         job = _locked(s, db, job_id)
         if not _owned(job, owner):
             return job.state
-        if job.state == "cancelling":  # cancelled while it ran: the result is not kept
-            job.state, job.finished_at = "cancelled", utcnow()
+        if job.state == JobState.CANCELLING:  # cancelled while it ran: result not kept
+            job.state, job.finished_at = JobState.CANCELLED, utcnow()
             return job.state
         if record is not None:
             record(s, job)
-        job.state = "done"
+        job.state = JobState.DONE
         job.progress = 1.0
         job.finished_at = utcnow()
         job.summary = summary
@@ -173,7 +220,7 @@ def finish(
         seconds = (job.finished_at - job.started_at).total_seconds() if job.started_at else 0
         add_event(
             s,
-            "job_done",
+            EventKind.JOB_DONE,
             f"pipeline {job.pipeline} finished in {seconds:.1f} s",
             study_uid=job.study.study_uid,
             job_id=job.id,
@@ -193,6 +240,9 @@ def fail(
 ) -> str:
     """Record a failed attempt; requeue with backoff or fail for good. Returns the state.
 
+    The job's ``max_attempts`` and ``retry_base_s`` make its ``RetryPolicy``: attempt n is
+    retried after ``retry_base_s * 2 ** (n - 1)`` seconds until the attempts are used up.
+
     ``retry=False`` fails for good at once: the input itself is wrong (an unreadable
     image, a missing phase) and another attempt would only fail the same way, later.
     """
@@ -202,26 +252,27 @@ def fail(
             return job.state
         job.last_error = error
         job.finished_at = utcnow()
-        if job.state == "cancelling":
-            job.state = "cancelled"
+        if job.state == JobState.CANCELLING:
+            job.state = JobState.CANCELLED
             return job.state
+        policy = RetryPolicy(max_attempts=job.max_attempts, base_s=retry_base_s)
+        delay = policy.next_delay_s(job.attempts) if retry else None
         if not retry:
-            job.state = "failed"
+            job.state = JobState.FAILED
             message = f"failed on its input (not retried): {error}"
-            level = "error"
-        elif job.attempts < job.max_attempts:
-            job.state = "queued"
-            delay = retry_base_s * 2 ** (job.attempts - 1)
+            level = EventLevel.ERROR
+        elif delay is not None:
+            job.state = JobState.QUEUED
             job.not_before = utcnow() + timedelta(seconds=delay)
             message = f"attempt {job.attempts} failed, retry in {delay:g} s: {error}"
-            level = "warning"
+            level = EventLevel.WARNING
         else:
-            job.state = "failed"
+            job.state = JobState.FAILED
             message = f"failed after {job.attempts} attempts: {error}"
-            level = "error"
+            level = EventLevel.ERROR
         add_event(
             s,
-            "job_failed" if job.state == "failed" else "job_retry",
+            EventKind.JOB_FAILED if job.state == JobState.FAILED else EventKind.JOB_RETRY,
             f"pipeline {job.pipeline} {message}",
             level=level,
             study_uid=job.study.study_uid,
@@ -242,17 +293,17 @@ def requeue_abandoned(db: Database, worker_prefix: str | None = None) -> int:
         for job in jobs:
             if worker_prefix and not (job.worker or "").startswith(worker_prefix):
                 continue
-            if job.state == "cancelling":
-                job.state, job.finished_at = "cancelled", utcnow()
+            if job.state == JobState.CANCELLING:
+                job.state, job.finished_at = JobState.CANCELLED, utcnow()
                 continue
-            job.state = "queued"
+            job.state = JobState.QUEUED
             job.attempts = max(0, job.attempts - 1)
             job.worker = None
             add_event(
                 s,
-                "job_requeued",
+                EventKind.JOB_REQUEUED,
                 f"pipeline {job.pipeline} was running when the node stopped; queued again",
-                level="warning",
+                level=EventLevel.WARNING,
                 study_uid=job.study.study_uid,
                 job_id=job.id,
             )
@@ -288,14 +339,16 @@ def expire_queued(db: Database, max_age_s: float) -> int:
     """Queued jobs older than ``max_age_s`` are ``expired`` instead of run very late."""
     cutoff = utcnow() - timedelta(seconds=max_age_s)
     with db.session() as s:
-        jobs = s.scalars(select(Job).where(Job.state == "queued", Job.queued_at < cutoff)).all()
+        jobs = s.scalars(
+            select(Job).where(Job.state == JobState.QUEUED, Job.queued_at < cutoff)
+        ).all()
         for job in jobs:
-            job.state, job.finished_at = "expired", utcnow()
+            job.state, job.finished_at = JobState.EXPIRED, utcnow()
             add_event(
                 s,
-                "job_expired",
+                EventKind.JOB_EXPIRED,
                 f"pipeline {job.pipeline} waited more than {max_age_s:g} s; expired",
-                level="warning",
+                level=EventLevel.WARNING,
                 study_uid=job.study.study_uid,
                 job_id=job.id,
             )
@@ -314,11 +367,11 @@ def retry(db: Database, job_id: int, by: str = "admin") -> None:
             raise JobActionError(f"job {job_id} does not exist")
         if job.state in ACTIVE_STATES:
             raise JobActionError(f"job {job_id} is {job.state}; only finished jobs can be retried")
-        job.state, job.attempts, job.not_before = "queued", 0, None
+        job.state, job.attempts, job.not_before = JobState.QUEUED, 0, None
         job.queued_at, job.progress, job.worker = utcnow(), 0.0, None
         add_event(
             s,
-            "job_retry",
+            EventKind.JOB_RETRY,
             f"pipeline {job.pipeline} queued again by {by}",
             study_uid=job.study.study_uid,
             job_id=job.id,
@@ -336,12 +389,12 @@ def cancel(db: Database, job_id: int, by: str = "admin") -> str:
             raise JobActionError(f"job {job_id} does not exist")
         if job.state not in ACTIVE_STATES:
             raise JobActionError(f"job {job_id} is {job.state}; nothing to cancel")
-        job.state = "cancelled" if job.state == "queued" else "cancelling"
-        if job.state == "cancelled":
+        job.state = JobState.CANCELLED if job.state == JobState.QUEUED else JobState.CANCELLING
+        if job.state == JobState.CANCELLED:
             job.finished_at = utcnow()
         add_event(
             s,
-            "job_cancel",
+            EventKind.JOB_CANCEL,
             f"pipeline {job.pipeline} {job.state} by {by}",
             study_uid=job.study.study_uid,
             job_id=job.id,
@@ -359,7 +412,7 @@ def set_priority(db: Database, job_id: int, priority: str, by: str = "admin") ->
         job.priority = PRIORITIES[priority]
         add_event(
             s,
-            "job_priority",
+            EventKind.JOB_PRIORITY,
             f"pipeline {job.pipeline} set to {priority} by {by}",
             study_uid=job.study.study_uid,
             job_id=job.id,

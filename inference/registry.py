@@ -13,21 +13,18 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from dicom_node.config import REPO_ROOT
-from inference.seg_writer import Code, SegmentLabel
+from inference.labels import Code, SegmentLabel
+from kernel.settings import REPO_ROOT
+from kernel.strict import StrictModel
 
 
 class RegistryError(ValueError):
     """The model registry is invalid; the message names the model and the problem."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CodeSpec(_Strict):
+class CodeSpec(StrictModel):
     """A coded concept written as ``[scheme, value, meaning]`` in YAML."""
 
     scheme: str
@@ -44,7 +41,7 @@ def _code(v: object) -> object:
     return v
 
 
-class PostProcessSpec(_Strict):
+class PostProcessSpec(StrictModel):
     """Per-label clean-up after inference (in the reference geometry)."""
 
     largest_component: bool = False  # keep only the largest connected component
@@ -53,7 +50,7 @@ class PostProcessSpec(_Strict):
     smooth_mm: float = Field(0.0, ge=0)  # Gaussian smoothing of the mask (sigma, mm)
 
 
-class LabelSpec(_Strict):
+class LabelSpec(StrictModel):
     name: str
     category: CodeSpec
     type: CodeSpec
@@ -66,7 +63,7 @@ class LabelSpec(_Strict):
     )
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     id: str
     kind: Literal["nnunet", "totalsegmentator"] = "nnunet"
     # nnunet: the trained-model folder. totalsegmentator: resolved from the task at start.

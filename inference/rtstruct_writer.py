@@ -38,7 +38,7 @@ source image and written as ISO_IR 192 (UTF-8), which can hold whatever the sour
 character set could; the current standard also wants the Frame of Reference module.
 
 UIDs are deterministic: the caller passes the Series/SOP Instance UIDs (see
-``dicom_node.uids.derived_uid``) and the writer invents none; ROIs and contours come in a
+``kernel.uids.derived_uid``) and the writer invents none; ROIs and contours come in a
 fixed order, so a re-run differs only in the creation date/time attributes.
 
 Cost for 512x512x300 with 10 organ-sized labels (2 cores shared with a training run): ~2.3 s,
@@ -67,13 +67,16 @@ from pydicom.valuerep import PersonName
 from scipy import ndimage
 from skimage import measure
 
-from inference.seg_writer import (
-    ANATOMICAL_STRUCTURE,
+from inference.labels import ANATOMICAL_STRUCTURE, Code, SegmentLabel
+from inference.results import (
+    MANUFACTURER,
+    MANUFACTURER_MODEL_NAME,
+    RTSTRUCT_SOP_CLASS_UID,
     Algorithm,
-    Code,
+    product_version,
+)
+from inference.seg_writer import (
     EmptySegmentationError,
-    SegmentLabel,
-    _product_version,
     check_label_map,
     check_labels,
     present_labels,
@@ -83,7 +86,7 @@ from inference.seg_writer import (
 
 logger = logging.getLogger(__name__)
 
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+
 # RTReferencedStudySequence > ReferencedSOPClassUID: the (retired) Detached Study Management
 # SOP Class, which PS3.3 C.8.8.5 still prescribes there.
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
@@ -150,8 +153,8 @@ def build_rtstruct(
     sop_instance_uid: str,
     series_number: int,
     series_description: str,
-    manufacturer: str = "dicom-node",
-    manufacturer_model_name: str = "dicom-node",
+    manufacturer: str = MANUFACTURER,
+    manufacturer_model_name: str = MANUFACTURER_MODEL_NAME,
     software_versions: str | None = None,
     allow_empty: bool = False,
 ) -> Dataset:
@@ -206,7 +209,7 @@ def build_rtstruct(
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
-    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPClassUID = RTSTRUCT_SOP_CLASS_UID
     ds.SOPInstanceUID = sop_instance_uid
     _copy_patient_and_study(ds, source_images[0])
     ds.Modality = "RTSTRUCT"
@@ -218,7 +221,7 @@ def build_rtstruct(
     ds.OperatorsName = ""
     ds.Manufacturer = manufacturer
     ds.ManufacturerModelName = manufacturer_model_name
-    ds.SoftwareVersions = software_versions or _product_version()
+    ds.SoftwareVersions = software_versions or product_version()
     ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.PositionReferenceIndicator = _plain_value(
         source_images[0].get("PositionReferenceIndicator", "")
@@ -239,7 +242,7 @@ def build_rtstruct(
     ds.RTROIObservationsSequence = [_roi_observation(label) for label in present]
 
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS_UID
     ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     contours = sum(len(item.get("ContourSequence", [])) for item in ds.ROIContourSequence)

@@ -12,7 +12,7 @@ the map are skipped (one log line each) rather than written as segments without 
 which some viewers reject; a map with no label at all raises ``EmptySegmentationError``.
 
 UIDs are deterministic: the caller passes the Series/SOP Instance UIDs (see
-``dicom_node.uids.derived_uid``), and the one UID highdicom invents itself, the
+``kernel.uids.derived_uid``), and the one UID highdicom invents itself, the
 DimensionOrganizationUID, is derived from the SOP Instance UID, so a re-run produces an
 object the PACS treats as the same instance.
 
@@ -29,8 +29,6 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,66 +37,21 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from dicom_node.uids import derived_uid
+from inference.labels import SegmentLabel
+from inference.results import (
+    CONTENT_CREATOR,
+    MANUFACTURER,
+    MANUFACTURER_MODEL_NAME,
+    Algorithm,
+    product_version,
+)
+from kernel.uids import derived_uid
 
 logger = logging.getLogger(__name__)
 
 SegType = Literal["BINARY", "LABELMAP"]
 
 _MAX_LABEL_VALUE = 255
-
-
-def _product_version() -> str:
-    try:
-        return version("dicom-node")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-@dataclass(frozen=True)
-class Code:
-    """A coded concept, e.g. ``Code("64033007", "SCT", "Kidney")``."""
-
-    value: str
-    scheme: str
-    meaning: str
-
-    def to_coded_concept(self) -> hd.sr.CodedConcept:
-        return hd.sr.CodedConcept(self.value, self.scheme, self.meaning)
-
-
-# Segmented Property Categories (CID 7150) and laterality (CID 244) used by the pipelines.
-ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
-MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically Abnormal Structure")
-LEFT = Code("7771000", "SCT", "Left")
-RIGHT = Code("24028007", "SCT", "Right")
-# Algorithm Family (CID 7162).
-ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
-
-
-@dataclass(frozen=True)
-class SegmentLabel:
-    """One label of a model's output and how it is described in the SEG.
-
-    ``value`` is the label id in the label map (1..255); ``name`` becomes SegmentLabel;
-    ``laterality`` is written as SegmentedPropertyTypeModifierCodeSequence.
-    """
-
-    value: int
-    name: str
-    category: Code
-    type: Code
-    color_rgb: tuple[int, int, int] | None = None
-    laterality: Code | None = None
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """The model that produced the label map (SegmentationAlgorithmIdentificationSequence)."""
-
-    name: str
-    version: str
-    family: Code = ARTIFICIAL_INTELLIGENCE
 
 
 class EmptySegmentationError(ValueError):
@@ -116,11 +69,11 @@ def build_seg(
     series_number: int,
     series_description: str,
     seg_type: SegType = "BINARY",
-    manufacturer: str = "dicom-node",
-    manufacturer_model_name: str = "dicom-node",
+    manufacturer: str = MANUFACTURER,
+    manufacturer_model_name: str = MANUFACTURER_MODEL_NAME,
     software_versions: str | None = None,
     device_serial_number: str | None = None,
-    content_creator: str = "dicom-node",
+    content_creator: str = CONTENT_CREATOR,
     allow_empty: bool = False,
 ) -> hd.seg.Segmentation:
     """Build a Segmentation of ``source_images`` from ``label_map`` (uint8 [z, y, x]).
@@ -192,7 +145,7 @@ def build_seg(
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=manufacturer_model_name,
-        software_versions=software_versions or _product_version(),
+        software_versions=software_versions or product_version(),
         device_serial_number=device_serial_number or socket.gethostname()[:64],
         # highdicom only allows RLE for LABELMAP; 1-bit BINARY frames stay native.
         transfer_syntax_uid=RLELossless if seg_type == "LABELMAP" else ExplicitVRLittleEndian,

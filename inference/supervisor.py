@@ -17,9 +17,9 @@ from typing import Any
 
 from db.models import Job
 from db.session import Database
-from dicom_node.config import NodeSettings
 from inference import queue
 from inference.child import child_main
+from kernel.settings import NodeSettings
 
 log = logging.getLogger("inference.supervisor")
 

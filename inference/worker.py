@@ -3,7 +3,7 @@
 The thread claims (atomically, GPU admission permitting), hands the job to its device's
 warm ``spawn`` child (``inference.supervisor``) and watches it: heartbeats, progress,
 time limit, cancel. The pipeline itself (inputs, models, SEG, outbox rows) is
-``inference.jobrun``; ``result_uids`` is re-exported here for existing callers.
+``inference.jobrun``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import logging
 import threading
 
 from db.session import Database
-from dicom_node.config import NodeSettings
 from inference import queue
 from inference.gpu import Admission
-from inference.jobrun import SEG_SOP_CLASS_UID, result_uids
 from inference.supervisor import DeviceSupervisor, worker_name
-
-__all__ = ["LocalWorker", "SEG_SOP_CLASS_UID", "result_uids"]
+from kernel.settings import NodeSettings
 
 log = logging.getLogger("inference.worker")
 

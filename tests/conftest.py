@@ -13,10 +13,10 @@ import sqlalchemy
 
 from db.migrate import upgrade
 from db.session import Database
-from dicom_node.config import NodeSettings, load_settings
-from dicom_node.dcmtk import dcmtk_tool
-from dicom_node.netutil import free_port
-from dicom_node.orthanc import OrthancServer
+from devkit.dcmtk import dcmtk_tool
+from devkit.net import free_port
+from devkit.orthanc import OrthancServer
+from kernel.settings import NodeSettings, load_settings
 
 POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from dicom_node.config import ConfigError, load_settings
+from kernel.settings import ConfigError, load_settings
 
 
 def test_file_values_and_environment_overrides(tmp_path, monkeypatch):
@@ -81,7 +81,7 @@ def test_serve_with_invalid_file_exits_with_the_message(tmp_path):
 
 
 def test_example_settings_file_is_valid_and_documents_every_key():
-    from dicom_node.config import REPO_ROOT, NodeSettings
+    from kernel.settings import REPO_ROOT, NodeSettings
 
     example = REPO_ROOT / "node.example.yaml"
     settings = load_settings(example)

@@ -6,7 +6,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from dicom_node.dcmtk import dcmtk_tool
+from devkit.dcmtk import dcmtk_tool
 
 
 def test_python_scripts_folder_is_skipped(tmp_path, monkeypatch):

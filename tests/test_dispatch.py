@@ -18,10 +18,11 @@ from pynetdicom import AE, evt
 from sqlalchemy import select
 
 from db.models import Dispatch, Event, utcnow
-from dicom_node.config import Destination, DispatchSettings
-from dicom_node.dispatch import Dispatcher, classify_status, resend
-from dicom_node.netutil import free_port
-from dicom_node.orthanc import OrthancServer
+from devkit.net import free_port
+from devkit.orthanc import OrthancServer
+from dicom_node.dispatch import Dispatcher, classify_status
+from kernel.outbox import resend
+from kernel.settings import Destination, DispatchSettings
 from tests.conftest import wait_until
 from tests.dicom_factory import ct_slice, write
 

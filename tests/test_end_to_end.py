@@ -12,16 +12,17 @@ import io
 import highdicom as hd
 import numpy as np
 import pytest
+import torch
 from sqlalchemy import select
 
 from db.models import Dispatch, Job, Series
-from dicom_node.phantom import STRUCTURES
-from dicom_node.synth import generate_study
-from inference import dciodvfy
-from inference.engine import pipeline_version
+from devkit import dciodvfy
+from devkit.phantom import STRUCTURES
+from devkit.synth import generate_study
+from inference.engine import Engine
+from inference.results import pipeline_version, result_uids
 from inference.seg_reader import dice, seg_label_map
 from inference.volume import load_series, sort_slices
-from inference.worker import result_uids
 from tests.conftest import storescu, wait_until
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,8 @@ def test_study_sent_with_storescu_comes_back_as_seg_in_orthanc(tmp_path, orthanc
 
     # The label map in the PACS is voxel-exact what the model predicts on that series.
     volume = load_series(portal.files)
-    predicted = node.engine.runner("tumor").predict(volume.array[None], volume.spacing_zyx)
+    engine = Engine(node.registry, torch.device("cpu"))
+    predicted = engine.runner("tumor").predict(volume.array[None], volume.spacing_zyx)
     source_uids = [str(h.SOPInstanceUID) for h in volume.headers]
     numbers, names = seg_label_map(seg, source_uids)
     value_of = {"kidney": 1, "kidney tumor": 2}

@@ -11,15 +11,15 @@ import SimpleITK as sitk
 import torch
 import yaml
 
-from dicom_node.rules import CropSpec, PipelineSpec
+from devkit.memwatch import peak_rss
 from inference.crop import crop_volume, label_box
 from inference.engine import Engine
-from inference.memwatch import peak_rss
 from inference.model_cache import ModelCache
 from inference.nifti_io import write_volume
 from inference.postprocess import postprocess
 from inference.registry import PostProcessSpec, load_registry
 from inference.volume import Volume, resample_to
+from kernel.catalog import CropSpec, PipelineSpec
 from tests.test_engine_support import (
     dice,
     grid,

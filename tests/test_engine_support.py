@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from dicom_node.config import REPO_ROOT
-from dicom_node.phantom import STRUCTURES, Phantom
-from dicom_node.synth import SeriesGeometry, phantom_volumes, series_geometry
+from devkit.phantom import STRUCTURES, Phantom
+from devkit.synth import SeriesGeometry, phantom_volumes, series_geometry
 from inference.volume import Volume
+from kernel.settings import REPO_ROOT
 
 SEED = 7  # held out from the stand-ins' training seeds
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -26,7 +26,7 @@ def model_folder(name: str) -> Path | None:
 def require_model(name: str) -> Path:
     folder = model_folder(name)
     if folder is None:
-        pytest.fail(f"stand-in model {name!r} is missing (python -m inference.standins)")
+        pytest.fail(f"stand-in model {name!r} is missing (python -m devkit.standins)")
     return folder
 
 

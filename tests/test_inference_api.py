@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import func, select
 
 from db.models import Event, Job
-from dicom_node.phantom import STRUCTURES
-from dicom_node.synth import generate_study
+from devkit.phantom import STRUCTURES
+from devkit.synth import generate_study
 from inference.nifti_io import read_nifti, write_volume
 from inference.path_api import load_input
 from inference.seg_reader import dice
@@ -112,3 +112,29 @@ def test_bad_requests_get_a_clear_4xx(tmp_path: Path, api) -> None:
         assert any("failed on its input (not retried)" in m for m in failed), failed
     assert client.post("/inference/tumor", json={"image_path": a_folder}).status_code == 200
     assert httpx.post(f"{client.base_url}/inference/tumor", json={}).status_code == 401
+
+
+def test_path_jobs_take_the_worker_settings_and_an_expired_job_says_so(
+    tmp_path: Path, start_node
+) -> None:
+    """``worker.max_attempts`` applies to path API jobs as to DICOM jobs, and a job that
+    expired in the queue answers 410 instead of "running" for ever."""
+    from inference import queue
+
+    node = start_node(worker={"enabled": False, "max_attempts": 5})
+    token = make_users(node)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{node.web_port}",
+        headers={"Authorization": f"Bearer {token}"},
+    ) as client:
+        r = client.post("/inference/tumor?wait_s=0", json={"image_path": str(folder)})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        with node.db.session() as s:
+            assert s.get(Job, job_id).max_attempts == 5
+        assert client.get(f"/inference/jobs/{job_id}").status_code == 202  # still queued
+        assert queue.expire_queued(node.db, max_age_s=0) == 1
+        r = client.get(f"/inference/jobs/{job_id}")
+        assert r.status_code == 410 and "expired" in r.text, r.text

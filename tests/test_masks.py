@@ -11,12 +11,12 @@ import yaml
 from sqlalchemy import select
 
 from db.models import Job, Result
-from dicom_node.config import REPO_ROOT
-from dicom_node.phantom import STRUCTURES
-from dicom_node.synth import generate_study
+from devkit.phantom import STRUCTURES
+from devkit.synth import generate_study
 from inference.nifti_io import read_nifti
 from inference.seg_reader import dice
 from inference.volume import load_series
+from kernel.settings import REPO_ROOT
 from tests.conftest import storescu, wait_until
 
 pytestmark = pytest.mark.slow

@@ -17,9 +17,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicom_node import netutil
-from dicom_node.dcmtk import dcmtk_tool
-from dicom_node.orthanc import OrthancError, OrthancServer, orthanc_available
+from devkit import net
+from devkit.dcmtk import dcmtk_tool
+from devkit.orthanc import OrthancError, OrthancServer, orthanc_available
+from dicom_node.echo import echo
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,7 +93,7 @@ def test_echoscu_reaches_orthanc(orthanc: OrthancServer) -> None:
 
 
 def test_wrong_called_ae_is_rejected(orthanc: OrthancServer) -> None:
-    assert not netutil.echo("127.0.0.1", orthanc.dicom_port, "NOT_ORTHANC")
+    assert not echo("127.0.0.1", orthanc.dicom_port, "NOT_ORTHANC")
 
 
 def test_storescu_instance_is_stored_with_identical_pixels(
@@ -119,7 +120,7 @@ def test_storescu_instance_is_stored_with_identical_pixels(
 
 
 def test_unknown_peer_is_rejected_when_only_modalities_are_accepted(tmp_path: Path) -> None:
-    modalities = {"node": ("KNOWN_SCU", "127.0.0.1", netutil.free_port())}
+    modalities = {"node": ("KNOWN_SCU", "127.0.0.1", net.free_port())}
     with OrthancServer(tmp_path, modalities=modalities, accept_unknown_peers=False) as server:
         assert not server.echo(calling_ae="STRANGER")
         assert server.echo(calling_ae="KNOWN_SCU")
@@ -135,8 +136,8 @@ def test_stop_ends_the_process_and_is_idempotent(tmp_path: Path) -> None:
     assert not server.is_running()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert not netutil.port_is_open("127.0.0.1", dicom_port)
-    assert not netutil.port_is_open("127.0.0.1", http_port)
+    assert not net.port_is_open("127.0.0.1", dicom_port)
+    assert not net.port_is_open("127.0.0.1", http_port)
 
 
 def test_missing_executable_is_a_clear_error(tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_node.rules import PipelineSpec
-from dicom_node.synth import generate_study
+from devkit.synth import generate_study
 from inference.nifti_io import write_volume
 from inference.path_api import PathInputError, is_path_job, load_input, path_inputs
+from kernel.catalog import PipelineSpec
 from tests.test_engine_support import grid, phantom_volume
 
 VESSEL = PipelineSpec(models=["vessel"], inputs={"A": ["A"], "P": ["P"]})

@@ -14,11 +14,11 @@ import sys
 
 import pytest
 
-from dicom_node.config import REPO_ROOT
+from devkit.synth import generate_study
 from dicom_node.explain import explain
 from dicom_node.routing import header_attributes
 from dicom_node.rules import load_rules
-from dicom_node.synth import generate_study
+from kernel.settings import REPO_ROOT
 
 RULES = load_rules(REPO_ROOT / "routing_rules.yaml")
 TIME_KEYS = ("AcquisitionTime", "ContentTime", "SeriesTime", "ContrastBolusStartTime")

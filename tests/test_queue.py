@@ -11,6 +11,7 @@ from db.models import Job, utcnow
 from inference import queue
 from inference.gpu import Admission
 from inference.registry import load_registry
+from kernel.catalog import PipelineSpec
 from tests.test_queue_support import job_row, models_file, queue_job, record_study
 
 
@@ -97,17 +98,15 @@ def test_a_job_waits_until_its_model_fits_in_free_gpu_memory(db, tmp_path):
     registry.models["tumor"].gpu_memory_mb = 3000
     free = {"cuda:0": 2000}
 
-    class Rules:
-        pipelines = {"tumor": type("Spec", (), {"models": ["tumor"]})()}
-
-    admission = Admission("cuda:0", lambda: Rules, registry, probe=free.get)
+    catalog = {"tumor": PipelineSpec(models=["tumor"])}
+    admission = Admission("cuda:0", catalog.get, registry, probe=free.get)
     _, _, (job_id,) = _jobs(db, tmp_path)
     assert queue.claim(db, "w", "cuda:0", admit=admission) is None
     assert job_row(db, job_id).state == "queued"
     free["cuda:0"] = 4000
     assert queue.claim(db, "w", "cuda:0", admit=admission).id == job_id
     # A CPU device has no GPU memory to manage: the probe answers None, the job starts.
-    cpu = Admission("cpu", lambda: Rules, registry, probe=lambda d: None)
+    cpu = Admission("cpu", catalog.get, registry, probe=lambda d: None)
     _, _, (other,) = _jobs(db, tmp_path / "b")
     assert queue.claim(db, "w", "cpu", admit=cpu).id == other
 

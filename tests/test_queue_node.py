@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 
 from db.models import Job, Result
 from db.session import Database
-from dicom_node.netutil import free_port, wait_for_port
-from dicom_node.synth import generate_study
+from devkit.net import free_port, wait_for_port
+from devkit.synth import generate_study
 from tests.conftest import storescu, wait_until
 from tests.test_queue_support import models_file, rules_file
 

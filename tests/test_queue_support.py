@@ -12,11 +12,11 @@ from sqlalchemy import select
 
 from db.models import Job, Study
 from db.session import Database
-from dicom_node.config import REPO_ROOT, NodeSettings
+from devkit.synth import generate_study
 from dicom_node.instance import parse_header
 from dicom_node.records import Origin, record_instance
-from dicom_node.synth import generate_study
 from inference import queue
+from kernel.settings import REPO_ROOT, NodeSettings
 from tests.conftest import node_settings
 
 STANDIN = Path("/tmp/prof/tumor_model")

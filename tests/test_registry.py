@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicom_node.config import REPO_ROOT
 from dicom_node.rules import load_rules
 from inference.registry import RegistryError, load_registry
+from kernel.settings import REPO_ROOT
 from tests.test_engine_support import registry_file, require_model
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import io
 import os
 import time
+from datetime import timedelta
 
 import pydicom
 from sqlalchemy import select
 
 from db.models import Event, Job, Study
-from dicom_node.config import REPO_ROOT
-from dicom_node.orthanc import OrthancServer
-from dicom_node.synth import generate_study
+from devkit.orthanc import OrthancServer
+from devkit.synth import generate_study
+from kernel.settings import REPO_ROOT
 from tests.conftest import storescu, wait_until
 
 BASE_RULES = (REPO_ROOT / "routing_rules.yaml").read_text()
@@ -177,3 +178,44 @@ def test_broken_rules_edit_keeps_the_node_routing_with_the_old_rules(tmp_path, s
     assert node.rules.last_reload.ok is False
     with node.db.session() as s:
         assert s.scalars(select(Event).where(Event.kind == "rules_reload_failed")).first()
+
+
+def test_a_series_forwarded_again_gets_a_fresh_delivery_age(tmp_path, start_node):
+    """Re-forwarding instances delivered long ago restarts their max-age clock: the first
+    failed attempt of the re-forward is a retry, not "not delivered within max_age_s"."""
+    from db.models import Dispatch, utcnow
+    from devkit.net import free_port
+
+    rules = """
+rules:
+  - name: ct-to-archive
+    when: {Modality: CT}
+    forward: [archive]
+"""
+    node = start_node(
+        rules_file=rules_file(tmp_path, "pipelines: {}\n", rules),
+        destinations=[{"name": "archive", "ae_title": "DOWN", "host": "127.0.0.1",
+                       "port": free_port()}],  # fmt: skip
+        worker={"enabled": False},
+        dispatch={"retry_initial_s": 30.0, "max_age_s": 3600.0, "timeout_s": 5},
+    )
+    study = generate_study(tmp_path / "s", seed=22, rows=32, columns=32, slices=3, phases="P")
+    files = study.series[0].files
+
+    def rows() -> list[Dispatch]:
+        with node.db.session() as s:
+            return list(s.scalars(select(Dispatch).order_by(Dispatch.id)))
+
+    assert storescu(files, node.settings.port).returncode == 0
+    wait_until(lambda: len(rows()) == 3 and all(r.attempts >= 1 for r in rows()), 60, "sends")
+    long_ago = utcnow() - timedelta(hours=2)
+    with node.db.session() as s:  # as if delivered two hours ago
+        for row in s.scalars(select(Dispatch)):
+            row.state, row.sent_at, row.queued_at = "sent", long_ago, long_ago
+    assert storescu(files, node.settings.port).returncode == 0  # the modality sends again
+
+    def retried_again() -> bool:
+        return all(r.queued_at > long_ago and r.attempts == 1 for r in rows())
+
+    wait_until(retried_again, 60, "the re-forward's first attempt")
+    assert [r.state for r in rows()] == ["pending"] * 3, [r.last_error for r in rows()]

@@ -16,21 +16,20 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 from skimage.draw import polygon
 
-from dicom_node.uids import derived_uid
-from inference import dciodvfy
-from inference.rtstruct_writer import (
-    DETACHED_STUDY_MANAGEMENT,
-    RT_STRUCTURE_SET_STORAGE,
-    build_rtstruct,
-    write_rtstruct,
-)
-from inference.seg_writer import (
+from devkit import dciodvfy
+from inference.labels import (
     ANATOMICAL_STRUCTURE,
     MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
     Code,
-    EmptySegmentationError,
     SegmentLabel,
 )
+from inference.rtstruct_writer import (
+    DETACHED_STUDY_MANAGEMENT,
+    build_rtstruct,
+    write_rtstruct,
+)
+from inference.seg_writer import EmptySegmentationError
+from kernel.uids import derived_uid
 from tests.test_seg_writer import (
     ALGORITHM,
     COLUMNS,
@@ -42,6 +41,8 @@ from tests.test_seg_writer import (
     STUDY_UID,
     _ct_slice,
 )
+
+RT_STRUCTURE_SET_STORAGE_UID = "1.2.840.10008.5.1.4.1.1.481.3"  # PS3.4 B.5
 
 # Rows 4 mm apart, columns 5 mm apart: a swapped PixelSpacing shows up as misplaced points.
 ROW_SPACING, COLUMN_SPACING = 4.0, 5.0
@@ -270,8 +271,8 @@ def test_references_list_every_source_image(rtstruct, source_images):
 
 
 def test_header_copies_patient_and_study_and_names_the_series(rtstruct):
-    assert rtstruct.SOPClassUID == RT_STRUCTURE_SET_STORAGE
-    assert rtstruct.file_meta.MediaStorageSOPClassUID == RT_STRUCTURE_SET_STORAGE
+    assert rtstruct.SOPClassUID == RT_STRUCTURE_SET_STORAGE_UID
+    assert rtstruct.file_meta.MediaStorageSOPClassUID == RT_STRUCTURE_SET_STORAGE_UID
     assert rtstruct.file_meta.MediaStorageSOPInstanceUID == RTSTRUCT_SOP_UID
     assert rtstruct.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert rtstruct.SOPInstanceUID == RTSTRUCT_SOP_UID

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from dicom_node.config import REPO_ROOT
-from dicom_node.rules import RulesError, evaluate, load_rules, parse_rules
+from dicom_node.conditions import evaluate
+from dicom_node.rules import RulesError, load_rules, parse_rules
 from dicom_node.rules_holder import RulesHolder
+from kernel.settings import REPO_ROOT
 
 PV = {
     "Modality": "CT",

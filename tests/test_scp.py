@@ -12,8 +12,8 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_
 from sqlalchemy import select
 
 from db.models import Instance, Series
+from devkit.dcmtk import dcmtk_tool
 from dicom_node.assembler import AssociationTracker
-from dicom_node.dcmtk import dcmtk_tool
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from tests.conftest import node_settings, storescu

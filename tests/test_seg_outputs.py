@@ -17,11 +17,15 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from db.models import Dispatch, Event, Job
-from dicom_node.orthanc import OrthancServer
-from dicom_node.synth import generate_study
-from inference import dciodvfy
-from inference.engine import pipeline_version
-from inference.jobrun import LABELMAP_SEG_SOP_CLASS_UID, SEG_SOP_CLASS_UID, result_uids
+from devkit import dciodvfy
+from devkit.orthanc import OrthancServer
+from devkit.synth import generate_study
+from inference.results import (
+    LABELMAP_SEG_SOP_CLASS_UID,
+    SEG_SOP_CLASS_UID,
+    pipeline_version,
+    result_uids,
+)
 from inference.seg_reader import seg_label_map
 from tests.conftest import storescu, wait_until
 

@@ -13,20 +13,18 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from dicom_node.uids import derived_uid
-from inference import dciodvfy
-from inference.seg_writer import (
+from devkit import dciodvfy
+from inference.labels import (
     ANATOMICAL_STRUCTURE,
     LEFT,
     MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
     RIGHT,
-    Algorithm,
     Code,
-    EmptySegmentationError,
     SegmentLabel,
-    build_seg,
-    write_seg,
 )
+from inference.results import Algorithm
+from inference.seg_writer import EmptySegmentationError, build_seg, write_seg
+from kernel.uids import derived_uid
 
 SLICES, ROWS, COLUMNS = 20, 64, 64
 STUDY_UID = derived_uid("test-seg-writer", "study")

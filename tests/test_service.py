@@ -11,7 +11,8 @@ import sys
 import time
 import urllib.request
 
-from dicom_node.netutil import echo, free_port, wait_for_port
+from devkit.net import free_port, wait_for_port
+from dicom_node.echo import echo
 from tests.conftest import storescu
 from tests.dicom_factory import ct_series
 

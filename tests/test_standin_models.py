@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.phantom import Phantom
-from dicom_node.synth import phantom_volumes, series_geometry
+from devkit.phantom import Phantom
+from devkit.standins import SPECS, TRAIN_SEED_BASE, dice_per_label
+from devkit.synth import phantom_volumes, series_geometry
 from inference.registry import load_registry
-from inference.standins import SPECS, TRAIN_SEED_BASE, dice_per_label
 
 SHIPPED = sorted(load_registry(check_folders=False).models)  # the models in models.yaml
 

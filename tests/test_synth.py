@@ -18,8 +18,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicom_node.phantom import STRUCTURES, Phantom, grid_points
-from dicom_node.synth import (
+from devkit.phantom import STRUCTURES, Phantom, grid_points
+from devkit.synth import (
     SynthStudy,
     generate_study,
     phantom_volumes,

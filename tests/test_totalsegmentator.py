@@ -4,7 +4,7 @@ The folder is laid out as TotalSegmentator expects for ``total --fast`` (Dataset
 trainer folder name, all 117 classes as outputs) and for ``total`` at full resolution (five
 part models, Dataset291-295, each with its part's classes); each holds the phantom-trained
 ``totalseg_ras`` stand-in, trained like TotalSegmentator's models on closest-canonical (RAS)
-arrays (``inference.standins.make_totalsegmentator_weights``). Our registry resolves it with
+arrays (``devkit.standins.make_totalsegmentator_weights``). Our registry resolves it with
 TotalSegmentator's own task tables and runs it warm, reoriented as TotalSegmentator does;
 TotalSegmentator's own command line runs on the same folder, offline; both find the
 phantom's organs (a model fed the wrong voxel order would swap left and right).
@@ -25,10 +25,10 @@ import SimpleITK as sitk
 import torch
 import yaml
 
+from devkit.standins import make_totalsegmentator_weights
 from inference.engine import Engine
 from inference.nifti_io import write_volume
 from inference.registry import RegistryError, load_registry
-from inference.standins import make_totalsegmentator_weights
 from tests.test_engine_support import dice, grid, phantom_volume, require_model, truth_of
 
 pytestmark = pytest.mark.slow

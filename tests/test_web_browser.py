@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from db.models import Dispatch
-from dicom_node.synth import generate_study
+from devkit.synth import generate_study
 from tests.conftest import storescu, wait_until
 from tests.web_helpers import PASSWORD, failed_job, make_users, modelless_settings
 

@@ -8,10 +8,12 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from dicom_node.synth import generate_study
-from dicom_node.uids import derived_uid
+from devkit.synth import generate_study
 from dicom_node.web.preview import render
-from inference.seg_writer import ANATOMICAL_STRUCTURE, Algorithm, SegmentLabel, write_seg
+from inference.labels import ANATOMICAL_STRUCTURE, SegmentLabel
+from inference.results import Algorithm
+from inference.seg_writer import write_seg
+from kernel.uids import derived_uid
 from tests.test_seg_writer import KIDNEY
 
 

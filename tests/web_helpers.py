@@ -54,7 +54,7 @@ def login(client: TestClient, username: str, password: str = PASSWORD) -> str:
 
 
 def client_for(node: Any) -> TestClient:
-    return TestClient(create_app(node))
+    return TestClient(create_app(node.view()))
 
 
 def failed_job(node: Any, study_uid: str = "1.2.826.0.1.3680043.10.1.1") -> int:

@@ -20,21 +20,22 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from db.models import Instance, Series, utcnow
-from dicom_node import dispatch as outbox
-from dicom_node.netutil import echo
-from dicom_node.records import as_utc
+from dicom_node.echo import echo
 from dicom_node.routing import header_attributes
+from dicom_node.view import ServiceView
 from dicom_node.web import queries
 from dicom_node.web.auth import Principal, require_admin, require_viewer
 from dicom_node.web.preview import PreviewError, preview_png
+from dicom_node.web.queries import as_utc
 from inference import queue as jobs
+from kernel import outbox
 
 log = logging.getLogger("dicom_node.web")
 router = APIRouter(prefix="/api", tags=["api"])
 
 
-def _node(request: Request) -> Any:
-    return request.app.state.node
+def _node(request: Request) -> ServiceView:
+    return request.app.state.service
 
 
 async def _answer(request: Request, payload: dict[str, Any]) -> Response:
@@ -255,7 +256,7 @@ async def resend_failed(
     with node.db.session() as s:
         ids = queries.failed_dispatch_ids(s, name)
     count = outbox.resend(node.db, ids, by=who.username)
-    node.dispatcher.wake.set()
+    node.wake_dispatcher()
     return await _answer(request, {"ok": True, "message": f"{count} sends to {name} re-queued"})
 
 
@@ -267,5 +268,5 @@ async def resend(request: Request, who: Principal = Depends(require_admin)) -> R
         ids = [int(v) for v in (await request.form()).getlist("dispatch_id")]
     node = _node(request)
     count = outbox.resend(node.db, ids, by=who.username)
-    node.dispatcher.wake.set()
+    node.wake_dispatcher()
     return await _answer(request, {"ok": True, "message": f"{count} sends re-queued"})

@@ -12,50 +12,38 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from dicom_node.view import ServiceView
 from dicom_node.web import api, inference_api, pages, queries
 from dicom_node.web.auth import LoginLimiter, LoginRequired, SessionCodec, load_secret
 from dicom_node.web.metrics import make_registry
+from inference.results import product_version
 
 HERE = Path(__file__).resolve().parent
 
 
-def workers(node: Any) -> dict[str, Any]:
-    """Loop threads, the inference device and (on CUDA) its memory in use."""
-    info: dict[str, Any] = {
-        "threads": {t.name: t.is_alive() for t in node.threads if t.name != "web"},
-        "device": None,
-    }
-    engine = getattr(node, "engine", None)
-    if engine is not None:
-        device = engine.device
-        info["device"] = str(device)
-        if getattr(device, "type", "") == "cuda":
-            import torch
-
-            free, total = torch.cuda.mem_get_info(device)
-            info["gpu_memory_used_bytes"] = total - free
-            info["gpu_memory_total_bytes"] = total
-    return info
+def workers(service: ServiceView) -> dict[str, Any]:
+    """Loop threads and the devices the local workers run on (no engine, no torch)."""
+    device = ", ".join(service.devices) or None
+    if device is None and service.settings.worker.broker_url:
+        device = f"Celery workers (queue {service.settings.worker.celery_queue})"
+    return {"threads": service.loops(), "device": device, "devices": list(service.devices)}
 
 
-def scp_listening(node: Any) -> bool:
-    scp = getattr(node, "scp", None)
-    return scp is not None and getattr(scp, "_server", None) is not None
-
-
-def create_app(node: Any) -> FastAPI:
+def create_app(service: ServiceView) -> FastAPI:
+    """The web app of one node (pages, JSON API, path API, health, metrics)."""
     app = FastAPI(
         title="dicom-node",
-        version="0.2.0",
+        version=product_version(),
         openapi_url=None,  # served behind login at /api/openapi.json
         docs_url=None,
         redoc_url=None,
     )
-    app.state.node = node
-    app.state.sessions = SessionCodec(load_secret(node.settings.data_dir))
+    app.state.service = service
+    app.state.sessions = SessionCodec(load_secret(service.settings.data_dir))
     app.state.limiter = LoginLimiter()
     app.state.echoes = {}  # destination name -> last C-ECHO {"at", "ok"}
-    app.state.metrics = make_registry(node)
+    app.state.metrics = make_registry(service)
+    node = service
 
     def dashboard() -> dict[str, Any]:
         with node.db.session() as s:
@@ -88,11 +76,11 @@ def create_app(node: Any) -> FastAPI:
             checks["database"] = "ok"
         except Exception as exc:  # report, don't raise
             checks["database"] = f"error: {type(exc).__name__}"
-        free = shutil.disk_usage(node.spool.root).free
+        free = shutil.disk_usage(node.settings.spool_dir).free
         checks["spool_free_bytes"] = free
         checks["spool"] = "ok" if free >= node.settings.min_free_bytes else "below watermark"
-        checks["scp_listening"] = scp_listening(node)
-        alive = {t.name: t.is_alive() for t in node.threads if t.name != "web"}
+        checks["scp_listening"] = node.listening()
+        alive = node.loops()
         checks["threads"] = alive
         checks["workers_alive"] = all(alive.values())
         ok = (

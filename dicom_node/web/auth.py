@@ -109,7 +109,7 @@ def _session(request: Request) -> dict[str, Any] | None:
 
 def principal(request: Request) -> Principal | None:
     """Who is asking: a bearer token or a logged-in session; None when nobody."""
-    db = request.app.state.node.db
+    db = request.app.state.service.db
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         found = users.token_user(db, header[7:].strip())

@@ -15,20 +15,21 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
 
-from db.models import Job, Study
-from dicom_node.uids import derived_uid
+from db.models import Job
+from dicom_node import records
+from dicom_node.view import ServiceView
 from dicom_node.web.auth import Principal, require_csrf, require_viewer
 from inference import queue as jobs
 from inference.path_api import PathInputError, path_inputs
+from kernel.vocabulary import JobState
 
 router = APIRouter(tags=["inference"])
 POLL_S = 0.2
 
 
-def _node(request: Request) -> Any:
-    return request.app.state.node
+def _node(request: Request) -> ServiceView:
+    return request.app.state.service
 
 
 @router.get("/models")
@@ -52,17 +53,6 @@ def models(request: Request, _: Principal = Depends(require_viewer)) -> dict[str
     }
 
 
-def _path_study(session: Any, inputs: dict[str, dict[str, str]]) -> Study:
-    """A study row for path jobs, one per set of input paths (keeps jobs per study)."""
-    uid = derived_uid("path-study", *(f"{r}={v['path']}" for r, v in sorted(inputs.items())))
-    study = session.scalars(select(Study).where(Study.study_uid == uid)).one_or_none()
-    if study is None:
-        study = Study(study_uid=uid, study_description="path API request")
-        session.add(study)
-        session.flush()
-    return study
-
-
 @router.post("/inference/{pipeline}")
 async def run_pipeline(
     pipeline: str,
@@ -78,19 +68,23 @@ async def run_pipeline(
     node = _node(request)
     spec = node.rules.get().pipelines.get(pipeline)
     if spec is None:
-        raise HTTPException(404, f"pipeline {pipeline!r} is not defined in the rules in force")
+        raise HTTPException(404, f"pipeline {pipeline!r} is not defined in the pipeline catalog")
     try:
         inputs = path_inputs(spec, body)
     except PathInputError as exc:
         raise HTTPException(400, f"pipeline {pipeline}: {exc}") from None
     with node.db.session() as s:
-        study = _path_study(s, inputs)
-        job = jobs.enqueue(s, study, pipeline, inputs, priority=spec.priority)
+        study = records.path_study(s, inputs)
+        job = jobs.enqueue(
+            s,
+            study,
+            pipeline,
+            inputs,
+            priority=spec.priority,
+            max_attempts=node.settings.worker.max_attempts,
+        )
         if job is None:  # the same request is already queued: wait for that one
-            job = s.scalars(
-                select(Job).where(Job.study_id == study.id, Job.pipeline == pipeline,
-                                  Job.state == "queued")
-            ).first()  # fmt: skip
+            job = jobs.identical_job(s, study, pipeline, inputs)
         job_id = job.id if job is not None else None
     if job_id is None:
         raise HTTPException(409, "the request could not be queued; retry")
@@ -109,20 +103,24 @@ def job_state(job_id: int, request: Request, _: Principal = Depends(require_view
     return answer or JSONResponse({"job_id": job_id, "state": "running"}, status_code=202)
 
 
-def _job_answer(node: Any, job_id: int) -> Any:
+def _job_answer(node: ServiceView, job_id: int) -> Any:
     """The final answer for a finished job, None while it is queued or running."""
     with node.db.session() as s:
         job = s.get(Job, job_id)
         if job is None:
             raise HTTPException(404, f"job {job_id} does not exist")
         state, summary, error = job.state, job.summary or {}, job.last_error or ""
-    if state == "done" and "mask_path" in summary:
+    if state == JobState.DONE and "mask_path" in summary:
         return {"mask_path": summary["mask_path"], "job_id": job_id}
-    if state == "done":
+    if state == JobState.DONE:
         raise HTTPException(500, f"job {job_id} finished without a mask")
-    if state == "failed":
+    if state == JobState.FAILED:
         status = 422 if "PathInputError" in error or "SeriesReadError" in error else 500
         raise HTTPException(status, f"job {job_id} failed: {error}")
-    if state == "cancelled":
+    if state == JobState.CANCELLED:
         raise HTTPException(409, f"job {job_id} was cancelled")
+    if state == JobState.EXPIRED:
+        raise HTTPException(
+            410, f"job {job_id} expired: it waited longer than worker.max_queue_age_s"
+        )
     return None

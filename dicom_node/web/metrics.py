@@ -2,15 +2,12 @@
 
 The database already records every instance, job and send, so most series are read from
 it when Prometheus scrapes (nothing to lose on restart, no hooks in the stages). Only
-associations leave no row; the SCP calls ``count_association`` for each request.
+associations leave no row; the listener counts them and the service view reports it.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -22,22 +19,15 @@ from prometheus_client.core import (
 from sqlalchemy import func, select
 
 from db.models import Dispatch, Event, Instance, Job, Series
+from dicom_node.view import ServiceView
 
-_associations: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
 JOB_SECONDS_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-
-
-def count_association(scp: Any) -> None:
-    """Hook for the SCP: one association was requested from ``scp``."""
-    with _lock:
-        _associations[scp] = _associations.get(scp, 0) + 1
 
 
 class NodeCollector:
     """Reads the node's counts from its database at every scrape."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: ServiceView) -> None:
         self.node = node
 
     def collect(self) -> Iterator[Metric]:
@@ -62,8 +52,7 @@ class NodeCollector:
         )
         c.add_metric([], float(instances or 0))
         yield c
-        with _lock:
-            assoc = _associations.get(getattr(node, "scp", None), 0)
+        assoc = node.associations_requested()
         c = CounterMetricFamily("dicom_node_associations", "DICOM associations requested")
         c.add_metric([], float(assoc))
         yield c
@@ -98,7 +87,7 @@ def _job_histogram(durations: list[float]) -> HistogramMetricFamily:
     return h
 
 
-def make_registry(node: Any) -> CollectorRegistry:
+def make_registry(node: ServiceView) -> CollectorRegistry:
     """A registry of this node only (several nodes may run in one test process)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))

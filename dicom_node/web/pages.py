@@ -79,7 +79,7 @@ async def login(request: Request) -> Response:
     if not app.state.limiter.allow(username, ip):
         log.warning("login rate limit hit for user %r from %s", username, ip)
         return _login_again(request, target, "Too many attempts; wait a few minutes.", 429)
-    found = users.authenticate(app.state.node.db, username, password)
+    found = users.authenticate(app.state.service.db, username, password)
     if found is None:
         log.warning("failed login for user %r from %s", username, ip)
         return _login_again(request, target, "Wrong username or password.", 401)
@@ -121,7 +121,7 @@ def studies_page(
     offset: int = 0,
     who: Principal = Depends(require_viewer),
 ) -> Response:
-    with request.app.state.node.db.session() as s:
+    with request.app.state.service.db.session() as s:
         page = queries.studies(
             s, admin=who.is_admin, q=q, date=date, status=status, limit=50, offset=offset
         )
@@ -141,7 +141,7 @@ def studies_page(
 def study_page(
     request: Request, study_uid: str, who: Principal = Depends(require_viewer)
 ) -> Response:
-    with request.app.state.node.db.session() as s:
+    with request.app.state.service.db.session() as s:
         detail = queries.study_detail(s, study_uid, admin=who.is_admin)
     if detail is None:
         raise HTTPException(404, f"study {study_uid} is not known to this node")
@@ -150,7 +150,7 @@ def study_page(
 
 @router.get("/queue")
 def queue_page(request: Request, who: Principal = Depends(require_viewer)) -> Response:
-    with request.app.state.node.db.session() as s:
+    with request.app.state.service.db.session() as s:
         data = queries.queue(s)
     return render(request, "queue.html", who, qd=data)
 

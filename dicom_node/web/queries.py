@@ -13,9 +13,13 @@ from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Dispatch, Event, Job, Result, Series, Study
-from dicom_node.records import as_utc
 
 STUDY_STATUSES = ("failed", "active", "done", "received")
+
+
+def as_utc(value: datetime | None) -> str | None:
+    """ISO 8601 with the UTC offset, or None."""
+    return value.isoformat() if value else None
 
 
 def _midnight() -> datetime:

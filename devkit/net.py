@@ -1,16 +1,12 @@
-"""Small network helpers shared by the CLI, the tests and the benchmarks.
-
-Free ports, waiting for a listener to come up, and a one-shot C-ECHO. Nothing here keeps
-state; every function opens and closes its own socket or association.
+"""Network helpers of the tests, the demo and the benchmarks: free ports, waiting for a
+listener to come up. Nothing here keeps state; every function opens and closes its own
+socket.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 # Poll interval while waiting for a listener: short enough that a test does not wait
 # noticeably longer than the server needs, long enough not to spin a shared CPU.
@@ -52,31 +48,3 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
                 "check that the server started and listens on that address"
             )
         time.sleep(_POLL_INTERVAL_S)
-
-
-def echo(
-    host: str,
-    port: int,
-    called_ae: str,
-    calling_ae: str = "ECHOSCU",
-    timeout_s: float = 5,
-) -> bool:
-    """Send one C-ECHO to ``called_ae`` at ``host:port``; True when it answers Success.
-
-    False covers every failure (refused connection, rejected association, non-success
-    status, timeout), because callers use this as a yes/no reachability check.
-    """
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = timeout_s
-    ae.dimse_timeout = timeout_s
-    ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and getattr(status, "Status", None) == 0x0000
-    finally:
-        assoc.release()

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kernel.strict import StrictModel
+from kernel.vocabulary import ResultType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "DICOM_NODE_"
@@ -31,11 +34,7 @@ def _check_ae_title(value: str) -> str:
     return text
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Peer(_Strict):
+class Peer(StrictModel):
     """A remote AE allowed to associate with this node (default deny)."""
 
     ae_title: str = Field(description="Calling AE title, or '*' for any AE title from host.")
@@ -62,7 +61,7 @@ class Peer(_Strict):
             return False
 
 
-class Destination(_Strict):
+class Destination(StrictModel):
     """A DICOM AE results (and forwarded originals) are sent to by C-STORE."""
 
     name: str = Field(description="Name used by routing rules and the status page.")
@@ -72,8 +71,8 @@ class Destination(_Strict):
     calling_ae_title: str | None = Field(
         None, description="AE title we present to this destination (default: our ae_title)."
     )
-    result_type: Literal["BINARY", "LABELMAP", "RTSTRUCT"] = Field(
-        "BINARY",
+    result_type: ResultType = Field(
+        ResultType.BINARY,
         description="What this destination gets for a result: a BINARY DICOM-SEG (every "
         "viewer), a LABELMAP SEG (Label Map Segmentation, RLE; smaller, needs a recent "
         "viewer) or an RTSTRUCT (contours, for systems that cannot show SEG).",
@@ -94,13 +93,13 @@ class Destination(_Strict):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
-class WebSettings(_Strict):
+class WebSettings(StrictModel):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port (tests).")
 
 
-class WorkerSettings(_Strict):
+class WorkerSettings(StrictModel):
     enabled: bool = True
     device: str = Field(
         "auto", description="'auto' (one worker per CUDA GPU, else the CPU), 'cpu' or 'cuda:N'."
@@ -151,7 +150,7 @@ class WorkerSettings(_Strict):
         return self.pipeline_time_limits_s.get(pipeline, self.time_limit_s)
 
 
-class DispatchSettings(_Strict):
+class DispatchSettings(StrictModel):
     retry_initial_s: float = Field(5.0, gt=0, description="First retry delay after a failed send.")
     retry_max_s: float = Field(300.0, gt=0, description="Cap of the exponential retry delay.")
     max_attempts: int = Field(20, ge=1, description="After this many failed sends a row is failed.")

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from dicom_node.config import NodeSettings, load_settings
-from dicom_node.dcmtk import dcmtk_tool
-from dicom_node.netutil import free_port
-from dicom_node.orthanc import OrthancServer, orthanc_available
+from devkit.dcmtk import dcmtk_tool
+from devkit.net import free_port
+from devkit.orthanc import OrthancServer, orthanc_available
+from kernel.settings import NodeSettings, load_settings
 
 DEMO_PIPELINE = "tumor"
 DEMO_PHASE = "P"
@@ -77,7 +77,7 @@ def pacs(workdir: Path) -> Iterator[tuple[str, int, object]]:
             yield PACS_AET, orthanc.dicom_port, orthanc
         return
     print("Orthanc is not installed: using a pynetdicom storage SCP as the PACS", file=sys.stderr)
-    from dicom_node.fallback_pacs import FallbackPACS
+    from devkit.fallback_pacs import FallbackPACS
 
     with FallbackPACS(workdir / "pacs", aet=PACS_AET) as fallback:
         yield PACS_AET, fallback.port, fallback
@@ -108,8 +108,7 @@ def _other_segs_in_pacs(node: Any, pacs_handle: Any, started: float, timeout_s: 
     from sqlalchemy import select
 
     from db.models import Job
-    from inference.engine import pipeline_version
-    from inference.worker import result_uids
+    from inference.results import pipeline_version, result_uids
 
     with node.db.session() as s:
         jobs = [(j.pipeline, j.inputs) for j in s.scalars(select(Job))]
@@ -143,11 +142,10 @@ def _print_node_errors(node: object) -> None:
 
 
 def run_demo(keep: bool = False, rows: int = 512, timeout_s: float = 600) -> int:
+    from devkit.synth import generate_study
     from dicom_node.service import Node
-    from dicom_node.synth import generate_study
-    from inference.engine import pipeline_version
+    from inference.results import pipeline_version, result_uids
     from inference.seg_reader import dice, seg_label_map
-    from inference.worker import result_uids
 
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
@@ -156,7 +154,13 @@ def run_demo(keep: bool = False, rows: int = 512, timeout_s: float = 600) -> int
         with pacs(workdir) as (pacs_aet, pacs_port, pacs_handle):
             settings = demo_settings(workdir, pacs_aet, pacs_port)
             node = Node(settings, stop_grace_s=10).start()
-            study = generate_study(workdir / "study", seed=7, rows=rows, columns=rows)
+            study = generate_study(
+                workdir / "study",
+                seed=7,
+                rows=rows,
+                columns=rows,
+                pixel_spacing_mm=round(0.78 * 512 / rows, 4),  # the same field of view
+            )
             files = [f for series in study.series for f in series.files]
             send_with_storescu(files, settings.port, NODE_AET, MODALITY_AET)
 
@@ -174,7 +178,7 @@ def run_demo(keep: bool = False, rows: int = 512, timeout_s: float = 600) -> int
             others = _other_segs_in_pacs(node, pacs_handle, started, timeout_s)
             label_map, names = seg_label_map(seg, sop_uids)
             by_name = {name: number for number, name in names.items()}
-            from dicom_node.phantom import STRUCTURES
+            from devkit.phantom import STRUCTURES
 
             truth = source.truth
             kidney_truth = np.isin(truth, [STRUCTURES["kidney_left"], STRUCTURES["kidney_right"]])

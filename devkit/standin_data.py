@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dicom_node.phantom import STRUCTURES, Phantom
-from dicom_node.synth import SeriesGeometry, phantom_volumes, series_geometry
+from devkit.phantom import STRUCTURES, Phantom
+from devkit.synth import SeriesGeometry, phantom_volumes, series_geometry
 
 if TYPE_CHECKING:
-    from inference.standins import StandinSpec
+    from devkit.standins import StandinSpec
 
 CONFIGURATION = "3d_fullres"
 

@@ -27,7 +27,7 @@ from pydicom.uid import (
 )
 
 if TYPE_CHECKING:
-    from dicom_node.synth import SeriesGeometry, SynthStudy
+    from devkit.synth import SeriesGeometry, SynthStudy
 
 SUPPORTED_TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian,

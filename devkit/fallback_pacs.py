@@ -12,8 +12,8 @@ from pathlib import Path
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from dicom_node.netutil import free_port
-from dicom_node.uids import require_uid
+from devkit.net import free_port
+from kernel.uids import require_uid
 
 
 class FallbackPACS:

@@ -22,8 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_node.phantom import Phantom, truth_from_tissues
-from dicom_node.synth_dicom import (
+from devkit.phantom import Phantom, truth_from_tissues
+from devkit.synth_dicom import (
     HU_OFFSET,
     SUPPORTED_TRANSFER_SYNTAXES,
     series_template,

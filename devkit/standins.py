@@ -1,7 +1,7 @@
 """Tiny nnU-Net v2 stand-in models trained on the phantom, and the script that makes them.
 
 The node runs real nnU-Net v2 trained-model folders. For tests and the demo we ship tiny
-ones trained here on ``dicom_node.phantom`` so the whole chain runs on a CPU in seconds
+ones trained here on ``devkit.phantom`` so the whole chain runs on a CPU in seconds
 and its output can be scored against the phantom's truth. Each folder is exactly what
 ``nnUNetPredictor.initialize_from_trained_model_folder(folder, (0,))`` loads:
 ``dataset.json``, ``plans.json`` and ``fold_0/checkpoint_final.pth``; ``standin.json``
@@ -13,7 +13,7 @@ preprocessing (``DefaultPreprocessor.run_case_npy``: CTNormalization with the in
 properties written to plans.json, then the resampling the plans name), so the network
 sees at training time exactly what the predictor will feed it.
 
-Regenerate: ``python -m inference.standins [--model NAME] [--out models/]``.
+Regenerate: ``python -m devkit.standins [--model NAME] [--out models/]``.
 Training seeds are >= 1000; every seed below 1000 is held out.
 """
 
@@ -29,15 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicom_node.phantom import STRUCTURES, Phantom
-from dicom_node.synth import phantom_volumes, series_geometry
-from inference.standin_data import (
+from devkit.phantom import STRUCTURES, Phantom
+from devkit.standin_data import (
     CONFIGURATION,
     intensity_properties,
     make_case,
     sample_batch,
     segmentation_loss,
 )
+from devkit.synth import phantom_volumes, series_geometry
 
 TRAIN_SEED_BASE = 1000
 EVAL_SEED = 7

@@ -32,7 +32,8 @@ from typing import Any
 
 import requests
 
-from dicom_node import netutil
+from devkit import net
+from dicom_node.echo import echo
 
 DEFAULT_EXECUTABLE = "/usr/sbin/Orthanc"
 HOST = "127.0.0.1"
@@ -271,10 +272,10 @@ class OrthancServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def _pick_ports(self) -> None:
-        self._http_port = self._fixed_http_port or netutil.free_port(HOST)
-        self._dicom_port = self._fixed_dicom_port or netutil.free_port(HOST)
+        self._http_port = self._fixed_http_port or net.free_port(HOST)
+        self._dicom_port = self._fixed_dicom_port or net.free_port(HOST)
         while self._dicom_port == self._http_port:
-            self._dicom_port = netutil.free_port(HOST)
+            self._dicom_port = net.free_port(HOST)
 
     def _spawn(self, executable: str) -> None:
         # Orthanc logs to stderr by default; send both streams to one file in workdir.
@@ -311,7 +312,7 @@ class OrthancServer:
                 except requests.RequestException:
                     rest_ok = False
             if rest_ok and not dicom_ok:
-                dicom_ok = netutil.port_is_open(HOST, self._dicom_port)
+                dicom_ok = net.port_is_open(HOST, self._dicom_port)
             if rest_ok and dicom_ok:
                 return
             if time.monotonic() >= deadline:
@@ -427,7 +428,7 @@ class OrthancServer:
 
     def echo(self, calling_ae: str = "ECHOSCU", timeout_s: float = 5) -> bool:
         """C-ECHO this Orthanc over DICOM."""
-        return netutil.echo(HOST, self._dicom_port, self._aet, calling_ae, timeout_s)
+        return echo(HOST, self._dicom_port, self._aet, calling_ae, timeout_s)
 
     def echo_modality(self, name: str) -> bool:
         """Ask Orthanc to C-ECHO one of its configured modalities (tests outbound config)."""

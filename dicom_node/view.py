@@ -1,0 +1,52 @@
+"""What the web app may see of and do to the running node: a small typed view.
+
+The web app gets this view instead of the whole ``Node``: the settings, the database, the
+rules in force, the model registry (specs only: it never builds an engine or imports
+torch), the health of the loops, where the DICOM listener listens, the worker devices, and
+the few actions a page may trigger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from db.session import Database
+from dicom_node.rules_holder import RulesHolder
+from inference.registry import ModelRegistry
+from kernel.settings import NodeSettings
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """A read-mostly view of a running node for the web app.
+
+    Attributes
+    ----------
+    settings, db, rules, registry
+        The node's settings, database, rules holder and model registry.
+    loops
+        Name -> alive, for each loop thread of the node (assembler, dispatcher, workers).
+    listening
+        Whether the DICOM listener accepts associations.
+    listener_address
+        (host, port) the DICOM listener is bound to, None when it is not listening.
+    devices
+        The devices local workers run on ("cpu", "cuda:0", ...); empty when jobs run on
+        Celery workers elsewhere or the worker is disabled.
+    associations_requested
+        How many associations were requested since the listener started.
+    wake_dispatcher
+        Ask the outbox loop to look for due rows now (after a resend).
+    """
+
+    settings: NodeSettings
+    db: Database
+    rules: RulesHolder
+    registry: ModelRegistry
+    loops: Callable[[], dict[str, bool]]
+    listening: Callable[[], bool]
+    listener_address: Callable[[], tuple[str, int] | None]
+    devices: tuple[str, ...]
+    associations_requested: Callable[[], int]
+    wake_dispatcher: Callable[[], None]
