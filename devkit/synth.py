@@ -32,7 +32,7 @@ from devkit.synth_dicom import (
 
 SERIES_NUMBERS = {"N": 2, "A": 3, "P": 4, "D": 5}
 _DESCRIPTION_SUFFIX = {"N": "NC", "A": "ARTERIAL", "P": "PORTAL VENOUS", "D": "DELAYED 5MIN"}
-_UID_NAMESPACE = "dicom_node.synth"
+_UID_NAMESPACE = "dicom_node.synth"  # its old module name: kept so UIDs stay the same
 _GEOMETRY_KEYS = {
     "rows",
     "columns",

@@ -89,7 +89,13 @@ class _Lru:
 
 
 class Engine:
-    """Warm runners, cached volumes and label maps, and the pipeline logic."""
+    """Warm runners, cached volumes and label maps, and the pipeline logic.
+
+    One per worker child (or process), on one ``torch.device``. ``run(name, spec,
+    inputs)`` takes volumes by input role and returns a ``PipelineResult`` whose uint8
+    label map [z, y, x] lies in the reference volume's geometry; it raises
+    ``PipelineInputError`` when the inputs do not fit the pipeline.
+    """
 
     def __init__(
         self,

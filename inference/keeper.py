@@ -20,6 +20,7 @@ from db.models import Job, utcnow
 from db.session import Database
 from inference import queue
 from kernel.settings import WorkerSettings
+from kernel.vocabulary import JobState
 
 log = logging.getLogger("inference.keeper")
 
@@ -63,7 +64,10 @@ class QueueKeeper:
         with self.db.session() as s:
             due = s.execute(
                 select(Job.id, Job.attempts)
-                .where(Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now))
+                .where(
+                    Job.state == JobState.QUEUED,
+                    or_(Job.not_before.is_(None), Job.not_before <= now),
+                )
                 .order_by(Job.priority.desc(), Job.queued_at, Job.id)
             ).all()
         count = 0

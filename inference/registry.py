@@ -64,6 +64,16 @@ class LabelSpec(StrictModel):
 
 
 class ModelSpec(StrictModel):
+    """One model of the registry (an entry of ``models.yaml``).
+
+    ``kind: nnunet`` is an nnU-Net v2 trained-model folder (``folder`` with dataset.json,
+    plans.json, ``fold_N/<checkpoint>``); ``kind: totalsegmentator`` a TotalSegmentator
+    task whose folder is resolved from the installed weights. ``channels`` names the input
+    role feeding each nnU-Net channel (channel 0 is the reference geometry); ``labels``
+    maps label id -> meaning, colour and post-processing. ``memory_mb`` (warm predictor)
+    and ``gpu_memory_mb`` (free GPU memory a job needs) are MiB.
+    """
+
     id: str
     kind: Literal["nnunet", "totalsegmentator"] = "nnunet"
     # nnunet: the trained-model folder. totalsegmentator: resolved from the task at start.
@@ -117,6 +127,8 @@ class ModelSpec(StrictModel):
 
 
 class ModelRegistry:
+    """The validated models by id; ``get`` raises ``RegistryError`` naming an unknown id."""
+
     def __init__(self, models: dict[str, ModelSpec], source: Path) -> None:
         self.models = models
         self.source = source
@@ -192,6 +204,13 @@ def _check_totalseg(spec: ModelSpec) -> ModelSpec:
 
 
 def load_registry(path: Path | None = None, *, check_folders: bool = True) -> ModelRegistry:
+    """Read and validate ``models.yaml`` (default: the repository's).
+
+    With ``check_folders`` every nnU-Net folder is checked (files, labels against
+    dataset.json, the checkpoint's number of classes) and TotalSegmentator tasks are
+    resolved to their installed weights. Raises ``RegistryError`` naming the model and
+    the problem; nothing is ever downloaded.
+    """
     path = Path(path or REPO_ROOT / "models.yaml")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

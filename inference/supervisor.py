@@ -20,6 +20,7 @@ from db.session import Database
 from inference import queue
 from inference.child import child_main
 from kernel.settings import NodeSettings
+from kernel.vocabulary import JobState
 
 log = logging.getLogger("inference.supervisor")
 
@@ -172,7 +173,7 @@ class DeviceSupervisor:
                     log.warning("job %s is no longer ours (lease expired); child killed", job.id)
                     self._discard()
                     return "lost"
-                if state == "cancelling":
+                if state == JobState.CANCELLING:
                     self._discard()
                     return queue.fail(self.db, job.id, "cancelled while running", owner=owner)
 

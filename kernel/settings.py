@@ -94,12 +94,21 @@ class Destination(StrictModel):
 
 
 class WebSettings(StrictModel):
+    """The admin web app's listener (pages, JSON API, path API, health, metrics)."""
+
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port (tests).")
 
 
 class WorkerSettings(StrictModel):
+    """Job workers: devices, retries, time limits, leases, and the Celery broker.
+
+    Times are seconds. ``max_attempts`` / ``retry_backoff_s`` make the jobs' retry policy
+    (``kernel.retry.RetryPolicy``): attempt n is retried ``retry_backoff_s * 2**(n-1)``
+    seconds later.
+    """
+
     enabled: bool = True
     device: str = Field(
         "auto", description="'auto' (one worker per CUDA GPU, else the CPU), 'cpu' or 'cuda:N'."
@@ -151,6 +160,8 @@ class WorkerSettings(StrictModel):
 
 
 class DispatchSettings(StrictModel):
+    """The outbox's retry policy and network timeouts (seconds); see ``kernel.outbox``."""
+
     retry_initial_s: float = Field(5.0, gt=0, description="First retry delay after a failed send.")
     retry_max_s: float = Field(300.0, gt=0, description="Cap of the exponential retry delay.")
     max_attempts: int = Field(20, ge=1, description="After this many failed sends a row is failed.")
@@ -164,7 +175,13 @@ class DispatchSettings(StrictModel):
 
 
 class NodeSettings(BaseSettings):
-    """Everything the node needs to know; see README.md for each key."""
+    """Everything the node needs to know, validated at start (README.md: Settings).
+
+    Built by ``load_settings`` from a YAML file and ``DICOM_NODE_*`` environment
+    variables; an invalid value raises ``ConfigError`` naming each bad key. Paths in the
+    file are relative to the file. Derived paths: ``spool_dir`` and ``results_dir`` under
+    ``data_dir``; ``db_url`` is ``database_url`` or SQLite in ``data_dir/node.db``.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False

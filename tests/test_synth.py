@@ -224,3 +224,21 @@ def test_truth_nifti_lies_in_the_series_physical_space(study: SynthStudy, tmp_pa
     ct = reader.Execute()
     np.testing.assert_allclose(ct.GetOrigin(), image.GetOrigin(), atol=1e-3)
     assert np.array_equal(sitk.GetArrayFromImage(ct), series.hu)
+
+
+@pytest.mark.parametrize("rows", [64, 128, 512])
+def test_synth_command_keeps_the_whole_body_in_view_at_any_matrix(
+    tmp_path: Path, rows: int
+) -> None:
+    """``dicom-node synth --rows N`` changes the pixel size, not the field of view: every
+    structure of the phantom (kidneys included) is in the images at every N."""
+    from dicom_node.cli import main
+
+    out = tmp_path / "study"
+    assert main(["synth", str(out), "--phases", "P", "--rows", str(rows), "--truth"]) == 0
+    first = pydicom.dcmread(sorted(out.glob("*_P/*.dcm"))[0], stop_before_pixels=True)
+    assert (first.Rows, first.Columns) == (rows, rows)
+    field_of_view_mm = float(first.PixelSpacing[0]) * rows
+    assert field_of_view_mm == pytest.approx(0.78 * 512, abs=0.1)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "truth_P.nii.gz")))
+    assert set(STRUCTURES.values()) <= set(np.unique(truth))

@@ -94,13 +94,13 @@ async def run_pipeline(
         if answer is not None or time.monotonic() >= deadline:
             break
         await asyncio.sleep(POLL_S)
-    return answer or JSONResponse({"job_id": job_id, "state": "queued"}, status_code=202)
+    return answer or JSONResponse({"job_id": job_id, "state": JobState.QUEUED}, status_code=202)
 
 
 @router.get("/inference/jobs/{job_id}")
 def job_state(job_id: int, request: Request, _: Principal = Depends(require_viewer)) -> Any:
     answer = _job_answer(_node(request), job_id)
-    return answer or JSONResponse({"job_id": job_id, "state": "running"}, status_code=202)
+    return answer or JSONResponse({"job_id": job_id, "state": JobState.RUNNING}, status_code=202)
 
 
 def _job_answer(node: ServiceView, job_id: int) -> Any:

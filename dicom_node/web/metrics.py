@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from db.models import Dispatch, Event, Instance, Job, Series
 from dicom_node.view import ServiceView
+from kernel.vocabulary import EventKind, JobState, OutboxState
 
 JOB_SECONDS_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
@@ -41,10 +42,12 @@ class NodeCollector:
             ).all()
             jobs = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
             sends = s.execute(select(Dispatch.state, func.count()).group_by(Dispatch.state)).all()
-            retries = s.scalar(select(func.count()).where(Event.kind == "send_retry"))
+            retries = s.scalar(select(func.count()).where(Event.kind == EventKind.SEND_RETRY))
             spans = s.execute(
                 select(Job.started_at, Job.finished_at).where(
-                    Job.state == "done", Job.started_at.is_not(None), Job.finished_at.is_not(None)
+                    Job.state == JobState.DONE,
+                    Job.started_at.is_not(None),
+                    Job.finished_at.is_not(None),
                 )
             ).all()
         c = CounterMetricFamily(
@@ -62,16 +65,16 @@ class NodeCollector:
         yield g
         g = GaugeMetricFamily("dicom_node_jobs", "Jobs by state", labels=["state"])
         states = dict(jobs)
-        for state in ("queued", "running", "done", "failed", "cancelled", "cancelling"):
-            g.add_metric([state], states.get(state, 0))
+        for state in JobState:
+            g.add_metric([str(state)], states.get(state, 0))
         yield g
         g = GaugeMetricFamily("dicom_node_queue_depth", "Jobs waiting to run")
-        g.add_metric([], states.get("queued", 0))
+        g.add_metric([], states.get(JobState.QUEUED, 0))
         yield g
         c = CounterMetricFamily("dicom_node_sends", "Outbox rows by outcome", labels=["outcome"])
         outcomes = dict(sends)
-        for state in ("sent", "committed", "failed", "pending", "sending"):
-            c.add_metric([state], outcomes.get(state, 0))
+        for state in OutboxState:
+            c.add_metric([str(state)], outcomes.get(state, 0))
         c.add_metric(["retry"], retries or 0)
         yield c
         yield _job_histogram([(b - a).total_seconds() for a, b in spans])

@@ -13,6 +13,14 @@ from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Dispatch, Event, Job, Result, Series, Study
+from kernel.vocabulary import (
+    ACTIVE_JOB_STATES,
+    RUNNING_JOB_STATES,
+    UNDELIVERED_STATES,
+    JobState,
+    OutboxKind,
+    OutboxState,
+)
 
 STUDY_STATUSES = ("failed", "active", "done", "received")
 
@@ -51,25 +59,25 @@ def dashboard(s: Session) -> dict[str, Any]:
     received = s.scalar(select(func.count()).where(Study.first_received_at >= today))
     processed = s.scalar(
         select(func.count(func.distinct(Job.study_id))).where(
-            Job.state == "done", Job.finished_at >= today
+            Job.state == JobState.DONE, Job.finished_at >= today
         )
     )
     failed = s.scalar(
         select(func.count(func.distinct(Job.study_id))).where(
-            Job.state == "failed", Job.finished_at >= today
+            Job.state == JobState.FAILED, Job.finished_at >= today
         )
     )
-    queued = s.scalar(select(func.count()).where(Job.state == "queued"))
+    queued = s.scalar(select(func.count()).where(Job.state == JobState.QUEUED))
     running = s.execute(
         select(Job, Study.study_uid)
         .join(Study, Study.id == Job.study_id)
-        .where(Job.state.in_(("running", "cancelling")))
+        .where(Job.state.in_(RUNNING_JOB_STATES))
         .order_by(Job.started_at)
     ).all()
     pending = dict(
         s.execute(
             select(Dispatch.destination, func.count())
-            .where(Dispatch.state.in_(("pending", "sending")))
+            .where(Dispatch.state.in_(UNDELIVERED_STATES))
             .group_by(Dispatch.destination)
         ).all()
     )
@@ -102,11 +110,11 @@ def _status_filter(status: str) -> Any:
         Job.study_id == Study.id, Job.state.in_(states)
     )
     if status == "failed":
-        return has_job("failed")
+        return has_job(JobState.FAILED)
     if status == "active":
-        return has_job("queued", "running", "cancelling")
+        return has_job(*ACTIVE_JOB_STATES)
     if status == "done":
-        return and_(has_job("done"), ~has_job("failed", "queued", "running", "cancelling"))
+        return and_(has_job(JobState.DONE), ~has_job(JobState.FAILED, *ACTIVE_JOB_STATES))
     return ~exists().where(Job.study_id == Study.id)
 
 
@@ -173,11 +181,11 @@ def studies(
 
 
 def _status_of(states: set[str]) -> str:
-    if "failed" in states:
+    if JobState.FAILED in states:
         return "failed"
-    if states & {"queued", "running", "cancelling"}:
+    if states & set(ACTIVE_JOB_STATES):
         return "active"
-    if "done" in states:
+    if JobState.DONE in states:
         return "done"
     return "received"
 
@@ -211,8 +219,8 @@ def study_detail(s: Session, study_uid: str, *, admin: bool) -> dict[str, Any] |
         ("complete", first([x.completed_at for x in series], max)),
         ("classified", first([x.routed_at for x in series], max)),
         ("queued", first([j.queued_at for j in jobs])),
-        ("inferred", first([j.finished_at for j in jobs if j.state == "done"], max)),
-        ("sent", first([d.sent_at for d in sends if d.kind == "result"], max)),
+        ("inferred", first([j.finished_at for j in jobs if j.state == JobState.DONE], max)),
+        ("sent", first([d.sent_at for d in sends if d.kind == OutboxKind.RESULT], max)),
     ]
     timeline = []
     previous: datetime | None = None
@@ -280,9 +288,9 @@ def queue(s: Session, failed_days: int = 7) -> dict[str, Any]:
     since = datetime.now(UTC) - timedelta(days=failed_days)
     out: dict[str, Any] = {}
     for key, states, order in (
-        ("running", ("running", "cancelling"), Job.started_at),
-        ("queued", ("queued",), Job.priority.desc()),
-        ("failed", ("failed",), Job.finished_at.desc()),
+        ("running", RUNNING_JOB_STATES, Job.started_at),
+        ("queued", (JobState.QUEUED,), Job.priority.desc()),
+        ("failed", (JobState.FAILED,), Job.finished_at.desc()),
     ):
         query = (
             select(Job, Study.study_uid)
@@ -317,7 +325,7 @@ def failed_dispatch_ids(s: Session, destination: str) -> list[int]:
     return list(
         s.scalars(
             select(Dispatch.id).where(
-                Dispatch.destination == destination, Dispatch.state == "failed"
+                Dispatch.destination == destination, Dispatch.state == OutboxState.FAILED
             )
         )
     )
