@@ -99,6 +99,7 @@ def demo_settings(workdir: Path, pacs_aet: str, pacs_port: int) -> NodeSettings:
         web={"host": "127.0.0.1", "port": 0},
         worker={"poll_interval_s": 0.2},
         dispatch={"retry_initial_s": 1.0},
+        log_level=os.environ.get("DICOM_NODE_LOG_LEVEL", "WARNING"),  # the worker child's
     )
 
 

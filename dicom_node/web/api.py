@@ -16,7 +16,6 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, HTTPException, Request, UploadFile
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel
 from sqlalchemy import select
 
 from db.models import Instance, Series, utcnow
@@ -29,6 +28,7 @@ from dicom_node.web.preview import PreviewError, preview_png
 from dicom_node.web.queries import as_utc
 from inference import queue as jobs
 from kernel import outbox
+from kernel.strict import StrictModel
 
 log = logging.getLogger("dicom_node.web")
 router = APIRouter(prefix="/api", tags=["api"])
@@ -104,7 +104,7 @@ def queue_status(request: Request, _: Principal = Depends(require_viewer)) -> di
         return queries.queue(s)
 
 
-class PriorityBody(BaseModel):
+class PriorityBody(StrictModel):
     priority: str
 
 
@@ -242,7 +242,7 @@ async def echo_destination(
     return await _answer(request, {"ok": ok, "message": message})
 
 
-class ResendBody(BaseModel):
+class ResendBody(StrictModel):
     dispatch_ids: list[int]
 
 
