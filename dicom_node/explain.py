@@ -11,8 +11,8 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.instance import header_attributes
 from dicom_node.planning import derived_attributes, plan_study
-from dicom_node.routing import header_attributes
 from dicom_node.rules import RuleSet
 
 

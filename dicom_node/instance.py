@@ -1,10 +1,13 @@
-"""Reading the few header fields the node needs from an encoded instance, and rejecting
-datasets that are corrupt or truncated before anything is written."""
+"""Reading DICOM headers: the few fields the receive path needs from an encoded instance
+(rejecting datasets that are corrupt or truncated before anything is written), and the
+attributes routing rules see."""
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -98,3 +101,21 @@ def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHe
             f"SOPInstanceUID {header.sop_uid} differs from the request's {expected_sop_uid}"
         )
     return header
+
+
+def header_attributes(path: str | Path) -> dict[str, Any]:
+    """Top-level DICOM attributes of one file by keyword (pixel data not read)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    attrs: dict[str, Any] = {}
+    for elem in ds:
+        if not elem.keyword or elem.VR == "SQ":
+            continue
+        value = elem.value
+        if isinstance(value, pydicom.multival.MultiValue):
+            value = [str(v) for v in value]
+        elif isinstance(value, bytes):
+            continue
+        elif not isinstance(value, int | float | str):
+            value = str(value)
+        attrs[elem.keyword] = value
+    return attrs

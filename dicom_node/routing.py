@@ -9,16 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import pydicom
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from db.models import Event, Instance, Job, Series, Study, utcnow
 from db.session import Database
 from dicom_node import records
+from dicom_node.instance import header_attributes
 from dicom_node.planning import PipelinePlan, SeriesPlan, derived_attributes, plan_study
 from dicom_node.rules import RoutingDecision, RuleSet
 from inference.queue import enqueue
@@ -27,24 +26,6 @@ from kernel.events import add_event
 from kernel.vocabulary import EventKind, EventLevel, OutboxKind, Priority, SeriesState
 
 log = logging.getLogger("dicom_node.routing")
-
-
-def header_attributes(path: str | Path) -> dict[str, Any]:
-    """Top-level DICOM attributes of one file by keyword (pixel data not read)."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    attrs: dict[str, Any] = {}
-    for elem in ds:
-        if not elem.keyword or elem.VR == "SQ":
-            continue
-        value = elem.value
-        if isinstance(value, pydicom.multival.MultiValue):
-            value = [str(v) for v in value]
-        elif isinstance(value, bytes):
-            continue
-        elif not isinstance(value, int | float | str):
-            value = str(value)
-        attrs[elem.keyword] = value
-    return attrs
 
 
 def series_attributes(series: Series, first_file: str) -> dict[str, Any]:

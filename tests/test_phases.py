@@ -16,7 +16,7 @@ import pytest
 
 from devkit.synth import generate_study
 from dicom_node.explain import explain
-from dicom_node.routing import header_attributes
+from dicom_node.instance import header_attributes
 from dicom_node.rules import load_rules
 from kernel.settings import REPO_ROOT
 

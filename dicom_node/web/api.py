@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from db.models import Instance, Series, utcnow
 from dicom_node.echo import echo
-from dicom_node.routing import header_attributes
+from dicom_node.instance import header_attributes
 from dicom_node.view import ServiceView
 from dicom_node.web import queries
 from dicom_node.web.auth import Principal, require_admin, require_viewer
