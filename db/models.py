@@ -102,11 +102,18 @@ class Series(Base):
 
 
 class Instance(Base):
+    """One received SOP instance of a series (its file is in the spool).
+
+    A SOP Instance UID is unique per series, not globally: some exporters reuse one UID
+    in two series, and both are kept (the spool path includes the series).
+    """
+
     __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("series_id", "sop_uid", name="uq_instances_series_sop"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    sop_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_uid: Mapped[str] = mapped_column(UID, index=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     instance_number: Mapped[int | None] = mapped_column(Integer)
@@ -115,12 +122,19 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     # How often the same SOP instance was received (re-sends replace the file).
     receive_count: Mapped[int] = mapped_column(Integer, default=1)
+    # Which image stack of its series the instance belongs to (orientation, size, pixel
+    # spacing, image type; see inference.stacks), its position along the slice normal in
+    # mm, and AcquisitionNumber: routing picks a series' main stack and checks it for gaps
+    # without reading the files. NULL for rows from before migration 0004.
+    stack_key: Mapped[str | None] = mapped_column(String(160))
+    slice_position_mm: Mapped[float | None] = mapped_column(Float)
+    acquisition_number: Mapped[int | None] = mapped_column(Integer)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
 class Job(Base):
-    """One pipeline run on one study. state: queued, running, done, failed, cancelled."""
+    """One pipeline run on one study. state: see ``kernel.vocabulary.JobState``."""
 
     __tablename__ = "jobs"
     __table_args__ = (Index("ix_jobs_claim", "state", "priority", "queued_at"),)
@@ -164,12 +178,18 @@ class Result(Base):
     source_series_uid: Mapped[str] = mapped_column(UID)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    pipeline: Mapped[str | None] = mapped_column(String(64))
+    result_type: Mapped[str | None] = mapped_column(String(16))  # BINARY, LABELMAP, RTSTRUCT
+    # A later result of the same pipeline on the same series computed on other input (the
+    # series grew, a slice was replaced): this one is no longer current.
+    superseded_at: Mapped[datetime | None] = mapped_column()
+    superseded_by: Mapped[str | None] = mapped_column(UID)  # the newer SOP Instance UID
 
 
 class Dispatch(Base):
     """One (instance, destination) pair to deliver.
 
-    state: pending, sending, sent, committed (storage commitment confirmed), failed.
+    state: see ``kernel.vocabulary.OutboxState``.
     """
 
     __tablename__ = "dispatches"

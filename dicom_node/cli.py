@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -82,14 +83,36 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run_demo(keep=args.keep, rows=args.rows)
 
 
+def _spacing_lookup(models_file: Path, rules_file: Path) -> Callable[[str], float | None] | None:
+    """pipeline -> its first model's slice spacing, from the registry (None if unreadable)."""
+    from inference.model_spacing import target_spacing_mm
+    from inference.registry import load_registry
+    from kernel.catalog import CatalogError, load_catalog
+
+    try:
+        registry = load_registry(models_file, check_folders=False)
+        pipelines = load_catalog(rules_file)
+    except (RegistryError, CatalogError):
+        return None
+
+    def lookup(name: str) -> float | None:
+        spec = pipelines.get(name)
+        model = registry.models.get(spec.models[0]) if spec else None
+        return target_spacing_mm(model) if model else None
+
+    return lookup
+
+
 def _route_explain(args: argparse.Namespace) -> int:
     import json
 
     from dicom_node.explain import explain, format_text
     from dicom_node.rules import load_rules
 
-    rules_file = args.rules or load_settings(args.config).rules_file
-    items = explain(load_rules(Path(rules_file)), args.paths)
+    settings = load_settings(args.config)
+    rules_file = args.rules or settings.rules_file
+    spacing = _spacing_lookup(settings.models_file, Path(rules_file))
+    items = explain(load_rules(Path(rules_file)), args.paths, spacing)
     print(json.dumps(items, indent=2, ensure_ascii=False) if args.json else format_text(items))
     return 0
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.instance import header_attributes
-from dicom_node.planning import derived_attributes, plan_study
+from dicom_node import series_attrs
+from dicom_node.planning import plan_study
 from dicom_node.rules import RuleSet
 
 
@@ -28,9 +28,9 @@ def dicom_files(paths: Iterable[str | Path]) -> Iterable[Path]:
 
 
 def collect_series(paths: Iterable[str | Path]) -> dict[str, dict[str, dict[str, Any]]]:
-    """study UID -> series UID -> attributes (first instance + InstanceCount)."""
-    first: dict[tuple[str, str], Path] = {}
-    counts: dict[tuple[str, str], int] = defaultdict(int)
+    """study UID -> series UID -> attributes (``series_attrs.from_files``: the main stack's
+    header and derived values, as the live node sees a received series)."""
+    files: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for path in dicom_files(paths):
         try:
             ds = pydicom.dcmread(
@@ -42,27 +42,39 @@ def collect_series(paths: Iterable[str | Path]) -> dict[str, dict[str, dict[str,
             print(f"skipped {path}: not a DICOM file", file=sys.stderr)
             continue
         key = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")))
-        first.setdefault(key, path)
-        counts[key] += 1
+        files[key].append(path)
     studies: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for (study_uid, series_uid), path in first.items():
-        attrs = header_attributes(path)
-        attrs.update(derived_attributes(attrs))
-        attrs["InstanceCount"] = counts[(study_uid, series_uid)]
-        studies[study_uid][series_uid] = attrs
+    for (study_uid, series_uid), series_files in files.items():
+        studies[study_uid][series_uid] = series_attrs.from_files(sorted(series_files))
     return studies
 
 
-def explain(rules: RuleSet, paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+def explain(
+    rules: RuleSet,
+    paths: Iterable[str | Path],
+    target_spacing_mm: Callable[[str], float | None] | None = None,
+) -> list[dict[str, Any]]:
+    """One item per series: phase, reasons, rule, the pipelines it feeds (with how it was
+    chosen over other candidates), forwards, stacks left out and signs of missing slices.
+
+    ``target_spacing_mm``: pipeline -> its first model's slice spacing, as the live node
+    uses it to prefer among candidates (None: not used).
+    """
     items: list[dict[str, Any]] = []
     for study_uid, series in collect_series(paths).items():
-        series_plans, pipeline_plans = plan_study(rules, series)
+        series_plans, pipeline_plans = plan_study(rules, series, target_spacing_mm)
         for uid, plan in series_plans.items():
             pipelines = sorted(
                 name
                 for name, p in pipeline_plans.items()
                 if p.runnable and uid in p.inputs.values()
             )
+            chosen = {
+                f"{name}.{role}": p.choices[role]
+                for name, p in sorted(pipeline_plans.items())
+                for role, chosen_uid in p.inputs.items()
+                if chosen_uid == uid
+            }
             items.append(
                 {
                     "series_uid": uid,
@@ -72,7 +84,11 @@ def explain(rules: RuleSet, paths: Iterable[str | Path]) -> list[dict[str, Any]]
                     "reasons": plan.phase.reasons + plan.decision.reasons,
                     "rule": ", ".join(plan.decision.matched_rules) or None,
                     "pipelines": pipelines,
+                    "inputs": chosen,
                     "forward": [] if plan.decision.discard else plan.decision.forward,
+                    "instances": plan.instance_count,
+                    "left_out": plan.left_out,
+                    "incomplete": plan.incomplete,
                 }
             )
         for p in pipeline_plans.values():
@@ -92,5 +108,11 @@ def format_text(items: list[dict[str, Any]], descriptions: dict[str, str] | None
             lines.append(f"    - {reason}")
         lines.append(f"  rule:       {item['rule'] or '(none matched)'}")
         lines.append(f"  pipelines:  {', '.join(item['pipelines']) or '-'}")
+        for input_name, why in item.get("inputs", {}).items():
+            lines.append(f"    - input {input_name}: {why}")
         lines.append(f"  forward to: {', '.join(item['forward']) or '-'}")
+        for left in item.get("left_out", []):
+            lines.append(f"  left out:   {left}")
+        for problem in item.get("incomplete", []):
+            lines.append(f"  incomplete: {problem} (its pipelines wait for the study to settle)")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
-from kernel.uids import InvalidUIDError, require_uid
+from inference.stacks import slice_info
+from kernel.uids import InvalidUIDError, accept_uid
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -38,6 +39,13 @@ class InstanceHeader:
     accession_number: str | None = None
     study_date: str | None = None
     study_description: str | None = None
+    # The image stack the instance belongs to (inference.stacks), its position along the
+    # slice normal (mm) and AcquisitionNumber.
+    stack_key: str | None = None
+    slice_position_mm: float | None = None
+    acquisition_number: int | None = None
+    # Why a UID is not conformant but was accepted (leading zeros, ...), one line each.
+    uid_problems: tuple[str, ...] = ()
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
@@ -69,16 +77,28 @@ def _check_complete(ds: pydicom.Dataset) -> None:
 
 
 def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHeader:
-    """Parse an encoded DICOM file (preamble + meta + dataset) without decoding pixels."""
+    """Parse an encoded DICOM file (preamble + meta + dataset) without decoding pixels.
+
+    UIDs are taken as ``kernel.uids.accept_uid`` accepts them (the reasons a tolerated UID
+    is not conformant are in ``uid_problems``). Raises ``CorruptDatasetError`` for a
+    dataset that cannot be parsed, is truncated, lacks a usable Study / Series / SOP
+    Instance / SOP Class UID, or whose SOP Instance UID differs from ``expected_sop_uid``.
+    """
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         _check_complete(ds)
         tsuid = str(ds.file_meta.TransferSyntaxUID)
+        uids, problems = {}, []
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+            uids[keyword], problem = accept_uid(ds.get(keyword), keyword)
+            if problem:
+                problems.append(problem)
+        stack = slice_info(ds)
         header = InstanceHeader(
-            study_uid=require_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-            series_uid=require_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-            sop_uid=require_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-            sop_class_uid=require_uid(ds.get("SOPClassUID"), "SOPClassUID"),
+            study_uid=uids["StudyInstanceUID"],
+            series_uid=uids["SeriesInstanceUID"],
+            sop_uid=uids["SOPInstanceUID"],
+            sop_class_uid=uids["SOPClassUID"],
             transfer_syntax_uid=tsuid,
             modality=_text(ds, "Modality"),
             instance_number=_int(ds, "InstanceNumber"),
@@ -89,6 +109,10 @@ def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHe
             accession_number=_text(ds, "AccessionNumber"),
             study_date=_text(ds, "StudyDate"),
             study_description=_text(ds, "StudyDescription"),
+            stack_key=stack.stack_key,
+            slice_position_mm=stack.position_mm,
+            acquisition_number=stack.acquisition,
+            uid_problems=tuple(problems),
         )
     except CorruptDatasetError:
         raise

@@ -2,24 +2,58 @@
 
 Pure functions over series attributes, shared by the live node (``routing.Router``) and
 ``dicom-node route explain``, so both always tell the same story.
+
+Which series feed a pipeline: only series that matched a rule naming that pipeline. For
+each input role the role's phases are tried in order (most preferred first); among the
+candidates of one phase the preference is, in this order:
+
+1. ORIGINAL images before DERIVED ones (reformats, secondary captures);
+2. axial before other orientations;
+3. a series whose headers look whole before one with signs of missing slices;
+4. slice spacing closest to the spacing the pipeline's first model works at;
+5. higher phase confidence;
+6. more images;
+7. the smaller SeriesInstanceUID (so the choice never depends on arrival order).
+
+A pipeline runs at once when every role has a series of its first phase that looks whole;
+with a fallback phase, or an input whose headers suggest missing slices, it waits until
+the study settles (``study_timeout_s``) and then runs with what is there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dicom_node.phases import PhaseResult
 from dicom_node.rules import RoutingDecision, RuleSet
+from inference.stacks import orientation_name
 
 
 @dataclass
 class SeriesPlan:
+    """One complete series: its phase, what the rules decided, and its main stack."""
+
     series_uid: str
     study_uid: str
     phase: PhaseResult
     decision: RoutingDecision
     instance_count: int = 0
+    image_kind: str = "ORIGINAL"
+    orientation: str | None = None
+    slice_spacing_mm: float | None = None
+    incomplete: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """E.g. ``1.2.3 (P 0.95, ORIGINAL axial, 2.5 mm, 120 images)``."""
+        spacing = f"{self.slice_spacing_mm:g} mm" if self.slice_spacing_mm else "spacing ?"
+        return (
+            f"{self.series_uid} ({self.phase.phase} {self.phase.confidence:.2f}, "
+            f"{self.image_kind} {self.orientation or '?'}, {spacing}, "
+            f"{self.instance_count} images)"
+        )
 
 
 @dataclass
@@ -28,11 +62,14 @@ class PipelinePlan:
     inputs: dict[str, str] = field(default_factory=dict)  # role -> series UID
     fallback_roles: list[str] = field(default_factory=list)  # resolved by a later phase
     missing: dict[str, list[str]] = field(default_factory=dict)  # role -> phases wanted
+    incomplete: dict[str, list[str]] = field(default_factory=dict)  # role -> why
+    # role -> how the input was chosen (the candidates in order of preference)
+    choices: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
-        """Every input has a series of its most preferred phase: run now."""
-        return not self.missing and not self.fallback_roles
+        """Every input has a whole-looking series of its most preferred phase: run now."""
+        return not self.missing and not self.fallback_roles and not self.incomplete
 
     @property
     def runnable(self) -> bool:
@@ -43,32 +80,23 @@ class PipelinePlan:
         if self.ready:
             return f"{self.pipeline}: ready with {self.inputs}"
         if self.runnable:
-            return (
-                f"{self.pipeline}: inputs {self.fallback_roles} only from fallback phases; "
-                "runs when the study is settled"
-            )
+            why = []
+            if self.fallback_roles:
+                why.append(f"inputs {self.fallback_roles} only from fallback phases")
+            for role, problems in self.incomplete.items():
+                why.append(f"input {role} may be incomplete ({'; '.join(problems)})")
+            return f"{self.pipeline}: {'; '.join(why)}; runs when the study is settled"
         wanted = ", ".join(f"{r} needs {'/'.join(p)}" for r, p in self.missing.items())
         return f"{self.pipeline}: waiting ({wanted})"
 
 
 def orientation(iop: Any) -> str | None:
-    """axial / coronal / sagittal / oblique from ImageOrientationPatient."""
+    """axial / coronal / sagittal / oblique from ImageOrientationPatient (None if absent)."""
     try:
         values = [float(v) for v in iop]
     except (TypeError, ValueError):
         return None
-    if len(values) != 6:
-        return None
-    row, col = values[:3], values[3:]
-    normal = [
-        row[1] * col[2] - row[2] * col[1],
-        row[2] * col[0] - row[0] * col[2],
-        row[0] * col[1] - row[1] * col[0],
-    ]
-    axis = max(range(3), key=lambda i: abs(normal[i]))
-    if abs(normal[axis]) < 0.9:  # more than ~25 degrees off every main plane
-        return "oblique"
-    return ("sagittal", "coronal", "axial")[axis]
+    return orientation_name(values) if len(values) == 6 else None
 
 
 def derived_attributes(header: dict[str, Any]) -> dict[str, Any]:
@@ -89,13 +117,24 @@ def series_attributes(attrs: dict[str, Any], phase: PhaseResult) -> dict[str, An
     return {**attrs, "Phase": phase.phase, "PhaseConfidence": phase.confidence}
 
 
+def _float(value: Any) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 def plan_study(
-    rules: RuleSet, study_series: dict[str, dict[str, Any]]
+    rules: RuleSet,
+    study_series: dict[str, dict[str, Any]],
+    target_spacing_mm: Callable[[str], float | None] | None = None,
 ) -> tuple[dict[str, SeriesPlan], dict[str, PipelinePlan]]:
     """Classify, decide and resolve pipelines for the complete series of one study.
 
-    ``study_series`` maps series UID -> attributes (header of one instance plus derived
-    values such as InstanceCount, CallingAE).
+    ``study_series`` maps series UID -> attributes (``dicom_node.series_attrs``: the main
+    stack's header plus derived values such as InstanceCount, Incomplete, CallingAE).
+    ``target_spacing_mm(pipeline)`` is the slice spacing the pipeline's first model works
+    at (None: unknown), used to prefer among candidates.
     """
     phases = rules.classifier.classify_study(study_series)
     series_plans: dict[str, SeriesPlan] = {}
@@ -108,26 +147,69 @@ def plan_study(
             phase=phases[uid],
             decision=decision,
             instance_count=int(attrs.get("InstanceCount") or 0),
+            image_kind=str(attrs.get("ImageKind") or "ORIGINAL"),
+            orientation=attrs.get("Orientation"),
+            slice_spacing_mm=_float(attrs.get("SliceSpacing")),
+            incomplete=list(attrs.get("Incomplete") or []),
+            left_out=list(attrs.get("LeftOut") or []),
         )
         if not decision.discard:
             requested += [p for p in decision.pipelines if p not in requested]
-    eligible = [p for p in series_plans.values() if not p.decision.discard]
-    pipelines = {name: resolve_inputs(rules, name, eligible) for name in requested}
+    pipelines = {}
+    for name in requested:
+        # Only series a rule sent to this pipeline may feed it.
+        candidates = [
+            p
+            for p in series_plans.values()
+            if not p.decision.discard and name in p.decision.pipelines
+        ]
+        spacing = target_spacing_mm(name) if target_spacing_mm else None
+        pipelines[name] = resolve_inputs(rules, name, candidates, spacing)
     return series_plans, pipelines
 
 
-def resolve_inputs(rules: RuleSet, pipeline: str, candidates: list[SeriesPlan]) -> PipelinePlan:
-    """Pick one series per input role, most preferred phase first, then confidence."""
+def preference(plan: SeriesPlan, target_spacing_mm: float | None) -> tuple[Any, ...]:
+    """Sort key of a candidate input (smaller is better; see the module docstring)."""
+    spacing = plan.slice_spacing_mm
+    distance = abs(spacing - target_spacing_mm) if spacing and target_spacing_mm else 0.0
+    return (
+        plan.image_kind != "ORIGINAL",
+        plan.orientation != "axial",
+        bool(plan.incomplete),
+        round(distance, 3),
+        -plan.phase.confidence,
+        -plan.instance_count,
+        plan.series_uid,
+    )
+
+
+def resolve_inputs(
+    rules: RuleSet,
+    pipeline: str,
+    candidates: list[SeriesPlan],
+    target_spacing_mm: float | None = None,
+) -> PipelinePlan:
+    """Pick one series per input role: most preferred phase first, then ``preference``."""
     plan = PipelinePlan(pipeline)
     for role, wanted in rules.pipelines[pipeline].inputs.items():
         for rank, phase in enumerate(wanted):
-            matches = [c for c in candidates if c.phase.phase == phase]
-            if matches:
-                best = max(matches, key=lambda c: (c.phase.confidence, c.instance_count))
-                plan.inputs[role] = best.series_uid
-                if rank > 0:
-                    plan.fallback_roles.append(role)
-                break
+            matches = sorted(
+                (c for c in candidates if c.phase.phase == phase),
+                key=lambda c: preference(c, target_spacing_mm),
+            )
+            if not matches:
+                continue
+            best = matches[0]
+            plan.inputs[role] = best.series_uid
+            if rank > 0:
+                plan.fallback_roles.append(role)
+            if best.incomplete:
+                plan.incomplete[role] = list(best.incomplete)
+            others = "; ".join(c.describe() for c in matches[1:])
+            plan.choices[role] = f"{best.describe()}" + (
+                f", preferred over {others}" if others else ""
+            )
+            break
         else:
             plan.missing[role] = list(wanted)
     return plan

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,6 +25,10 @@ from kernel.uids import derived_uid
 from kernel.vocabulary import EventKind, EventLevel, SeriesState
 
 log = logging.getLogger("dicom_node.records")
+
+
+class SeriesConflictError(ValueError):
+    """The series UID already belongs to another study: the instance is refused."""
 
 
 @dataclass(frozen=True)
@@ -45,25 +50,39 @@ class InstanceRecorder:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._ids: dict[str, tuple[int, int]] = {}  # series_uid -> (study_id, series_id)
+        # (study_uid, series_uid) -> (study_id, series_id)
+        self._ids: dict[tuple[str, str], tuple[int, int]] = {}
+        # Warnings already recorded (one event per series, not per instance).
+        self._warned: set[tuple[str, int, int]] = set()
 
     def record(self, header: InstanceHeader, path: str, size_bytes: int, origin: Origin) -> bool:
         """Record one instance; returns True when it re-opened a completed series.
 
         A re-sent SOP instance updates its row (the file was replaced), never duplicates.
+        A SOP Instance UID already recorded in another series is kept apart (its own row
+        and file) and reported once per pair of series. Raises ``SeriesConflictError`` when
+        the series UID belongs to another study.
         """
-        ids = self._ids.get(header.series_uid)
+        key = (header.study_uid, header.series_uid)
+        ids = self._ids.get(key)
         if ids is None:
             ids = self._create_series(header, origin)
-            self._ids[header.series_uid] = ids
+            self._ids[key] = ids
         study_id, series_id = ids
         now = utcnow()
         instances, series, studies = Instance.__table__, Series.__table__, Study.__table__
         # A plain connection, not an ORM session: this runs once per received instance.
         with self.db.engine.begin() as s:
             existing = s.execute(
-                select(instances.c.id).where(instances.c.sop_uid == header.sop_uid)
+                select(instances.c.id).where(
+                    instances.c.series_id == series_id, instances.c.sop_uid == header.sop_uid
+                )
             ).scalar()
+            stack = dict(
+                stack_key=header.stack_key,
+                slice_position_mm=header.slice_position_mm,
+                acquisition_number=header.acquisition_number,
+            )
             if existing is None:
                 s.execute(
                     instances.insert().values(
@@ -76,8 +95,10 @@ class InstanceRecorder:
                         size_bytes=size_bytes,
                         received_at=now,
                         receive_count=1,
+                        **stack,
                     )
                 )
+                self._check_elsewhere(s, header, series_id)
             else:
                 s.execute(
                     instances.update()
@@ -87,8 +108,21 @@ class InstanceRecorder:
                         received_at=now,
                         size_bytes=size_bytes,
                         transfer_syntax_uid=header.transfer_syntax_uid,
+                        instance_number=header.instance_number,
                         path=path,
+                        **stack,
                     )
+                )
+            if header.uid_problems and ("uid", series_id, 0) not in self._warned:
+                self._warned.add(("uid", series_id, 0))
+                add_event_on(
+                    s,
+                    EventKind.UID_NOT_CONFORMANT,
+                    f"{'; '.join(header.uid_problems)} (PS3.5 9.1): accepted, stored and "
+                    "referenced exactly as received",
+                    level=EventLevel.WARNING,
+                    study_uid=header.study_uid,
+                    series_uid=header.series_uid,
                 )
             reopened = s.execute(
                 series.update()
@@ -115,8 +149,54 @@ class InstanceRecorder:
                 )
         return bool(reopened)
 
+    def _check_elsewhere(self, conn: Any, header: InstanceHeader, series_id: int) -> None:
+        """Report (once per pair of series) a SOP Instance UID also present in another series."""
+        others = conn.execute(
+            select(Series.__table__.c.id, Series.__table__.c.series_uid)
+            .join(Instance.__table__, Instance.__table__.c.series_id == Series.__table__.c.id)
+            .where(
+                Instance.__table__.c.sop_uid == header.sop_uid,
+                Instance.__table__.c.series_id != series_id,
+            )
+        ).all()
+        for other_id, other_uid in others:
+            key = ("dup", min(series_id, other_id), max(series_id, other_id))
+            if key in self._warned:
+                continue
+            self._warned.add(key)
+            add_event_on(
+                conn,
+                EventKind.DUPLICATE_SOP_UID,
+                f"SOP Instance UID {header.sop_uid} was already received in series {other_uid}; "
+                "both instances are kept apart (a sender reuses SOP Instance UIDs across series; "
+                "a PACS keeps only the first object under one UID)",
+                level=EventLevel.WARNING,
+                study_uid=header.study_uid,
+                series_uid=header.series_uid,
+            )
+
     def _create_series(self, header: InstanceHeader, origin: Origin) -> tuple[int, int]:
         now = utcnow()
+        with self.db.session() as s:
+            known = s.scalars(
+                select(Series).where(Series.series_uid == header.series_uid)
+            ).one_or_none()
+            owner = known.study.study_uid if known is not None else header.study_uid
+            if owner != header.study_uid:
+                message = (
+                    f"instance {header.sop_uid} refused: series {header.series_uid} already "
+                    f"belongs to study {owner}, not to study {header.study_uid}"
+                )
+                add_event(
+                    s,
+                    EventKind.SERIES_UID_CONFLICT,
+                    message,
+                    level=EventLevel.ERROR,
+                    study_uid=header.study_uid,
+                    series_uid=header.series_uid,
+                )
+        if owner != header.study_uid:  # the event is committed; the instance is refused
+            raise SeriesConflictError(message)
         with self.db.session() as s:
             study = s.scalars(
                 select(Study).where(Study.study_uid == header.study_uid)

@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 
 from db.models import Event, Instance, Job, Series, Study, utcnow
 from db.session import Database
-from dicom_node import records
-from dicom_node.instance import header_attributes
-from dicom_node.planning import PipelinePlan, SeriesPlan, derived_attributes, plan_study
+from dicom_node import records, series_attrs
+from dicom_node.planning import PipelinePlan, SeriesPlan, plan_study
 from dicom_node.rules import RoutingDecision, RuleSet
+from dicom_node.series_attrs import InstanceRow
 from inference.queue import enqueue
 from kernel import outbox
 from kernel.events import add_event
@@ -28,11 +28,10 @@ from kernel.vocabulary import EventKind, EventLevel, OutboxKind, Priority, Serie
 log = logging.getLogger("dicom_node.routing")
 
 
-def series_attributes(series: Series, first_file: str) -> dict[str, Any]:
-    attrs = header_attributes(first_file)
-    attrs.update(derived_attributes(attrs))
+def series_attributes(series: Series, rows: list[InstanceRow]) -> dict[str, Any]:
+    """What rules see of a received series: its main stack's attributes and its origin."""
+    attrs = series_attrs.from_rows(rows)
     attrs.update(
-        InstanceCount=series.instance_count,
         CallingAE=series.calling_ae,
         CalledAE=series.called_ae,
         SourceAddress=series.source_address,
@@ -48,29 +47,43 @@ class Router:
         db: Database,
         rules: Callable[[], RuleSet],
         max_attempts: int = 3,
+        target_spacing_mm: Callable[[str], float | None] | None = None,
     ) -> None:
         self.db = db
         self.rules = rules
         self.max_attempts = max_attempts
-        self._attrs: dict[str, dict[str, Any]] = {}  # series UID -> header attributes
+        # pipeline -> the slice spacing its first model works at (input preference)
+        self.target_spacing_mm = target_spacing_mm
+        self._attrs: dict[str, dict[str, Any]] = {}  # series UID + completion -> attributes
 
     # -- reading the study -----------------------------------------------------------
     def _complete_series(self, s: Session, study: Study) -> dict[str, dict[str, Any]]:
-        """Attributes of the study's complete series (one header read per series)."""
+        """Attributes of the study's complete series (one header read per completion)."""
         out: dict[str, dict[str, Any]] = {}
         for series in s.scalars(
             select(Series).where(
                 Series.study_id == study.id, Series.state == SeriesState.COMPLETE
             )
         ):
-            key = f"{series.series_uid}:{series.instance_count}"
+            key = f"{series.series_uid}:{series.instance_count}:{series.completed_at}"
             if key not in self._attrs:
-                first = s.scalars(
-                    select(Instance.path).where(Instance.series_id == series.id).limit(1)
-                ).first()
-                if first is None:
+                rows = [
+                    InstanceRow(*row)
+                    for row in s.execute(
+                        select(
+                            Instance.path,
+                            Instance.stack_key,
+                            Instance.slice_position_mm,
+                            Instance.acquisition_number,
+                            Instance.instance_number,
+                        )
+                        .where(Instance.series_id == series.id)
+                        .order_by(Instance.id)
+                    )
+                ]
+                if not rows:
                     continue
-                self._attrs[key] = series_attributes(series, first)
+                self._attrs[key] = series_attributes(series, rows)
             out[series.series_uid] = self._attrs[key]
         return out
 
@@ -78,7 +91,9 @@ class Router:
         self, s: Session, study: Study
     ) -> tuple[dict[str, SeriesPlan], dict[str, PipelinePlan]]:
         ruleset = self.rules()
-        series_plans, pipeline_plans = plan_study(ruleset, self._complete_series(s, study))
+        series_plans, pipeline_plans = plan_study(
+            ruleset, self._complete_series(s, study), self.target_spacing_mm
+        )
         for plan in series_plans.values():
             row = s.scalars(select(Series).where(Series.series_uid == plan.series_uid)).one()
             records.record_routing(
@@ -118,6 +133,29 @@ class Router:
                 series_uid=series_uid,
                 data={"pipelines": decision.pipelines, "forward": decision.forward},
             )
+            if plan.left_out:
+                add_event(
+                    s,
+                    EventKind.STACKS_LEFT_OUT,
+                    f"classified and segmented on its main stack ({plan.instance_count} "
+                    f"{plan.image_kind} {plan.orientation or ''} images); left out: "
+                    + "; ".join(plan.left_out),
+                    level=EventLevel.WARNING,
+                    study_uid=study.study_uid,
+                    series_uid=series_uid,
+                    data={"left_out": plan.left_out},
+                )
+            if plan.incomplete and decision.pipelines and not decision.discard:
+                add_event(
+                    s,
+                    EventKind.SERIES_INCOMPLETE,
+                    "; ".join(plan.incomplete)
+                    + f": its pipelines wait until the study settles "
+                    f"({self.rules().spec.study_timeout_s:g} s without new instances)",
+                    level=EventLevel.WARNING,
+                    study_uid=study.study_uid,
+                    series_uid=series_uid,
+                )
             if not decision.discard:
                 instances = s.scalars(
                     select(Instance).where(Instance.series_id == series.id).order_by(Instance.id)
@@ -212,4 +250,5 @@ class Router:
             priority=Priority.URGENT if urgent else spec.priority,
             max_attempts=self.max_attempts,
             inputs_ready_at=inputs_completed,
+            reason="; ".join(f"{role} <- {why}" for role, why in plan.choices.items()),
         )

@@ -25,7 +25,8 @@ C-STORE (PS3.4 B.2.3), answered only after the instance is durable on disk:
   stays; the start-up re-scan indexes it). Nothing the sender must change: retry later;
 - ``0xC000`` Error: Cannot Understand: the dataset cannot be parsed, is truncated, lacks
   or has invalid Study / Series / SOP Instance / SOP Class UIDs, or its SOP Instance UID
-  differs from the request's. A resend of the same bytes fails the same way.
+  differs from the request's, or its Series Instance UID already belongs to another study
+  (the file is removed; an event says so). A resend of the same bytes fails the same way.
 
 N-EVENT-REPORT (Storage Commitment Push Model, PS3.4 J.3.3): see
 ``dicom_node.commitment.event_report_handler``.
@@ -61,7 +62,7 @@ from db.session import Database
 from dicom_node.assembler import AssociationTracker
 from dicom_node.commitment import event_report_handler
 from dicom_node.instance import CorruptDatasetError, parse_header
-from dicom_node.records import InstanceRecorder, Origin
+from dicom_node.records import InstanceRecorder, Origin, SeriesConflictError
 from dicom_node.spool import Spool, SpoolFullError
 from kernel.settings import NodeSettings
 
@@ -216,6 +217,11 @@ class StorageSCP:
         )
         try:
             self.recorder.record(header, str(path), len(data), origin)
+        except SeriesConflictError as exc:
+            # Kept, it would be indexed into the other study's series at the next start.
+            path.unlink(missing_ok=True)
+            log.warning("refused instance %s: %s", sop_uid, exc)
+            return Status.CANNOT_UNDERSTAND
         except Exception:
             # The file is durable; the start-up spool re-scan will index it. Tell the
             # sender to try again so nothing depends on that alone.

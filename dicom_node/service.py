@@ -21,7 +21,7 @@ from db.session import Database
 from dicom_node.assembler import Assembler, AssociationTracker
 from dicom_node.dispatch import Dispatcher
 from dicom_node.instance import CorruptDatasetError, parse_header
-from dicom_node.records import Origin, record_instance
+from dicom_node.records import Origin, SeriesConflictError, record_instance
 from dicom_node.routing import Router
 from dicom_node.rules_holder import RulesHolder
 from dicom_node.scp import StorageSCP
@@ -30,6 +30,7 @@ from dicom_node.view import ServiceView
 from inference import queue
 from inference.gpu import Admission, worker_devices
 from inference.keeper import QueueKeeper
+from inference.model_spacing import target_spacing_mm
 from inference.registry import load_registry
 from inference.supervisor import worker_name
 from inference.worker import LocalWorker
@@ -77,7 +78,9 @@ class Node:
         self.local_worker_prefix = worker_name("local", "").split("/local/")[0] + "/local/"
         queue.requeue_abandoned(self.db, self.local_worker_prefix)
         self.tracker = AssociationTracker()
-        self.router = Router(self.db, self.rules.get, s.worker.max_attempts)
+        self.router = Router(
+            self.db, self.rules.get, s.worker.max_attempts, self.pipeline_spacing_mm
+        )
         self.assembler = Assembler(self.db, self.tracker, s.quiet_period_s, self._on_complete)
         self.dispatcher = Dispatcher(
             self.db, {d.name: d for d in s.destinations}, s.dispatch, s.ae_title
@@ -113,6 +116,13 @@ class Node:
     def pipeline(self, name: str) -> PipelineSpec | None:
         """A pipeline of the catalog in force (the rules file's ``pipelines``)."""
         return self.rules.get().pipelines.get(name)
+
+    def pipeline_spacing_mm(self, name: str) -> float | None:
+        """The slice spacing the pipeline's first model works at (input preference)."""
+        spec = self.pipeline(name)
+        if spec is None or spec.models[0] not in self.registry.models:
+            return None
+        return target_spacing_mm(self.registry.models[spec.models[0]])
 
     def loops(self) -> dict[str, bool]:
         """Name -> alive for every loop thread but the web server's."""
@@ -182,19 +192,21 @@ class Node:
     def _reindex_spool(self) -> None:
         """Index spooled files the database missed (a crash between fsync and commit)."""
         with self.db.session() as session:
-            known = set(session.scalars(select(Instance.sop_uid)))
+            known = set(session.scalars(select(Instance.path)))
             latest = session.scalar(select(func.max(Instance.received_at)))
         cutoff = latest.timestamp() - 60 if latest else 0
         added = 0
         for path in self.spool.iter_files():
-            if path.stem in known or path.stat().st_mtime < cutoff:
+            if str(path) in known or path.stat().st_mtime < cutoff:
                 continue
             try:
                 header = parse_header(path.read_bytes())
-            except CorruptDatasetError:
-                log.error("spooled file %s is unreadable; left in place", path)
+                record_instance(
+                    self.db, header, str(path), path.stat().st_size, Origin("", "", "")
+                )
+            except (CorruptDatasetError, SeriesConflictError) as exc:
+                log.error("spooled file %s left in place, not indexed: %s", path, exc)
                 continue
-            record_instance(self.db, header, str(path), path.stat().st_size, Origin("", "", ""))
             added += 1
         if added:
             log.warning("indexed %d spooled instances the database did not know", added)

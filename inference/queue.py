@@ -73,6 +73,7 @@ def enqueue(
     priority: Priority | str = Priority.NORMAL,
     max_attempts: int = 3,
     inputs_ready_at: datetime | None = None,
+    reason: str | None = None,
 ) -> Job | None:
     """Queue a pipeline run; None when ``identical_job`` already covers it.
 
@@ -80,6 +81,7 @@ def enqueue(
     ``max_attempts``: tries before the job fails (the node passes ``worker.max_attempts``).
     ``inputs_ready_at``: when the inputs were last completed; a job queued since then
     for the same inputs is not queued again (a routing pass that repeats itself).
+    ``reason``: why these inputs were chosen (shown in the job_queued event).
     """
     if identical_job(session, study, pipeline, inputs, inputs_ready_at) is not None:
         return None
@@ -98,10 +100,10 @@ def enqueue(
     add_event(
         session,
         EventKind.JOB_QUEUED,
-        f"pipeline {pipeline} queued ({priority})",
+        f"pipeline {pipeline} queued ({priority})" + (f": {reason}" if reason else ""),
         study_uid=study.study_uid,
         job_id=job.id,
-        data={"inputs": inputs},
+        data={"inputs": inputs, "reason": reason},
     )
     return job
 

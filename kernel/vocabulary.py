@@ -51,7 +51,8 @@ class OutboxState(StrEnum):
 
     PENDING -> SENDING -> SENT (-> COMMITTED when the destination confirms storage
     commitment), or back to PENDING with backoff after a retryable failure, or FAILED
-    (refused for good, attempts or age used up). A resend makes any row PENDING again.
+    (refused for good, attempts or age used up). SUPERSEDED: a result replaced by a newer
+    one before it was delivered; it is not sent. A resend makes any row PENDING again.
     """
 
     PENDING = "pending"
@@ -59,6 +60,7 @@ class OutboxState(StrEnum):
     SENT = "sent"
     COMMITTED = "committed"
     FAILED = "failed"
+    SUPERSEDED = "superseded"
 
 
 # Rows that still wait for delivery.
@@ -125,19 +127,29 @@ class EventKind(StrEnum):
     """What happened (``events.kind``); the event log (``kernel.events``) writes them.
 
     Receive and completeness: STUDY_RECEIVED (first instance of a study), SERIES_COMPLETE,
-    SERIES_REOPENED (a late instance). Routing: CLASSIFIED (phase and reasons), ROUTED
-    (rules that matched), PHASE_CHANGED, PIPELINE_NOT_RUN (an input never came),
-    STUDY_SETTLED, ROUTING_ERROR. Jobs: JOB_QUEUED, JOB_STARTED, JOB_DONE, JOB_RETRY,
+    SERIES_REOPENED (a late instance), UID_NOT_CONFORMANT (a UID accepted although it
+    breaks PS3.5 9.1), DUPLICATE_SOP_UID (a SOP Instance UID already seen in another
+    series: both kept), SERIES_UID_CONFLICT (a series UID already used by another study:
+    refused). Routing: CLASSIFIED (phase and reasons), ROUTED (rules that matched),
+    STACKS_LEFT_OUT (images of a series that are not its main stack), SERIES_INCOMPLETE
+    (headers suggest missing slices: its pipelines wait for the study to settle),
+    PHASE_CHANGED, PIPELINE_NOT_RUN (an input never came), STUDY_SETTLED, ROUTING_ERROR. Jobs: JOB_QUEUED, JOB_STARTED, JOB_DONE, JOB_RETRY,
     JOB_FAILED, JOB_REQUEUED (node stopped), JOB_EXPIRED, JOB_CANCEL, JOB_PRIORITY.
-    Results: RESULT_WRITTEN, RESULT_EMPTY. Outbox: SENT, SEND_RETRY, SEND_FAILED, RESEND,
+    Results: RESULT_WRITTEN, RESULT_EMPTY, RESULT_SUPERSEDED (a newer result of the same
+    pipeline on the same series, computed on other input, replaces it). Outbox: SENT, SEND_RETRY, SEND_FAILED, RESEND,
     COMMITTED, COMMIT_FAILED. Rules file: RULES_RELOADED, RULES_RELOAD_FAILED.
     """
 
     STUDY_RECEIVED = "study_received"
     SERIES_COMPLETE = "series_complete"
     SERIES_REOPENED = "series_reopened"
+    UID_NOT_CONFORMANT = "uid_not_conformant"
+    DUPLICATE_SOP_UID = "duplicate_sop_uid"
+    SERIES_UID_CONFLICT = "series_uid_conflict"
     CLASSIFIED = "classified"
     ROUTED = "routed"
+    STACKS_LEFT_OUT = "stacks_left_out"
+    SERIES_INCOMPLETE = "series_incomplete"
     PHASE_CHANGED = "phase_changed"
     PIPELINE_NOT_RUN = "pipeline_not_run"
     STUDY_SETTLED = "study_settled"
@@ -153,6 +165,7 @@ class EventKind(StrEnum):
     JOB_PRIORITY = "job_priority"
     RESULT_WRITTEN = "result_written"
     RESULT_EMPTY = "result_empty"
+    RESULT_SUPERSEDED = "result_superseded"
     SENT = "sent"
     SEND_RETRY = "send_retry"
     SEND_FAILED = "send_failed"

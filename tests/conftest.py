@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,10 @@ from devkit.net import free_port
 from devkit.orthanc import OrthancServer
 from kernel.settings import NodeSettings, load_settings
 
-POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+# Several test runs at once (engineers sharing one machine) each set their own database.
+POSTGRES_URL = os.environ.get(
+    "DICOM_NODE_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
 POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 REDIS_START = (
     'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" '

@@ -184,7 +184,11 @@ def test_explain_json_has_exactly_the_documented_keys(tmp_path):
         "reasons",
         "rule",
         "pipelines",
+        "inputs",
         "forward",
+        "instances",
+        "left_out",
+        "incomplete",
     }
     assert all(set(i) == keys for i in items)
     by_phase = {}

@@ -1,0 +1,303 @@
+"""Image stacks inside one series, and which one is the series' main stack.
+
+A SeriesInstanceUID does not always hold one image stack: scanners and PACS put
+localizers, a second orientation, reformats (DERIVED/SECONDARY), other matrix sizes or
+pixel spacings, dose screens and repeated acquisitions under the same UID. Before a series
+is classified or segmented its instances are grouped into stacks of images that can form
+one volume, and one stack is chosen; the rest is recorded as left out, with the reason.
+
+Grouping (``stack_key``): images share a stack when they have the same kind (LOCALIZER,
+ORIGINAL or DERIVED, from ImageType), the same ImageOrientationPatient (to 1e-3), the same
+Rows x Columns and the same PixelSpacing (to 0.01 mm). Within a stack, slice positions
+that repeat (bolus tracking images, a repeated scan of the same range) split it by
+AcquisitionNumber when that separates them.
+
+Choice (``choose_main``), in this order, so the result never depends on the order of
+arrival: never a localizer; ORIGINAL before DERIVED; axial before other orientations; more
+images; finer slice spacing; then the smallest key.
+
+The same functions run on headers read from files (the volume reader) and on the stack
+fields the receive path stores per instance (routing), so both pick the same stack.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+NON_IMAGE = "NON-IMAGE"
+_KIND_RANK = {"ORIGINAL": 0, "DERIVED": 1, "LOCALIZER": 2, NON_IMAGE: 3}
+_ORIENTATION_RANK = {"axial": 0, "coronal": 1, "sagittal": 1, "oblique": 2}
+POSITION_TOLERANCE_MM = 1e-3
+
+
+def orientation_name(iop: Sequence[float]) -> str:
+    """axial / coronal / sagittal / oblique from ImageOrientationPatient (6 values).
+
+    Oblique when the slice normal is more than ~25 degrees off every main axis.
+    """
+    row, col = np.asarray(iop[:3], float), np.asarray(iop[3:6], float)
+    normal = np.cross(row, col)
+    axis = int(np.argmax(np.abs(normal)))
+    if abs(normal[axis]) < 0.9:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def image_kind(image_type: Any) -> str:
+    """LOCALIZER, ORIGINAL or DERIVED from ImageType (PS3.3 C.7.6.1.1.2)."""
+    values = (
+        [str(v).strip().upper() for v in (image_type or [])]
+        if not isinstance(image_type, str)
+        else [v.strip().upper() for v in image_type.split("\\")]
+    )
+    if "LOCALIZER" in values:
+        return "LOCALIZER"
+    if values and values[0] == "DERIVED":
+        return "DERIVED"
+    return "ORIGINAL"
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """What stack grouping needs of one instance.
+
+    ``stack_key`` None: not an image that can be part of a stack (no geometry).
+    ``position_mm``: ImagePositionPatient projected on the slice normal.
+    """
+
+    stack_key: str | None
+    position_mm: float | None = None
+    acquisition: int | None = None
+    instance_number: int | None = None
+
+
+def _floats(value: Any, count: int) -> list[float] | None:
+    try:
+        values = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == count else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def slice_info(ds: Any) -> SliceInfo:
+    """The stack fields of one header (a pydicom Dataset, or any mapping-like object with
+    the DICOM keywords as attributes)."""
+    iop = _floats(getattr(ds, "ImageOrientationPatient", None), 6)
+    ipp = _floats(getattr(ds, "ImagePositionPatient", None), 3)
+    rows, columns = _int(getattr(ds, "Rows", None)), _int(getattr(ds, "Columns", None))
+    acquisition = _int(getattr(ds, "AcquisitionNumber", None))
+    number = _int(getattr(ds, "InstanceNumber", None))
+    if iop is None or ipp is None or not rows or not columns:
+        sop_class = str(getattr(ds, "SOPClassUID", "") or "")
+        return SliceInfo(f"{NON_IMAGE} {sop_class}".strip(), None, acquisition, number)
+    spacing = _floats(getattr(ds, "PixelSpacing", None), 2) or [0.0, 0.0]
+    kind = image_kind(getattr(ds, "ImageType", None))
+    iop_text = ",".join(f"{v:.3f}".replace("-0.000", "0.000") for v in iop)
+    key = (
+        f"{kind} {orientation_name(iop)} {rows}x{columns} "
+        f"{spacing[0]:.2f}x{spacing[1]:.2f}mm iop={iop_text}"
+    )
+    normal = np.cross(iop[:3], iop[3:])
+    return SliceInfo(key, float(np.dot(normal, ipp)), acquisition, number)
+
+
+@dataclass
+class Stack:
+    """Instances (indices into the caller's list, sorted along the normal) of one stack."""
+
+    key: str
+    members: list[int]
+    positions_mm: list[float | None] = field(default_factory=list)
+    acquisition: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.key.split(" ", 1)[0]
+
+    @property
+    def orientation(self) -> str:
+        parts = self.key.split(" ")
+        return parts[1] if len(parts) > 1 and self.kind != NON_IMAGE else "-"
+
+    @property
+    def matrix(self) -> str:
+        parts = self.key.split(" ")
+        return parts[2] if len(parts) > 2 and self.kind != NON_IMAGE else "-"
+
+    @property
+    def pixel_spacing(self) -> str:
+        parts = self.key.split(" ")
+        return parts[3] if len(parts) > 3 and self.kind != NON_IMAGE else "-"
+
+    @property
+    def slice_spacing_mm(self) -> float | None:
+        known = sorted(p for p in self.positions_mm if p is not None)
+        if len(known) < 2:
+            return None
+        return float(np.median(np.diff(known)))
+
+    def describe(self) -> str:
+        """E.g. ``LOCALIZER coronal 512x512, 1 image``."""
+        count = f"{len(self.members)} image{'s' if len(self.members) != 1 else ''}"
+        if self.kind == NON_IMAGE:
+            return f"{count} without image geometry ({self.key.removeprefix(NON_IMAGE).strip()})"
+        acquisition = f" acquisition {self.acquisition}" if self.acquisition is not None else ""
+        return f"{self.kind} {self.orientation} {self.matrix}{acquisition}, {count}"
+
+    def has_repeated_positions(self) -> bool:
+        known = sorted(p for p in self.positions_mm if p is not None)
+        return any(b - a < POSITION_TOLERANCE_MM for a, b in zip(known, known[1:], strict=False))
+
+
+def _sorted_stack(key: str, members: list[int], infos: Sequence[SliceInfo], acq=None) -> Stack:
+    ordered = sorted(
+        members,
+        key=lambda i: (infos[i].position_mm is None, infos[i].position_mm or 0.0, i),
+    )
+    return Stack(key, ordered, [infos[i].position_mm for i in ordered], acq)
+
+
+def group_stacks(infos: Sequence[SliceInfo]) -> list[Stack]:
+    """Group instances into stacks (see the module docstring); order: by key."""
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for index, info in enumerate(infos):
+        by_key[info.stack_key or NON_IMAGE].append(index)
+    stacks: list[Stack] = []
+    for key in sorted(by_key):
+        stack = _sorted_stack(key, by_key[key], infos)
+        if stack.kind != NON_IMAGE and stack.has_repeated_positions():
+            by_acquisition: dict[int | None, list[int]] = defaultdict(list)
+            for i in stack.members:
+                by_acquisition[infos[i].acquisition].append(i)
+            parts = [
+                _sorted_stack(key, members, infos, acq)
+                for acq, members in sorted(
+                    by_acquisition.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)
+                )
+            ]
+            if len(parts) > 1 and not any(p.has_repeated_positions() for p in parts):
+                stacks += parts
+                continue
+        stacks.append(stack)
+    return stacks
+
+
+def _rank(stack: Stack) -> tuple[Any, ...]:
+    spacing = stack.slice_spacing_mm
+    return (
+        _KIND_RANK.get(stack.kind, 3),
+        _ORIENTATION_RANK.get(stack.orientation, 3),
+        -len(stack.members),
+        spacing if spacing is not None else float("inf"),
+        stack.key,
+        stack.acquisition if stack.acquisition is not None else -1,
+    )
+
+
+def _why_left_out(stack: Stack, main: Stack) -> str:
+    if stack.kind == NON_IMAGE:
+        return "not an image of a stack (no ImageOrientationPatient / ImagePositionPatient)"
+    if stack.kind == "LOCALIZER":
+        return "a localizer (ImageType LOCALIZER)"
+    if stack.kind != main.kind:
+        return f"{stack.kind} images (reformat or secondary); the main stack is {main.kind}"
+    if stack.orientation != main.orientation:
+        return f"{stack.orientation}; the main stack is {main.orientation}"
+    if stack.key == main.key and stack.acquisition != main.acquisition:
+        amount = "as many" if len(stack.members) == len(main.members) else "more"
+        return (
+            f"acquisition {stack.acquisition} repeats positions of acquisition "
+            f"{main.acquisition}, which has {amount} images"
+        )
+    if stack.matrix != main.matrix:
+        return f"another matrix ({stack.matrix}); the main stack is {main.matrix}"
+    if stack.pixel_spacing != main.pixel_spacing:
+        return (
+            f"another pixel spacing ({stack.pixel_spacing}); "
+            f"the main stack has {main.pixel_spacing}"
+        )
+    if len(stack.members) < len(main.members):
+        return "fewer images than the main stack"
+    return "another orientation or geometry than the main stack"
+
+
+@dataclass
+class StackChoice:
+    """The main stack of a series (None: no stack can be segmented) and what was left out."""
+
+    main: Stack | None
+    left_out: list[tuple[Stack, str]]
+    stacks: list[Stack]
+
+    def left_out_text(self) -> list[str]:
+        """One line per left-out stack: what it is and why it was left out."""
+        return [f"{stack.describe()}: {why}" for stack, why in self.left_out]
+
+
+def choose_main(stacks: Sequence[Stack]) -> StackChoice:
+    """The stack to classify and segment, by the rules in the module docstring."""
+    candidates = [s for s in stacks if s.kind not in ("LOCALIZER", NON_IMAGE)]
+    main = min(candidates, key=_rank) if candidates else None
+    left_out = [
+        (s, _why_left_out(s, main) if main else _why_left_out(s, s))
+        for s in stacks
+        if s is not main
+    ]
+    return StackChoice(main, left_out, list(stacks))
+
+
+def choose(infos: Sequence[SliceInfo]) -> StackChoice:
+    """``choose_main(group_stacks(infos))``."""
+    return choose_main(group_stacks(infos))
+
+
+def completeness_problems(
+    stack: Stack,
+    instance_numbers: Sequence[int | None],
+    images_in_acquisition: int | None = None,
+) -> list[str]:
+    """Signs in the headers that a series is not whole yet (more instances may come).
+
+    ``stack``: the main stack; ``instance_numbers``: InstanceNumber of every instance of
+    the series (None when absent). Signs: an interior gap in the stack's slice positions
+    (a step over 1.5 times the usual spacing), InstanceNumbers with holes (checked only
+    when every instance has a distinct number), fewer images in the stack than
+    ImagesInAcquisition says. [] when nothing suggests missing slices, which proves
+    nothing: a series cut short at its end looks whole in its headers.
+    """
+    problems = []
+    known = [p for p in stack.positions_mm if p is not None]
+    if len(known) >= 3:
+        steps = np.diff(known)
+        usual = float(np.median(steps))
+        if usual > POSITION_TOLERANCE_MM:
+            wide = [(a, s) for a, s in zip(known, steps, strict=False) if s > 1.5 * usual]
+            if wide:
+                at, step = wide[0]
+                problems.append(
+                    f"slice positions jump {step:.1f} mm after {at:.1f} mm "
+                    f"(usual spacing {usual:.2f} mm): slices missing"
+                )
+    numbers = [n for n in instance_numbers if n is not None]
+    if numbers and len(numbers) == len(instance_numbers) and len(set(numbers)) == len(numbers):
+        low, high = min(numbers), max(numbers)
+        missing = high - low + 1 - len(numbers)
+        if missing > 0:
+            problems.append(f"InstanceNumbers {low}..{high} with {missing} missing")
+    if images_in_acquisition and len(stack.members) < images_in_acquisition:
+        problems.append(
+            f"{len(stack.members)} of {images_in_acquisition} images (ImagesInAcquisition)"
+        )
+    return problems
