@@ -1,7 +1,9 @@
 """Reading a DICOM series once into an array + geometry.
 
+The series' main image stack is chosen first (``inference.stacks``: localizers, reformats
+and other acquisitions sharing the SeriesInstanceUID are left out, with the reason).
 Slices are sorted by their position along the slice normal (never by file name or
-InstanceNumber), checked for one orientation and even spacing, then decoded by
+InstanceNumber), checked for even spacing, then decoded by
 SimpleITK/GDCM (which handles JPEG, JPEG-LS, JPEG 2000 and RLE) in exactly that order, so
 ``array[z]`` is the pixel data of ``files[z]`` and ``headers[z]``.
 """
@@ -17,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+
+from inference.stacks import POSITION_TOLERANCE_MM, choose, slice_info
 
 
 class SeriesReadError(ValueError):
@@ -34,6 +38,8 @@ class Volume:
     series_uid: str = ""
     files: list[str] = field(default_factory=list)
     headers: list[pydicom.Dataset] = field(default_factory=list)
+    # Images of the series that are not part of this volume, and why (localizers, ...).
+    left_out: list[str] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -71,41 +77,60 @@ class Volume:
         )
 
 
-def sort_slices(files: Sequence[str | Path]) -> tuple[list[str], list[pydicom.Dataset]]:
-    """Sort single-frame slices along the normal; validate they form one volume."""
+def select_stack(
+    files: Sequence[str | Path],
+) -> tuple[list[str], list[pydicom.Dataset], list[str]]:
+    """The series' main image stack (``inference.stacks``), sorted along the slice normal
+    and checked to form one volume: ``(files, headers, left_out)``, where ``left_out`` says
+    which other images of the series were not used, and why.
+
+    Raises ``SeriesReadError`` when no stack can be segmented (only localizers or images
+    without geometry), for multi-frame images, for two slices at one position and for
+    uneven slice spacing (missing slices).
+    """
     if not files:
         raise SeriesReadError("no files")
     headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    choice = choose([slice_info(h) for h in headers])
+    if choice.main is None:
+        raise SeriesReadError("no image stack to segment: " + "; ".join(choice.left_out_text()))
+    kept = choice.main.members  # sorted along the slice normal
+    headers = [headers[i] for i in kept]
     first = headers[0]
-    for key in ("ImageOrientationPatient", "ImagePositionPatient", "Rows", "Columns"):
-        if key not in first:
-            raise SeriesReadError(f"{key} is missing: not a cross-sectional image series")
+    for h in headers:
+        if int(h.get("NumberOfFrames", 1) or 1) != 1:
+            raise SeriesReadError(
+                f"instance {h.get('SOPInstanceUID', '?')} is multi-frame: multi-frame images "
+                "are not supported as model input"
+            )
     iop = np.array(first.ImageOrientationPatient, dtype=float)
     normal = np.cross(iop[:3], iop[3:])
-    for h in headers:
-        if not np.allclose(np.array(h.ImageOrientationPatient, dtype=float), iop, atol=1e-4):
-            raise SeriesReadError("slices have different ImageOrientationPatient")
-        if (h.Rows, h.Columns) != (first.Rows, first.Columns):
-            raise SeriesReadError("slices have different Rows/Columns")
-        if int(h.get("NumberOfFrames", 1) or 1) != 1:
-            raise SeriesReadError("multi-frame images are not supported as model input")
     positions = np.array([np.dot(normal, np.array(h.ImagePositionPatient, float)) for h in headers])
-    order = np.argsort(positions, kind="stable")
-    positions = positions[order]
     if len(positions) > 1:
         gaps = np.diff(positions)
-        if np.any(gaps < 1e-3):
-            raise SeriesReadError("two slices share one position (duplicate or mixed series)")
+        if np.any(gaps < POSITION_TOLERANCE_MM):
+            at = int(np.argmin(gaps))
+            raise SeriesReadError(
+                f"instances {headers[at].get('SOPInstanceUID', '?')} and "
+                f"{headers[at + 1].get('SOPInstanceUID', '?')} lie at one position "
+                f"({positions[at]:.2f} mm): duplicate or mixed acquisitions"
+            )
         if np.max(np.abs(gaps - np.median(gaps))) > max(0.01, 0.01 * np.median(gaps)):
             raise SeriesReadError(
                 f"uneven slice spacing ({gaps.min():.3f}..{gaps.max():.3f} mm): missing slices?"
             )
-    return [str(files[i]) for i in order], [headers[i] for i in order]
+    return [str(files[i]) for i in kept], headers, choice.left_out_text()
+
+
+def sort_slices(files: Sequence[str | Path]) -> tuple[list[str], list[pydicom.Dataset]]:
+    """``select_stack`` without the left-out list: the main stack's files and headers."""
+    sorted_files, headers, _ = select_stack(files)
+    return sorted_files, headers
 
 
 def load_series(files: Sequence[str | Path], series_uid: str = "") -> Volume:
     """Read a series once: sorted headers (for writers) + decoded HU array + geometry."""
-    sorted_files, headers = sort_slices(files)
+    sorted_files, headers, left_out = select_stack(files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sorted_files)
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -121,6 +146,7 @@ def load_series(files: Sequence[str | Path], series_uid: str = "") -> Volume:
         series_uid=series_uid or str(headers[0].SeriesInstanceUID),
         files=sorted_files,
         headers=headers,
+        left_out=left_out,
     )
 
 
