@@ -103,24 +103,25 @@ def demo_settings(workdir: Path, pacs_aet: str, pacs_port: int) -> NodeSettings:
     )
 
 
-def _other_segs_in_pacs(node: Any, pacs_handle: Any, started: float, timeout_s: float) -> str:
+def _other_segs_in_pacs(
+    node: Any, study: Any, pacs_handle: Any, started: float, timeout_s: float
+) -> str:
     """Wait for the SEGs of the study's other jobs (vessel and ureter with the shipped
     rules) and name them; a missing one raises TimeoutError like the tumour SEG."""
     from sqlalchemy import select
 
     from db.models import Job
-    from inference.results import pipeline_version, result_uids
+    from devkit.expect import expected_result_uids
 
+    files = {series.series_uid: series.files for series in study.series}
     with node.db.session() as s:
         jobs = [(j.pipeline, j.inputs) for j in s.scalars(select(Job))]
     names = []
     for name, inputs in sorted(jobs):
         if name == DEMO_PIPELINE:
             continue
-        models = node.rules.get().pipelines[name].models
-        reference = inputs[node.registry.get(models[0]).channels[0]]  # its series UID
-        version = pipeline_version({m: node.registry.get(m).version for m in models})
-        _, sop_uid, _ = result_uids(reference, name, version)
+        sent = {role: files[series_uid] for role, series_uid in inputs.items()}
+        _, sop_uid, _ = expected_result_uids(node, name, sent)
         pacs_handle.wait_for_instance(sop_uid, timeout_s=timeout_s - (time.monotonic() - started))
         names.append(name)
     return ",".join(names) or "none"
@@ -143,9 +144,9 @@ def _print_node_errors(node: object) -> None:
 
 
 def run_demo(keep: bool = False, rows: int = 512, timeout_s: float = 600) -> int:
+    from devkit.expect import expected_result_uids
     from devkit.synth import generate_study
     from dicom_node.service import Node
-    from inference.results import pipeline_version, result_uids
     from inference.seg_reader import dice, seg_label_map
 
     started = time.monotonic()
@@ -166,9 +167,9 @@ def run_demo(keep: bool = False, rows: int = 512, timeout_s: float = 600) -> int
             send_with_storescu(files, settings.port, NODE_AET, MODALITY_AET)
 
             source = study.by_phase(DEMO_PHASE)
-            spec = node.rules.get().pipelines[DEMO_PIPELINE]
-            version = pipeline_version({m: node.registry.get(m).version for m in spec.models})
-            _, seg_sop_uid, _ = result_uids(source.series_uid, DEMO_PIPELINE, version)
+            _, seg_sop_uid, _ = expected_result_uids(
+                node, DEMO_PIPELINE, {"image": source.files}
+            )
             remaining = timeout_s - (time.monotonic() - started)
             instance_id = pacs_handle.wait_for_instance(seg_sop_uid, timeout_s=remaining)
             seg = pydicom.dcmread(io.BytesIO(pacs_handle.instance_file(instance_id)))
@@ -176,7 +177,7 @@ def run_demo(keep: bool = False, rows: int = 512, timeout_s: float = 600) -> int
             sop_uids = [
                 pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in source.files
             ]
-            others = _other_segs_in_pacs(node, pacs_handle, started, timeout_s)
+            others = _other_segs_in_pacs(node, study, pacs_handle, started, timeout_s)
             label_map, names = seg_label_map(seg, sop_uids)
             by_name = {name: number for number, name in names.items()}
             from devkit.phantom import STRUCTURES

@@ -25,6 +25,7 @@ from inference.results import (
     RESULT_SOP_CLASS_UIDS,
     SEG_SOP_CLASS_UID,
     Algorithm,
+    input_identity,
     result_uids,
     series_description,
 )
@@ -56,6 +57,7 @@ class WrittenSeg:
     sop_class_uid: str = SEG_SOP_CLASS_UID
     destinations: tuple[str, ...] = ()
     empty: bool = False
+    transcoded: str | None = None  # why its text was written as ISO_IR 192 (charsets)
 
 
 class JobRunner:
@@ -124,17 +126,23 @@ class JobRunner:
             job.pipeline, spec, inputs, mask_dir=self.results_dir / study_uid / "masks"
         )
         inferred = time.perf_counter()
+        identity = input_identity(inputs)
         summary: dict[str, Any] = {
             "labels": _label_volumes_ml(result),
             "model_versions": result.model_versions,
+            "input_identity": identity,
+            "instances": {role: len(volume.files) for role, volume in inputs.items()},
             "seconds": {
                 "load": round(loaded - started, 3),
                 "inference": round(inferred - loaded, 3),
             },
         }
+        left_out = {role: v.left_out for role, v in inputs.items() if v.left_out}
+        if left_out:
+            summary["left_out"] = left_out
         empty = not bool(result.label_map.any())
         segs = [
-            self._write_seg(job, result, result_type, tuple(names), empty)
+            self._write_seg(job, result, result_type, tuple(names), empty, identity)
             for result_type, names in self._outputs(empty).items()
         ]
         if empty:
@@ -163,6 +171,7 @@ class JobRunner:
                     "sop_uid": g.sop_uid,
                     "result_type": g.result_type,
                     "destinations": list(g.destinations),
+                    **({"transcoded": g.transcoded} if g.transcoded else {}),
                 }
                 for g in segs
             ]
@@ -189,13 +198,15 @@ class JobRunner:
         result_type: ResultType,
         destinations: tuple[str, ...],
         empty: bool,
+        identity: str,
     ) -> WrittenSeg:
         ref = result.reference
         series_uid, sop_uid, series_number = result_uids(
-            ref.series_uid, job.pipeline, result.version, result_type
+            ref.series_uid, job.pipeline, result.version, result_type, identity
         )
         folder = self.results_dir / str(ref.headers[0].StudyInstanceUID) / series_uid
         folder.mkdir(parents=True, exist_ok=True)
+        transcoded: list[Any] = []  # the writer's OutputCharacterSet, when it transcoded
         common: dict[str, Any] = dict(
             path=folder / f"{sop_uid}.dcm",
             algorithm=Algorithm(name=job.pipeline, version=result.version),
@@ -204,6 +215,7 @@ class JobRunner:
             series_number=series_number,
             series_description=series_description(job.pipeline, result.version),
             allow_empty=empty,
+            on_transcode=transcoded.append,
         )
         if result_type == ResultType.RTSTRUCT:
             from inference.rtstruct_writer import write_rtstruct
@@ -223,6 +235,7 @@ class JobRunner:
             sop_class_uid=RESULT_SOP_CLASS_UIDS[result_type],
             destinations=destinations,
             empty=empty,
+            transcoded=transcoded[0].describe() if transcoded else None,
         )
 
     def _record_result(self, s: Session, job: Job, seg: WrittenSeg) -> None:
@@ -238,10 +251,14 @@ class JobRunner:
                     sop_class_uid=seg.sop_class_uid,
                     source_series_uid=seg.source_series_uid,
                     path=str(seg.path),
+                    pipeline=job.pipeline,
+                    result_type=seg.result_type,
                 )
             )
-        else:  # a re-run replaced the file in place
+        else:  # the same input again: the same object, written again in place
             row.job_id, row.created_at = job.id, utcnow()
+            row.superseded_at = row.superseded_by = None
+        self._supersede_earlier(s, job, seg)
         # A re-run's result replaces the earlier one at each destination too.
         outbox.queue(
             s,
@@ -262,6 +279,47 @@ class JobRunner:
             series_uid=seg.source_series_uid,
             job_id=job.id,
         )
+        if seg.transcoded:
+            add_event(
+                s,
+                EventKind.RESULT_TRANSCODED,
+                f"{seg.result_type} {seg.sop_uid}: {seg.transcoded}",
+                level=EventLevel.WARNING,
+                study_uid=_study_uid(s, job),
+                series_uid=seg.source_series_uid,
+                job_id=job.id,
+            )
+
+
+    def _supersede_earlier(self, s: Session, job: Job, seg: WrittenSeg) -> None:
+        """Earlier results of this pipeline on this series, computed on other input, are
+        superseded: marked so, and their deliveries still waiting are not sent."""
+        earlier = s.scalars(
+            select(Result).where(
+                Result.study_id == job.study_id,
+                Result.pipeline == job.pipeline,
+                Result.result_type == seg.result_type,
+                Result.source_series_uid == seg.source_series_uid,
+                Result.sop_uid != seg.sop_uid,
+                Result.superseded_at.is_(None),
+            )
+        ).all()
+        now = utcnow()
+        for old in earlier:
+            old.superseded_at, old.superseded_by = now, seg.sop_uid
+            withheld = outbox.supersede(s, old.sop_uid, seg.sop_uid)
+            add_event(
+                s,
+                EventKind.RESULT_SUPERSEDED,
+                f"{seg.result_type} {old.sop_uid} of pipeline {job.pipeline} is superseded by "
+                f"{seg.sop_uid}, computed on other input of series {seg.source_series_uid}"
+                + (f"; {withheld} waiting send(s) of it withheld" if withheld else "")
+                + " (a PACS that already has it keeps it: the newer result is a new object)",
+                level=EventLevel.WARNING,
+                study_uid=_study_uid(s, job),
+                series_uid=seg.source_series_uid,
+                job_id=job.id,
+            )
 
 
 def _study_uid(session: Any, job: Job) -> str | None:

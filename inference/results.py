@@ -9,8 +9,10 @@ manufacturer).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from inference.labels import ARTIFICIAL_INTELLIGENCE, Code
 from kernel.uids import derived_uid
@@ -59,21 +61,46 @@ def series_description(pipeline: str, version: str) -> str:
     return f"AI {pipeline} {version}"[:64]
 
 
+def input_identity(inputs: Mapping[str, Any]) -> str:
+    """What identifies a job's input exactly: per input role, the series UID, the SOP
+    Instance UIDs of the images used (sorted) and the digest of their voxels and grid.
+
+    ``inputs``: role -> a ``Volume`` (anything with ``series_uid``, ``headers`` and
+    ``digest``). Two runs get the same identity only when they read the same images with
+    the same content: half a series and the whole series differ, so do a series and the
+    same series with a slice replaced under its old SOP Instance UID.
+    """
+    h = hashlib.sha256()
+    for role in sorted(inputs):
+        volume = inputs[role]
+        sop_uids = sorted(str(ds.SOPInstanceUID) for ds in volume.headers)
+        for part in (role, volume.series_uid, *sop_uids, volume.digest):
+            h.update(part.encode("utf-8"))
+            h.update(b"\x1f")
+    return h.hexdigest()
+
+
 def result_uids(
     source_series_uid: str,
     pipeline: str,
     version: str,
     result_type: ResultType | str = ResultType.BINARY,
+    identity: str = "",
 ) -> tuple[str, str, int]:
     """(SeriesInstanceUID, SOPInstanceUID, SeriesNumber) of a pipeline's result.
 
-    Derived from the inputs only, so a re-run with the same model version replaces the
-    earlier result in the PACS, while a new model version makes a new series. A LABELMAP
-    or RTSTRUCT copy (another SOP class) is its own series.
+    Derived from the exact input (``identity``, see ``input_identity``), the pipeline,
+    its model versions and the result type: the same input gives the same UIDs, so a
+    re-send or re-run is idempotent in the PACS (which keeps the first object it got under
+    a SOP Instance UID); any other input (a series that grew, a replaced slice), another
+    model version or another result type gives new UIDs, never a UID of another result.
+    The SeriesNumber depends on the pipeline and version only.
     """
     parts: tuple[str, ...] = (source_series_uid, pipeline, version)
     if ResultType(result_type) != ResultType.BINARY:
         parts += (str(ResultType(result_type)),)
+    if identity:
+        parts += (identity,)
     series_uid = derived_uid("seg-series", *parts)
     sop_uid = derived_uid("seg-instance", *parts)
     digest = hashlib.sha256(f"{pipeline}\x1f{version}".encode()).digest()

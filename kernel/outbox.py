@@ -168,6 +168,20 @@ def queue_many(
     return count
 
 
+def supersede(session: Session, sop_uid: str, by_sop_uid: str) -> int:
+    """Withhold the waiting deliveries of a result a newer one replaces (state
+    ``superseded``); returns how many. Rows already sending, sent or failed are left."""
+    rows = session.scalars(
+        select(Dispatch).where(
+            Dispatch.sop_uid == sop_uid, Dispatch.state == OutboxState.PENDING
+        )
+    ).all()
+    for row in rows:
+        row.state = OutboxState.SUPERSEDED
+        row.last_error = f"superseded by {by_sop_uid}; not sent"
+    return len(rows)
+
+
 def resend(db: Database, dispatch_ids: Iterable[int], by: str = "admin") -> int:
     """Queue chosen rows again (any state but ``sending``); returns how many."""
     now = utcnow()

@@ -17,10 +17,10 @@ from sqlalchemy import select
 
 from db.models import Dispatch, Job, Series
 from devkit import dciodvfy
+from devkit.expect import expected_result_uids
 from devkit.phantom import STRUCTURES
 from devkit.synth import generate_study
 from inference.engine import Engine
-from inference.results import pipeline_version, result_uids
 from inference.seg_reader import dice, seg_label_map
 from inference.volume import load_series, sort_slices
 from tests.conftest import storescu, wait_until
@@ -47,8 +47,7 @@ def test_study_sent_with_storescu_comes_back_as_seg_in_orthanc(tmp_path, orthanc
     assert proc.returncode == 0, proc.stderr
 
     portal = study.by_phase("P")
-    version = pipeline_version({"tumor": node.registry.get("tumor").version})
-    _, seg_sop_uid, _ = result_uids(portal.series_uid, "tumor", version)
+    _, seg_sop_uid, _ = expected_result_uids(node, "tumor", {"image": portal.files})
     instance_id = orthanc.wait_for_instance(seg_sop_uid, timeout_s=300)
     seg_bytes = orthanc.instance_file(instance_id)
     seg = hd.seg.segread(io.BytesIO(seg_bytes))
@@ -90,12 +89,13 @@ def test_study_sent_with_storescu_comes_back_as_seg_in_orthanc(tmp_path, orthanc
     # The vessel pipeline (A + P, output in A's geometry) and the ureter pipeline (D) ran
     # on the same study; each SEG is in its reference series' geometry.
     arterial, delayed = study.by_phase("A"), study.by_phase("D")
-    vessel_sop_uid = _check_seg_in_pacs(orthanc, node, "vessel", arterial, {
+    vessel_inputs = {"A": arterial.files, "P": portal.files}
+    vessel_sop_uid = _check_seg_in_pacs(orthanc, node, "vessel", arterial, vessel_inputs, {
         "kidney": ["kidney_left", "kidney_right"],
         "artery": ["aorta"],
         "vein": ["inferior_vena_cava"],
     })  # fmt: skip
-    ureter_sop_uid = _check_seg_in_pacs(orthanc, node, "ureter", delayed, {
+    ureter_sop_uid = _check_seg_in_pacs(orthanc, node, "ureter", delayed, {"D": delayed.files}, {
         "ureter": ["ureter_left", "ureter_right"],
         "kidney": ["kidney_left", "kidney_right"],
     })  # fmt: skip
@@ -119,11 +119,10 @@ def test_study_sent_with_storescu_comes_back_as_seg_in_orthanc(tmp_path, orthanc
         assert all(x.state == "complete" for x in series)
 
 
-def _check_seg_in_pacs(orthanc, node, pipeline: str, reference, expected: dict) -> str:
+def _check_seg_in_pacs(orthanc, node, pipeline: str, reference, inputs, expected: dict) -> str:
     """The pipeline's SEG on ``reference`` is in the PACS, references that series and each
     named segment overlaps its phantom structures with Dice >= 0.9; returns its SOP UID."""
-    version = pipeline_version({pipeline: node.registry.get(pipeline).version})
-    _, sop_uid, _ = result_uids(reference.series_uid, pipeline, version)
+    _, sop_uid, _ = expected_result_uids(node, pipeline, inputs)
     seg = hd.seg.segread(io.BytesIO(orthanc.instance_file(orthanc.wait_for_instance(sop_uid, 300))))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == reference.series_uid
     _, headers = sort_slices(reference.files)  # headers only: the pixels are not needed

@@ -18,14 +18,10 @@ from sqlalchemy import select
 
 from db.models import Dispatch, Event, Job
 from devkit import dciodvfy
+from devkit.expect import expected_result_uids
 from devkit.orthanc import OrthancServer
 from devkit.synth import generate_study
-from inference.results import (
-    LABELMAP_SEG_SOP_CLASS_UID,
-    SEG_SOP_CLASS_UID,
-    pipeline_version,
-    result_uids,
-)
+from inference.results import LABELMAP_SEG_SOP_CLASS_UID, SEG_SOP_CLASS_UID
 from inference.seg_reader import seg_label_map
 from tests.conftest import storescu, wait_until
 
@@ -72,13 +68,13 @@ def test_each_destination_gets_its_seg_flavour_and_empty_policy(tmp_path, start_
         )
         source = study.series[0]
         assert storescu(source.files, node.settings.port).returncode == 0
-        version = pipeline_version({"tumor": node.registry.get("tumor").version})
-        _, binary_uid, _ = result_uids(source.series_uid, "tumor", version)
-        _, labelmap_uid, _ = result_uids(source.series_uid, "tumor", version, "LABELMAP")
+        inputs = {"image": source.files}
+        _, binary_uid, _ = expected_result_uids(node, "tumor", inputs)
+        _, labelmap_uid, _ = expected_result_uids(node, "tumor", inputs, "LABELMAP")
         assert binary_uid != labelmap_uid
         binary = a.instance_file(a.wait_for_instance(binary_uid, timeout_s=300))
         labelmap = b.instance_file(b.wait_for_instance(labelmap_uid, timeout_s=120))
-        _, rtstruct_uid, _ = result_uids(source.series_uid, "tumor", version, "RTSTRUCT")
+        _, rtstruct_uid, _ = expected_result_uids(node, "tumor", inputs, "RTSTRUCT")
         rtstruct = c.instance_file(c.wait_for_instance(rtstruct_uid, timeout_s=120))
         assert (a.count_instances(), b.count_instances(), c.count_instances()) == (1, 1, 1)
 
@@ -124,7 +120,7 @@ def test_each_destination_gets_its_seg_flavour_and_empty_policy(tmp_path, start_
         air = _air_copy(source.files, tmp_path / "air")
         air_series = str(pydicom.dcmread(air[0]).SeriesInstanceUID)
         assert storescu(air, node.settings.port).returncode == 0
-        _, empty_uid, _ = result_uids(air_series, "tumor", version)
+        _, empty_uid, _ = expected_result_uids(node, "tumor", {"image": air})
         empty = hd.seg.segread(io.BytesIO(a.instance_file(a.wait_for_instance(empty_uid, 300))))
         assert "no finding" in empty.ContentDescription
         assert [s.SegmentLabel for s in empty.SegmentSequence] == ["kidney", "kidney tumor"]

@@ -261,6 +261,10 @@ def study_detail(s: Session, study_uid: str, *, admin: bool) -> dict[str, Any] |
                 "sop_uid": r.sop_uid,
                 "source_series_uid": r.source_series_uid,
                 "created_at": as_utc(r.created_at),
+                "pipeline": r.pipeline,
+                "result_type": r.result_type,
+                "superseded_by": r.superseded_by,
+                "superseded_at": as_utc(r.superseded_at),
             }
             for r in results
         ],
