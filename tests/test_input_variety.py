@@ -226,7 +226,9 @@ def test_one_sop_instance_uid_in_two_series_keeps_both_apart(tmp_path, orthanc, 
     node = pacs_node(start_node, orthanc, rules_file=rules)
     study = generate_study(tmp_path / "study", seed=35, phases="AP", **SIZE)
     arterial, portal = study.by_phase("A"), study.by_phase("P")
-    shared = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in arterial.files]
+    shared = [
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in arterial.files
+    ]
 
     def reuse(index: int, ds: pydicom.Dataset) -> None:
         ds.SOPInstanceUID = shared[index]
