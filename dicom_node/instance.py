@@ -13,6 +13,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
+from inference.charsets import declared_value, decode_dataset
 from inference.stacks import slice_info
 from kernel.uids import InvalidUIDError, accept_uid
 
@@ -87,6 +88,7 @@ def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHe
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         _check_complete(ds)
+        decode_dataset(ds, recursive=False)  # text as its Specific Character Set says
         tsuid = str(ds.file_meta.TransferSyntaxUID)
         uids, problems = {}, []
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
@@ -128,8 +130,12 @@ def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHe
 
 
 def header_attributes(path: str | Path) -> dict[str, Any]:
-    """Top-level DICOM attributes of one file by keyword (pixel data not read)."""
+    """Top-level DICOM attributes of one file by keyword (pixel data not read); text is
+    decoded as its Specific Character Set says (``inference.charsets``), which keeps the
+    value the file declares."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
+    declared = declared_value(ds)
+    decode_dataset(ds, recursive=False)
     attrs: dict[str, Any] = {}
     for elem in ds:
         if not elem.keyword or elem.VR == "SQ":
@@ -142,4 +148,6 @@ def header_attributes(path: str | Path) -> dict[str, Any]:
         elif not isinstance(value, int | float | str):
             value = str(value)
         attrs[elem.keyword] = value
+    if declared is not None:
+        attrs["SpecificCharacterSet"] = declared
     return attrs

@@ -33,9 +33,12 @@ very ones this writer is for, so it is not used.
 Pixel (row, column) maps to patient coordinates per slice as ImagePositionPatient +
 column * PixelSpacing[1] * IOP[0:3] + row * PixelSpacing[0] * IOP[3:6]; ContourData is
 rounded to 0.01 mm. Every contour references the image it lies on, and the Structure Set
-module lists every source image. Patient and study attributes are copied from the first
-source image and written as ISO_IR 192 (UTF-8), which can hold whatever the source's
-character set could; the current standard also wants the Frame of Reference module.
+module lists every source image. Patient and study attributes are copied from a decoded
+copy of the first source image (``inference.charsets.prepare_source``); the object is
+written in the source's Specific Character Set when that carries all its text (the older
+systems this writer is for may not read UTF-8), else in ISO_IR 192 (UTF-8), reported to
+``on_transcode``; text that cannot be decoded from the source is refused
+(``CharacterSetError``). The current standard also wants the Frame of Reference module.
 
 UIDs are deterministic: the caller passes the Series/SOP Instance UIDs (see
 ``kernel.uids.derived_uid``) and the writer invents none; ROIs and contours come in a
@@ -49,9 +52,10 @@ slice's bounding boxes at a time and the contours themselves.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -67,6 +71,7 @@ from pydicom.valuerep import PersonName
 from scipy import ndimage
 from skimage import measure
 
+from inference.charsets import OutputCharacterSet, prepare_source, settle_output
 from inference.labels import ANATOMICAL_STRUCTURE, Code, SegmentLabel
 from inference.results import (
     MANUFACTURER,
@@ -117,15 +122,65 @@ _PATIENT_STUDY_TYPE2 = (
     "StudyID",
     "AccessionNumber",
 )
+# The rest of the Patient, Clinical Trial Subject, General Study, Patient Study and
+# Clinical Trial Study modules (PS3.3 C.7.1.1, C.7.1.3, C.7.2.1, C.7.2.2, C.7.2.3), copied
+# when the source has them, as highdicom does for a SEG: the structure set carries the
+# same patient and study text as its images.
 _PATIENT_STUDY_OPTIONAL = (
     "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "ReferencedPatientSequence",
     "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar",
+    "PatientDeathDateInAlternativeCalendar",
+    "PatientAlternativeCalendar",
+    "OtherPatientNames",
+    "OtherPatientIDsSequence",
+    "EthnicGroup",
+    "EthnicGroupCodeSequence",
+    "PatientComments",
+    "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence",
+    "PatientBreedDescription",
+    "PatientBreedCodeSequence",
+    "BreedRegistrationSequence",
+    "ResponsiblePerson",
+    "ResponsiblePersonRole",
+    "ResponsibleOrganization",
     "PatientIdentityRemoved",
     "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    "IssuerOfAccessionNumberSequence",
+    "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName",
     "StudyDescription",
+    "ProcedureCodeSequence",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingService",
+    "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence",
     "PatientAge",
     "PatientSize",
     "PatientWeight",
+    "MedicalAlerts",
+    "Allergies",
+    "Occupation",
+    "AdditionalPatientHistory",
+    "ReasonForVisit",
+    "AdmissionID",
+    "ServiceEpisodeID",
+    "ServiceEpisodeDescription",
+    "PatientState",
+    "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription",
 )
 
 
@@ -157,6 +212,7 @@ def build_rtstruct(
     manufacturer_model_name: str = MANUFACTURER_MODEL_NAME,
     software_versions: str | None = None,
     allow_empty: bool = False,
+    on_transcode: Callable[[OutputCharacterSet], None] | None = None,
 ) -> Dataset:
     """Build an RT Structure Set outlining ``label_map`` (uint8 [z, y, x]) on ``source_images``.
 
@@ -175,11 +231,17 @@ def build_rtstruct(
     allow_empty
         When the map holds no label: False raises ``EmptySegmentationError``; True writes
         every label as an ROI without contours (analysed, nothing found).
+    on_transcode
+        Called when the source's character set cannot carry the object's text and it is
+        written as ISO_IR 192 instead (the caller records that where an operator sees it).
 
     Raises
     ------
     EmptySegmentationError
         When the map holds no label value and ``allow_empty`` is False.
+    CharacterSetError
+        When patient or study text the object would carry cannot be decoded from the
+        source.
     ValueError
         When the inputs do not fit together (shape, undescribed values, duplicate labels,
         mixed series, missing geometry).
@@ -204,14 +266,14 @@ def build_rtstruct(
             )
         present = [by_value[v] for v in sorted(by_value)]
 
+    source = prepare_source(source_images)
     now = datetime.now()
     ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.SOPClassUID = RTSTRUCT_SOP_CLASS_UID
     ds.SOPInstanceUID = sop_instance_uid
-    _copy_patient_and_study(ds, source_images[0])
+    _copy_patient_and_study(ds, source.images[0])
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = series_instance_uid
     ds.SeriesNumber = series_number
@@ -224,7 +286,7 @@ def build_rtstruct(
     ds.SoftwareVersions = software_versions or product_version()
     ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.PositionReferenceIndicator = _plain_value(
-        source_images[0].get("PositionReferenceIndicator", "")
+        source.images[0].get("PositionReferenceIndicator", "")
     )
     ds.InstanceNumber = 1
     ds.StructureSetLabel = (series_description or algorithm.name)[:16]
@@ -240,6 +302,9 @@ def build_rtstruct(
     ]
     ds.ROIContourSequence = [_roi_contour(label, label_map, boxes, geometries) for label in present]
     ds.RTROIObservationsSequence = [_roi_observation(label) for label in present]
+    charset = settle_output(ds, source, "RT Structure Set")
+    if charset.transcoded and on_transcode is not None:
+        on_transcode(charset)
 
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS_UID
@@ -301,13 +366,15 @@ def _slice_geometry(ds: pydicom.Dataset, z: int, series_uid: str) -> _SliceGeome
 
 
 def _copy_patient_and_study(ds: Dataset, source: pydicom.Dataset) -> None:
-    """Patient, General Study and Patient Study attributes, re-encoded for ISO_IR 192."""
+    """Patient, General Study and Patient Study attributes of the decoded ``source``."""
     ds.StudyInstanceUID = source.StudyInstanceUID
     for keyword in _PATIENT_STUDY_TYPE2:
         setattr(ds, keyword, _plain_value(source.get(keyword, "")))
     for keyword in _PATIENT_STUDY_OPTIONAL:
         if keyword in source:
-            setattr(ds, keyword, _plain_value(source[keyword].value))
+            value = source[keyword].value
+            plain = copy.deepcopy(value) if source[keyword].VR == "SQ" else _plain_value(value)
+            setattr(ds, keyword, plain)
 
 
 def _plain_value(value: object) -> object:

@@ -11,6 +11,14 @@ BINARY, and using the same mapping for LABELMAP keeps readers simple. Labels abs
 the map are skipped (one log line each) rather than written as segments without frames,
 which some viewers reject; a map with no label at all raises ``EmptySegmentationError``.
 
+Patient and study text: the writer takes it from a decoded copy of the first source image
+(``inference.charsets.prepare_source``) and writes the object in the source's Specific
+Character Set when that carries every text value, else in ISO_IR 192 (UTF-8), which it
+reports to ``on_transcode``; text it could not decode from the source is refused
+(``CharacterSetError``) rather than written wrong. highdicom is not asked to check the
+set: 0.28 rejects defined terms such as ``\\ISO 2022 IR 149`` (an empty value 1, and IR
+149 missing from its list), so the writer sets (0008,0005) on the built object itself.
+
 UIDs are deterministic: the caller passes the Series/SOP Instance UIDs (see
 ``kernel.uids.derived_uid``), and the one UID highdicom invents itself, the
 DimensionOrganizationUID, is derived from the SOP Instance UID, so a re-run produces an
@@ -28,7 +36,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +45,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
+from inference.charsets import OutputCharacterSet, prepare_source, settle_output
 from inference.labels import SegmentLabel
 from inference.results import (
     CONTENT_CREATOR,
@@ -75,6 +84,7 @@ def build_seg(
     device_serial_number: str | None = None,
     content_creator: str = CONTENT_CREATOR,
     allow_empty: bool = False,
+    on_transcode: Callable[[OutputCharacterSet], None] | None = None,
 ) -> hd.seg.Segmentation:
     """Build a Segmentation of ``source_images`` from ``label_map`` (uint8 [z, y, x]).
 
@@ -101,16 +111,23 @@ def build_seg(
         with empty frames. highdicom must encode every frame of an all-empty map, which for
         a whole series would be slices x labels empty frames (~100 MB for 300 x 10); one
         slice says the same thing (analysed, nothing found) in a few kB.
+    on_transcode
+        Called when the source's character set cannot carry the object's text and it is
+        written as ISO_IR 192 instead (the caller records that where an operator sees it).
 
     Raises
     ------
     EmptySegmentationError
         When the map holds no label value and ``allow_empty`` is False.
+    CharacterSetError
+        When patient or study text the SEG would carry cannot be decoded from the source.
     ValueError
         When the inputs do not fit together (shape, undescribed values, duplicate labels).
     """
     started = time.perf_counter()
     series_uid = source_series_uid(source_images)
+    source = prepare_source(source_images)
+    source_images = source.images
     label_map = check_label_map(label_map, source_images, series_uid)
     by_value = check_labels(labels)
 
@@ -154,7 +171,12 @@ def build_seg(
         content_creator_name=content_creator if "^" in content_creator else f"{content_creator}^",
         series_description=series_description,
         omit_empty_frames=True,
+        # Not highdicom's check: (0008,0005) is settled below, on the finished object.
+        specific_character_set=None,
     )
+    charset = settle_output(seg, source, "Segmentation")
+    if charset.transcoded and on_transcode is not None:
+        on_transcode(charset)
     _set_dimension_organization_uid(seg, derived_uid(sop_instance_uid, "DimensionOrganizationUID"))
     logger.info(
         "seg: built %s for series %s: %d segments, %d frames, %.2f s",

@@ -165,6 +165,8 @@ class EventKind(StrEnum):
     JOB_PRIORITY = "job_priority"
     RESULT_WRITTEN = "result_written"
     RESULT_EMPTY = "result_empty"
+    # A result's text written as ISO_IR 192: the source's character set could not carry it.
+    RESULT_TRANSCODED = "result_transcoded"
     RESULT_SUPERSEDED = "result_superseded"
     SENT = "sent"
     SEND_RETRY = "send_retry"

@@ -280,7 +280,7 @@ def test_header_copies_patient_and_study_and_names_the_series(rtstruct):
     assert rtstruct.Modality == "RTSTRUCT"
     assert rtstruct.SeriesNumber == 9002
     assert rtstruct.SeriesDescription == "AI kidney contours"
-    assert rtstruct.SpecificCharacterSet == "ISO_IR 192"
+    assert rtstruct.SpecificCharacterSet == "ISO_IR 100"  # the source's set carries it
     assert str(rtstruct.PatientName) == PATIENT_NAME
     assert rtstruct.PatientID == "PHANTOM-001"
     assert rtstruct.StudyInstanceUID == STUDY_UID
