@@ -94,6 +94,76 @@ def _match_value(actual: Any, matcher: Any) -> tuple[bool, str]:
     return _equals(actual, matcher), f"{actual!r}"
 
 
+def _shown(value: Any) -> str:
+    """A value as an administrator reads it: text without quotes, lists joined by ``\\``
+    (as DICOM writes multi-valued attributes), numbers without trailing zeros."""
+    if isinstance(value, list | tuple):
+        return "\\".join(_shown(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).strip()
+
+
+def _expected(matcher: Any) -> str:
+    """What a matcher wants, in words: ``axial``, ``one of A, P, D``, ``in 1..3``."""
+    if isinstance(matcher, list):
+        return "one of " + ", ".join(_shown(m) for m in matcher)
+    if isinstance(matcher, dict):
+        op, arg = next(iter(matcher.items()))
+        if op == "equals":
+            return _shown(arg)
+        if op == "one_of":
+            return "one of " + ", ".join(_shown(m) for m in arg)
+        if op == "regex":
+            return f"matching /{arg}/"
+        if op == "range":
+            low, high = arg.get("min"), arg.get("max")
+            if low is not None and high is not None:
+                return f"in {_shown(low)}..{_shown(high)}"
+            return f">= {_shown(low)}" if low is not None else f"<= {_shown(high)}"
+        if op == "exists":
+            return "present" if arg else "absent"
+    return _shown(matcher)
+
+
+def first_failure(cond: dict[str, Any], attrs: dict[str, Any]) -> str | None:
+    """Why ``cond`` does not hold for ``attrs``, in one phrase; None when it holds.
+
+    The first failing test in the order ``evaluate`` checks them, e.g.
+    ``Orientation coronal is not axial``, ``Phase unknown is not one of A, P, D``,
+    ``ContrastBolusAgent is missing``; ``any`` lists each alternative's failure.
+    """
+    for key, value in cond.items():
+        if key == "all":
+            for sub in value:
+                why = first_failure(sub, attrs)
+                if why is not None:
+                    return why
+        elif key == "any":
+            whys = [first_failure(sub, attrs) for sub in value]
+            if all(w is not None for w in whys):
+                return "none of: " + "; ".join(w for w in whys if w)
+        elif key == "not":
+            inner, why = evaluate(value, attrs)
+            if inner:
+                return "excluded by not: " + "; ".join(why)
+        else:
+            ok, _seen = _match_value(attrs.get(key), value)
+            if ok:
+                continue
+            actual = attrs.get(key)
+            if isinstance(value, dict) and "exists" in value:
+                return f"{key} is {'present' if actual not in (None, '', []) else 'missing'}"
+            if actual in (None, "", []):
+                return f"{key} is missing (wanted {_expected(value)})"
+            if isinstance(value, dict) and "regex" in value:
+                return f"{key} {_shown(actual)} does not match /{value['regex']}/"
+            if isinstance(value, dict) and "range" in value:
+                return f"{key} {_shown(actual)} is not {_expected(value)}"
+            return f"{key} {_shown(actual)} is not {_expected(value)}"
+    return None
+
+
 def evaluate(cond: dict[str, Any], attrs: dict[str, Any]) -> tuple[bool, list[str]]:
     """Evaluate a condition; returns (matched, reasons) with one reason per test."""
     reasons: list[str] = []

@@ -1,4 +1,10 @@
-"""``dicom-node route explain``: what the node would do with these files, and why."""
+"""``dicom-node route explain`` and the rules page's dry run: what the node would do with
+these series, and why.
+
+Both read a whole study (files for ``route explain``, received rows for the dry run) and
+run the same planning as the live router (``planning.plan_study`` over
+``series_attrs`` attributes), so all three always give the same answer.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,16 @@ from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from db.models import Instance, Series, Study
 from dicom_node import series_attrs
-from dicom_node.planning import plan_study
+from dicom_node.planning import PipelinePlan, plan_study
+from dicom_node.routing import series_attributes
 from dicom_node.rules import RuleSet
+from dicom_node.series_attrs import InstanceRow
+from kernel.vocabulary import SeriesState
 
 
 def dicom_files(paths: Iterable[str | Path]) -> Iterable[Path]:
@@ -49,48 +61,105 @@ def collect_series(paths: Iterable[str | Path]) -> dict[str, dict[str, dict[str,
     return studies
 
 
+def received_study_series(session: Session, study: Study) -> dict[str, dict[str, Any]]:
+    """series UID -> attributes of a received study's complete series, built exactly as
+    the live router builds them (``Router._complete_series``: the stored stack fields of
+    each instance, ``routing.series_attributes`` for the origin values)."""
+    out: dict[str, dict[str, Any]] = {}
+    for series in session.scalars(
+        select(Series)
+        .where(Series.study_id == study.id, Series.state == SeriesState.COMPLETE)
+        .order_by(Series.id)
+    ):
+        rows = [
+            InstanceRow(*row)
+            for row in session.execute(
+                select(
+                    Instance.path,
+                    Instance.stack_key,
+                    Instance.slice_position_mm,
+                    Instance.acquisition_number,
+                    Instance.instance_number,
+                )
+                .where(Instance.series_id == series.id)
+                .order_by(Instance.id)
+            )
+        ]
+        if rows:
+            out[series.series_uid] = series_attributes(series, rows)
+    return out
+
+
+def pipeline_items(pipeline_plans: dict[str, PipelinePlan]) -> list[dict[str, Any]]:
+    """One item per pipeline the rules asked for: whether it runs now, later or not, why."""
+    return [
+        {
+            "pipeline": name,
+            "ready": p.ready,
+            "runnable": p.runnable,
+            "inputs": dict(p.inputs),
+            "missing": {role: list(phases) for role, phases in p.missing.items()},
+            "explain": p.explain(),
+        }
+        for name, p in sorted(pipeline_plans.items())
+    ]
+
+
+def explain_study(
+    rules: RuleSet,
+    study_uid: str,
+    series: dict[str, dict[str, Any]],
+    target_spacing_mm: Callable[[str], float | None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, PipelinePlan]]:
+    """The items of one study's series (see ``explain``) and its pipeline plans."""
+    series_plans, pipeline_plans = plan_study(rules, series, target_spacing_mm)
+    items: list[dict[str, Any]] = []
+    for uid, plan in series_plans.items():
+        pipelines = sorted(
+            name for name, p in pipeline_plans.items() if p.runnable and uid in p.inputs.values()
+        )
+        chosen = {
+            f"{name}.{role}": p.choices[role]
+            for name, p in sorted(pipeline_plans.items())
+            for role, chosen_uid in p.inputs.items()
+            if chosen_uid == uid
+        }
+        items.append(
+            {
+                "series_uid": uid,
+                "study_uid": study_uid,
+                "phase": plan.phase.phase,
+                "confidence": plan.phase.confidence,
+                "reasons": plan.phase.reasons + plan.decision.reasons,
+                "rule": ", ".join(plan.decision.matched_rules) or None,
+                "not_matched": plan.decision.not_matched,
+                "pipelines": pipelines,
+                "inputs": chosen,
+                "forward": [] if plan.decision.discard else plan.decision.forward,
+                "instances": plan.instance_count,
+                "left_out": plan.left_out,
+                "incomplete": plan.incomplete,
+            }
+        )
+    return items, pipeline_plans
+
+
 def explain(
     rules: RuleSet,
     paths: Iterable[str | Path],
     target_spacing_mm: Callable[[str], float | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One item per series: phase, reasons, rule, the pipelines it feeds (with how it was
-    chosen over other candidates), forwards, stacks left out and signs of missing slices.
+    """One item per series: phase, reasons, rule (or each rule's first failing
+    condition when none matched), the pipelines it feeds (with how it was chosen over
+    other candidates), forwards, stacks left out and signs of missing slices.
 
     ``target_spacing_mm``: pipeline -> its first model's slice spacing, as the live node
     uses it to prefer among candidates (None: not used).
     """
     items: list[dict[str, Any]] = []
     for study_uid, series in collect_series(paths).items():
-        series_plans, pipeline_plans = plan_study(rules, series, target_spacing_mm)
-        for uid, plan in series_plans.items():
-            pipelines = sorted(
-                name
-                for name, p in pipeline_plans.items()
-                if p.runnable and uid in p.inputs.values()
-            )
-            chosen = {
-                f"{name}.{role}": p.choices[role]
-                for name, p in sorted(pipeline_plans.items())
-                for role, chosen_uid in p.inputs.items()
-                if chosen_uid == uid
-            }
-            items.append(
-                {
-                    "series_uid": uid,
-                    "study_uid": study_uid,
-                    "phase": plan.phase.phase,
-                    "confidence": plan.phase.confidence,
-                    "reasons": plan.phase.reasons + plan.decision.reasons,
-                    "rule": ", ".join(plan.decision.matched_rules) or None,
-                    "pipelines": pipelines,
-                    "inputs": chosen,
-                    "forward": [] if plan.decision.discard else plan.decision.forward,
-                    "instances": plan.instance_count,
-                    "left_out": plan.left_out,
-                    "incomplete": plan.incomplete,
-                }
-            )
+        study_items, pipeline_plans = explain_study(rules, study_uid, series, target_spacing_mm)
+        items += study_items
         for p in pipeline_plans.values():
             if not p.runnable:
                 print(f"study {study_uid}: {p.explain()}", file=sys.stderr)
@@ -106,7 +175,14 @@ def format_text(items: list[dict[str, Any]], descriptions: dict[str, str] | None
         lines.append(f"  phase:      {item['phase']}  confidence {item['confidence']:.2f}")
         for reason in item["reasons"]:
             lines.append(f"    - {reason}")
-        lines.append(f"  rule:       {item['rule'] or '(none matched)'}")
+        if item["rule"]:
+            lines.append(f"  rule:       {item['rule']}")
+        elif item.get("not_matched"):
+            lines.append("  rule:       (none matched)")
+            for why in item["not_matched"]:
+                lines.append(f"    - {why}")
+        else:
+            lines.append("  rule:       (none matched: the rules file has no rules)")
         lines.append(f"  pipelines:  {', '.join(item['pipelines']) or '-'}")
         for input_name, why in item.get("inputs", {}).items():
             lines.append(f"    - input {input_name}: {why}")

@@ -128,10 +128,16 @@ class Router:
             add_event(
                 s,
                 EventKind.ROUTED,
-                "; ".join(decision.reasons) if decision.matched_rules else "no rule matched",
+                decision.summary(),  # or why no rule matched: each rule's first failure
                 study_uid=study.study_uid,
                 series_uid=series_uid,
-                data={"pipelines": decision.pipelines, "forward": decision.forward},
+                data={
+                    "pipelines": decision.pipelines,
+                    "forward": decision.forward,
+                    "discard": decision.discard,
+                    "matched_rules": decision.matched_rules,
+                    "not_matched": decision.not_matched,
+                },
             )
             if plan.left_out:
                 add_event(

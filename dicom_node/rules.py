@@ -11,7 +11,6 @@ matches (first-match), otherwise every matching rule contributes (all-match).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from dicom_node.conditions import evaluate, validate_condition
+from dicom_node.conditions import evaluate, first_failure, validate_condition
 from dicom_node.phases import PhaseClassifier, PhaseSettings
 from kernel.catalog import PipelineSpec, check_against_models
 from kernel.strict import StrictModel
@@ -63,7 +62,11 @@ class RulesFile(StrictModel):
 
 @dataclass
 class RoutingDecision:
-    """What the rules decided for one series, with one reason per matched rule."""
+    """What the rules decided for one series, with one reason per matched rule.
+
+    ``not_matched``: for each rule evaluated that did not match, its name and its first
+    failing condition (``contrast-ct-kidney: Orientation coronal is not axial``).
+    """
 
     matched_rules: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
@@ -71,6 +74,15 @@ class RoutingDecision:
     forward: list[str] = field(default_factory=list)
     discard: bool = False
     priority: str = "normal"
+    not_matched: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the event log: the matched rules' reasons, or why none matched."""
+        if self.matched_rules:
+            return "; ".join(self.reasons)
+        if not self.not_matched:
+            return "no rule matched: the rules file has no rules"
+        return "no rule matched: " + "; ".join(self.not_matched)
 
 
 class RuleSet:
@@ -94,6 +106,8 @@ class RuleSet:
         for rule in self.spec.rules:
             ok, why = evaluate(rule.when, attrs)
             if not ok:
+                failure = first_failure(rule.when, attrs) or "; ".join(why)
+                decision.not_matched.append(f"{rule.name}: {failure}")
                 continue
             decision.matched_rules.append(rule.name)
             decision.reasons.append(f"rule {rule.name!r} matched: " + "; ".join(why))
@@ -112,16 +126,36 @@ class RuleSet:
 
 
 def _line_of(text: str, loc: tuple[Any, ...]) -> str:
-    """Best-effort 'line N' for an error location such as ('rules', 2, 'when')."""
-    if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
-        starts = [m.start() for m in re.finditer(r"(?m)^\s*-\s+name\s*:", text)]
-        if loc[1] < len(starts):
-            return f"line {text.count(chr(10), 0, starts[loc[1]]) + 1}: "
-    if loc and isinstance(loc[0], str):
-        m = re.search(rf"(?m)^{re.escape(loc[0])}\s*:", text)
-        if m:
-            return f"line {text.count(chr(10), 0, m.start()) + 1}: "
-    return ""
+    """'line N: ' of the deepest YAML node on an error location such as
+    ('rules', 2, 'when') or ('pipelines', 'tumor', 'models'); '' when not found.
+
+    Walks the composed YAML tree, so a key that also occurs elsewhere (a phase rule's
+    ``name`` before the routing rules) is never taken for the one meant.
+    """
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return ""
+    found = None  # the node to point at: a key's own line for mapping keys
+    for part in loc:
+        child = line_node = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                    child, line_node = value, key
+                    break
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
+            child = line_node = node.value[part]
+        if child is None:
+            break
+        node, found = child, line_node
+    if found is None:
+        return ""
+    return f"line {found.start_mark.line + 1}: "
 
 
 def parse_rules(
@@ -157,14 +191,17 @@ def parse_rules(
         raise RulesError("\n".join(lines)) from None
     problems = []
     for i, rule in enumerate(spec.rules):
-        where = f"{source}: {_line_of(text, ('rules', i))}rule {rule.name!r}"
+
+        def where(key: str, i: int = i, rule: Rule = rule) -> str:
+            return f"{source}: {_line_of(text, ('rules', i, key))}rule {rule.name!r}"
+
         for p in rule.pipelines:
             if p not in spec.pipelines:
-                problems.append(f"{where}: unknown pipeline {p!r}")
+                problems.append(f"{where('pipelines')}: unknown pipeline {p!r}")
         if known_destinations is not None:
             for d in rule.forward:
                 if d not in known_destinations:
-                    problems.append(f"{where}: unknown destination {d!r}")
+                    problems.append(f"{where('forward')}: unknown destination {d!r}")
     if known_models is not None:
         problems += check_against_models(spec.pipelines, known_models, source)
     if problems:

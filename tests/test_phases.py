@@ -183,6 +183,7 @@ def test_explain_json_has_exactly_the_documented_keys(tmp_path):
         "confidence",
         "reasons",
         "rule",
+        "not_matched",  # issue 15: each rule's first failing condition
         "pipelines",
         "inputs",
         "forward",

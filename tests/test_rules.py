@@ -73,9 +73,10 @@ rules:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("rules:\n  - name: x\n    when: {Modality: {regex: '('}}\n", "line 2: rules.0.when"),
-        ("rules:\n  - name: x\n    pipelines: [nope]\n", "line 2: rule 'x': unknown pipeline"),
-        ("rules:\n  - name: x\n    when: [1, 2]\n", "line 2: rules.0.when"),
+        # The line of the key at fault (issue 15: not the first "- name:" of the file).
+        ("rules:\n  - name: x\n    when: {Modality: {regex: '('}}\n", "line 3: rules.0.when"),
+        ("rules:\n  - name: x\n    pipelines: [nope]\n", "line 3: rule 'x': unknown pipeline"),
+        ("rules:\n  - name: x\n    when: [1, 2]\n", "line 3: rules.0.when"),
         ("rules: [\n", "line 2"),
         ("rules:\n  - name: x\n    colour: red\n", "rules.0.colour: Extra inputs"),
     ],
