@@ -136,7 +136,10 @@ class Router:
                     "forward": decision.forward,
                     "discard": decision.discard,
                     "matched_rules": decision.matched_rules,
-                    "not_matched": decision.not_matched,
+                    "not_matched": [
+                        {"rule": rule, "failure": failure}
+                        for rule, failure in decision.rule_failures
+                    ],
                 },
             )
             if plan.left_out:

@@ -64,8 +64,9 @@ class RulesFile(StrictModel):
 class RoutingDecision:
     """What the rules decided for one series, with one reason per matched rule.
 
-    ``not_matched``: for each rule evaluated that did not match, its name and its first
-    failing condition (``contrast-ct-kidney: Orientation coronal is not axial``).
+    ``rule_failures``: (rule name, its first failing condition) for each rule evaluated
+    that did not match; ``not_matched`` the same as text
+    (``contrast-ct-kidney: Orientation coronal is not axial``).
     """
 
     matched_rules: list[str] = field(default_factory=list)
@@ -74,7 +75,11 @@ class RoutingDecision:
     forward: list[str] = field(default_factory=list)
     discard: bool = False
     priority: str = "normal"
-    not_matched: list[str] = field(default_factory=list)
+    rule_failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def not_matched(self) -> list[str]:
+        return [f"{rule}: {failure}" for rule, failure in self.rule_failures]
 
     def summary(self) -> str:
         """One line for the event log: the matched rules' reasons, or why none matched."""
@@ -107,7 +112,7 @@ class RuleSet:
             ok, why = evaluate(rule.when, attrs)
             if not ok:
                 failure = first_failure(rule.when, attrs) or "; ".join(why)
-                decision.not_matched.append(f"{rule.name}: {failure}")
+                decision.rule_failures.append((rule.name, failure))
                 continue
             decision.matched_rules.append(rule.name)
             decision.reasons.append(f"rule {rule.name!r} matched: " + "; ".join(why))
@@ -204,6 +209,12 @@ def parse_rules(
                     problems.append(f"{where('forward')}: unknown destination {d!r}")
     if known_models is not None:
         problems += check_against_models(spec.pipelines, known_models, source)
+        evidence = spec.phases.image_evidence
+        if evidence.when != "never" and evidence.model and evidence.model not in known_models:
+            problems.append(
+                f"{source}: phases.image_evidence: model {evidence.model!r} is not in the "
+                "model registry (set when: never to do without image evidence)"
+            )
     if problems:
         raise RulesError("\n".join(problems))
     return RuleSet(spec, Path(source))
