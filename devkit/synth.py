@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from devkit.phantom import Phantom, truth_from_tissues
+from devkit.phantom import Phantom, grid_points, truth_from_tissues
 from devkit.synth_dicom import (
     HU_OFFSET,
     SUPPORTED_TRANSFER_SYNTAXES,
@@ -41,6 +41,7 @@ _GEOMETRY_KEYS = {
     "slices",
     "z_offset_mm",
     "xy_offset_mm",
+    "gantry_tilt_deg",
 }
 _MAX_STORED = 4095  # 12 bits stored
 
@@ -60,6 +61,7 @@ class SynthSeries:
     shape_zyx: tuple[int, int, int]
     # int16 [z, y, x] HU exactly as the files decode (stored value + RescaleIntercept)
     hu: np.ndarray | None = field(default=None, repr=False)
+    gantry_tilt_deg: float = 0.0  # see SeriesGeometry: truth lies on the tilted pixels
 
 
 @dataclass
@@ -82,14 +84,24 @@ class SynthStudy:
 
 @dataclass(frozen=True)
 class SeriesGeometry:
-    """The voxel grid of one axial series (identity direction, slices towards the head)."""
+    """The voxel grid of one axial series (slices towards the head).
+
+    Untilted (the default): identity direction, ImageOrientationPatient 1\\0\\0\\0\\1\\0.
+    With ``gantry_tilt_deg`` the image plane is rotated about the patient's left-right axis
+    (column direction 0\\cos\\sin: positive angles move down the image towards the head)
+    while the table still moves along z: ImagePositionPatient steps by
+    ``slice_thickness_mm`` along z only, so the stack is sheared (the slice normal is
+    not the stacking direction), as a tilted helical scan reconstructs it.
+    ``origin_lps`` is ImagePositionPatient of slice 0 (its first pixel's centre).
+    """
 
     rows: int
     columns: int
     pixel_spacing_mm: float
-    slice_thickness_mm: float
+    slice_thickness_mm: float  # table increment between slices (along z)
     slices: int
     origin_lps: tuple[float, float, float]
+    gantry_tilt_deg: float = 0.0
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
@@ -98,6 +110,19 @@ class SeriesGeometry:
     @property
     def shape_zyx(self) -> tuple[int, int, int]:
         return (self.slices, self.rows, self.columns)
+
+    @property
+    def image_orientation(self) -> tuple[float, ...]:
+        """ImageOrientationPatient: row (x index) then column (y index) direction, LPS."""
+        t = np.deg2rad(self.gantry_tilt_deg)
+        return (1.0, 0.0, 0.0, 0.0, float(np.cos(t)), float(np.sin(t)))
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3x3 matrix whose columns are the LPS steps of the x, y and slice index axes
+        (unit vectors; the slice axis is the table's z, not the normal, when tilted)."""
+        iop = self.image_orientation
+        return np.array([iop[:3], iop[3:], (0.0, 0.0, 1.0)]).T
 
 
 def _uid(seed: int, patient_id: str, *parts: object) -> str:
@@ -115,12 +140,15 @@ def series_geometry(
     slices: int | None = None,
     z_offset_mm: float = 0.0,
     xy_offset_mm: float | tuple[float, float] = 0.0,
+    gantry_tilt_deg: float = 0.0,
 ) -> SeriesGeometry:
     """The grid a scanner would reconstruct for ``phantom``.
 
     The field of view is centred on the table centre (x 0, y 10 mm) plus ``xy_offset_mm``;
     ``slices=None`` covers the phantom's z extent (kidneys and ureters), otherwise the
-    slices are centred on it; ``z_offset_mm`` shifts the stack.
+    slices are centred on it; ``z_offset_mm`` shifts the stack. ``gantry_tilt_deg`` tilts
+    every image plane about its centre's left-right axis (a sheared stack, see
+    ``SeriesGeometry``); the slice centres stay where the untilted ones are.
     """
     z0, z1 = phantom.z_extent_mm
     if slices is None:
@@ -129,12 +157,37 @@ def series_geometry(
     else:
         first_z = 0.5 * (z0 + z1) - 0.5 * (slices - 1) * slice_thickness_mm
     dx, dy = (xy_offset_mm, xy_offset_mm) if np.isscalar(xy_offset_mm) else xy_offset_mm
+    if not gantry_tilt_deg:
+        origin = (
+            round(float(dx) - 0.5 * (columns - 1) * pixel_spacing_mm, 4),
+            round(10.0 + float(dy) - 0.5 * (rows - 1) * pixel_spacing_mm, 4),
+            round(first_z + z_offset_mm, 1),
+        )
+        return SeriesGeometry(rows, columns, pixel_spacing_mm, slice_thickness_mm, slices, origin)
+    if not -45.0 < gantry_tilt_deg < 45.0:
+        raise ValueError(f"gantry tilt {gantry_tilt_deg} degrees is outside (-45, 45)")
+    t = np.deg2rad(gantry_tilt_deg)
+    half_column_mm = 0.5 * (rows - 1) * pixel_spacing_mm  # centre to first row, in plane
     origin = (
         round(float(dx) - 0.5 * (columns - 1) * pixel_spacing_mm, 4),
-        round(10.0 + float(dy) - 0.5 * (rows - 1) * pixel_spacing_mm, 4),
-        round(first_z + z_offset_mm, 1),
+        round(10.0 + float(dy) - half_column_mm * float(np.cos(t)), 4),
+        round(first_z + z_offset_mm - half_column_mm * float(np.sin(t)), 4),
     )
-    return SeriesGeometry(rows, columns, pixel_spacing_mm, slice_thickness_mm, slices, origin)
+    return SeriesGeometry(
+        rows, columns, pixel_spacing_mm, slice_thickness_mm, slices, origin, float(gantry_tilt_deg)
+    )
+
+
+def grid_tissues(phantom: Phantom, geometry: SeriesGeometry) -> np.ndarray:
+    """Tissue ids [z, y, x] of ``phantom`` on ``geometry`` (tilted grids sampled per point)."""
+    if not geometry.gantry_tilt_deg:
+        return phantom.tissues_on_grid(
+            geometry.origin_lps, geometry.spacing_zyx, geometry.shape_zyx
+        )
+    points = grid_points(
+        geometry.origin_lps, geometry.spacing_zyx, geometry.shape_zyx, geometry.direction
+    )
+    return phantom.tissues(points)
 
 
 def _phase_rng(seed: int, phase: str) -> np.random.Generator:
@@ -150,7 +203,7 @@ def phantom_volumes(
     (12-bit clipping included), so a test may skip the files when it only needs pixels.
     """
     phantom = Phantom(seed)
-    tissues = phantom.tissues_on_grid(geometry.origin_lps, geometry.spacing_zyx, geometry.shape_zyx)
+    tissues = grid_tissues(phantom, geometry)
     volumes = {
         phase: _stored_to_hu(_hu_to_stored(phantom.hu(tissues, phase, _phase_rng(seed, phase))))
         for phase in phases
@@ -176,6 +229,7 @@ def generate_study(
     pixel_spacing_mm: float = 0.78,
     slice_thickness_mm: float = 2.5,
     slices: int | None = None,
+    gantry_tilt_deg: float = 0.0,
     transfer_syntax: str = ExplicitVRLittleEndian,
     patient_name: str = "SYNTH^PATIENT",
     patient_id: str | None = None,
@@ -185,10 +239,12 @@ def generate_study(
     """Write a multi-phase CT study of ``Phantom(seed)`` under ``out_dir``.
 
     Each phase becomes ``out_dir/<NN>_<phase>/IM<kkkk>.dcm`` (NN = SeriesNumber, kkkk =
-    InstanceNumber). ``slices=None`` covers the kidneys and ureters. ``geometry`` overrides,
-    per phase, any of rows, columns, pixel_spacing_mm, slice_thickness_mm, slices,
-    z_offset_mm, xy_offset_mm (float or (dx, dy)); ``descriptions`` overrides
-    SeriesDescription per phase. The same seed always gives the same UIDs and pixels.
+    InstanceNumber). ``slices=None`` covers the kidneys and ureters; ``gantry_tilt_deg``
+    tilts every series (a sheared stack, see ``SeriesGeometry``; ``truth`` is then on the
+    tilted pixels). ``geometry`` overrides, per phase, any of rows, columns,
+    pixel_spacing_mm, slice_thickness_mm, slices, z_offset_mm, xy_offset_mm (float or
+    (dx, dy)), gantry_tilt_deg; ``descriptions`` overrides SeriesDescription per phase.
+    The same seed always gives the same UIDs and pixels.
     """
     phases = phases.upper()
     unknown = set(phases) - set(SERIES_NUMBERS)
@@ -225,12 +281,12 @@ def generate_study(
                 "slice_thickness_mm": slice_thickness_mm,
                 "slices": slices,
             }
+            if gantry_tilt_deg:
+                params["gantry_tilt_deg"] = gantry_tilt_deg
             params.update((geometry or {}).get(phase, {}))
             grid = series_geometry(phantom, **params)  # type: ignore[arg-type]
             if grid not in tissue_cache:
-                tissue_cache[grid] = phantom.tissues_on_grid(
-                    grid.origin_lps, grid.spacing_zyx, grid.shape_zyx
-                )
+                tissue_cache[grid] = grid_tissues(phantom, grid)
             tissues = tissue_cache[grid]
             study.series.append(
                 _write_series(
@@ -290,6 +346,7 @@ def _write_series(
         spacing_zyx=grid.spacing_zyx,
         shape_zyx=grid.shape_zyx,
         hu=_stored_to_hu(stored),
+        gantry_tilt_deg=grid.gantry_tilt_deg,
     )
 
 
@@ -297,8 +354,14 @@ def write_truth_nifti(series: SynthSeries, path: Path) -> None:
     """Write ``series.truth`` as NIfTI in the series' physical space.
 
     NIfTI stores RAS; SimpleITK converts from its LPS origin and direction, so the mask
-    overlays the DICOM series in any viewer.
+    overlays the DICOM series in any viewer. A gantry-tilted series is refused: NIfTI's
+    qform cannot hold its shear and SimpleITK would write it orthogonalised.
     """
+    if series.gantry_tilt_deg:
+        raise ValueError(
+            f"series {series.series_uid} has a {series.gantry_tilt_deg:g} degree gantry tilt: "
+            "its truth cannot be written with an orthogonal NIfTI affine"
+        )
     image = sitk.GetImageFromArray(series.truth)
     image.SetOrigin(tuple(float(v) for v in series.origin_lps))
     sz, sy, sx = series.spacing_zyx

@@ -94,7 +94,7 @@ def series_template(
     ds.SoftwareVersions = "SYN 1.0"
     ds.ProtocolName = _PROTOCOL
     ds.ReconstructionDiameter = f"{grid.columns * grid.pixel_spacing_mm:.1f}"
-    ds.GantryDetectorTilt = "0"
+    ds.GantryDetectorTilt = f"{grid.gantry_tilt_deg:g}"
     ds.TableHeight = "150"
     ds.RotationDirection = "CW"
     ds.ExposureTime = "500"
@@ -114,6 +114,8 @@ def series_template(
     ds.SeriesNumber = series_number
     ds.AcquisitionNumber = 1
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    if grid.gantry_tilt_deg:  # the tilted plane (SeriesGeometry)
+        ds.ImageOrientationPatient = [f"{v:.10f}" for v in grid.image_orientation]
     ds.FrameOfReferenceUID = study.frame_of_reference_uid
     ds.PositionReferenceIndicator = "XY"  # the laser landmark, as scanners write it
     ds.ImagesInAcquisition = grid.slices

@@ -24,7 +24,12 @@ from inference.crop import crop_volume, label_box, paste
 from inference.labels import SegmentLabel
 from inference.model_cache import ModelCache
 from inference.nnunet_runner import NnUNetRunner
-from inference.orientation import canonical_ras
+from inference.orientation import (
+    StackGeometryError,
+    plane_spacing_mm,
+    reorientation,
+    stack_geometry,
+)
 from inference.postprocess import postprocess
 from inference.registry import ModelRegistry, ModelSpec
 from inference.results import pipeline_version
@@ -130,8 +135,19 @@ class Engine:
     def predict(self, model_id: str, inputs: dict[str, Volume], box: Any = None) -> np.ndarray:
         """One model's label map (its own label ids) in the reference input's geometry.
 
-        Secondary inputs are resampled into the reference (channel 0) grid; with ``box``
-        the model sees only that crop of the reference and the result is pasted back.
+        Returns uint8 [z, y, x] in the reference volume's own array order (``array[z]`` is
+        ``headers[z]``: the DICOM-SEG frames follow it), whatever order the model runs in.
+        Every input is first put on the grid its slice headers describe (a gantry-tilted
+        stack is sheared: ``stack_geometry``); secondary inputs are resampled into the
+        reference (channel 0) grid; with ``box`` the model sees only that crop of the
+        reference and the result is pasted back. The model sees the channels in the voxel
+        order it was trained in (``ModelSpec.orientation``: ``LPS`` for the stand-ins,
+        ``RAS`` for TotalSegmentator), so a prone, feet-first, decubitus or flipped series
+        looks to it like the head-first supine series it learnt on, with the spacing
+        between image planes along their normal.
+
+        Raises ``PipelineInputError`` when an input is missing or its slices do not form
+        one regular grid (the message names the model and the series).
         """
         spec = self.registry.get(model_id)
         missing = [c for c in spec.channels if c not in inputs]
@@ -139,23 +155,24 @@ class Engine:
             raise PipelineInputError(
                 f"model {model_id} needs inputs {missing}, got {sorted(inputs)}"
             )
-        full_ref = inputs[spec.channels[0]]
+        try:
+            placed = {c: stack_geometry(inputs[c]) for c in spec.channels}
+        except StackGeometryError as exc:
+            raise PipelineInputError(f"model {model_id}: {exc}") from exc
+        full_ref = placed[spec.channels[0]]
         ref = crop_volume(full_ref, box) if box is not None else full_ref
         channels = np.stack(
             [
-                ref.array if c == spec.channels[0] else resample_to(inputs[c], ref)
+                ref.array if c == spec.channels[0] else resample_to(placed[c], ref)
                 for c in spec.channels
             ]
         )
+        turn = reorientation(ref.direction, spec.orientation)
+        spacing_zyx = (plane_spacing_mm(ref), *ref.spacing_zyx[1:])
+        seg = self.runner(model_id).predict(turn.to_canonical(channels), turn.spacing(spacing_zyx))
+        seg = turn.from_canonical(seg)
         if spec.kind == "totalsegmentator":
-            # TotalSegmentator's weights expect its closest-canonical (RAS) voxel order.
-            turn = canonical_ras(ref.direction)
-            seg = self.runner(model_id).predict(
-                turn.to_canonical(channels), turn.spacing(ref.spacing_zyx)
-            )
-            seg = _keep_only(turn.from_canonical(seg), _totalseg_keep(spec))
-        else:
-            seg = self.runner(model_id).predict(channels, ref.spacing_zyx)
+            seg = _keep_only(seg, _totalseg_keep(spec))
         return paste(seg, box, full_ref.shape) if box is not None else seg
 
     def predict_cached(self, model_id: str, inputs: dict[str, Volume]) -> np.ndarray:

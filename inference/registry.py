@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from inference.labels import Code, SegmentLabel
+from inference.orientation import check_orientation
 from kernel.settings import REPO_ROOT
 from kernel.strict import StrictModel
 
@@ -63,6 +64,10 @@ class LabelSpec(StrictModel):
     )
 
 
+# The voxel order a model was trained in when models.yaml does not say (see ModelSpec).
+DEFAULT_ORIENTATION = {"nnunet": "LPS", "totalsegmentator": "RAS"}
+
+
 class ModelSpec(StrictModel):
     """One model of the registry (an entry of ``models.yaml``).
 
@@ -71,7 +76,9 @@ class ModelSpec(StrictModel):
     task whose folder is resolved from the installed weights. ``channels`` names the input
     role feeding each nnU-Net channel (channel 0 is the reference geometry); ``labels``
     maps label id -> meaning, colour and post-processing. ``memory_mb`` (warm predictor)
-    and ``gpu_memory_mb`` (free GPU memory a job needs) are MiB.
+    and ``gpu_memory_mb`` (free GPU memory a job needs) are MiB. ``orientation`` is the
+    voxel order the model was trained in (an orientation code such as ``LPS``; always set
+    after validation): the engine turns every input into it and the output back.
     """
 
     id: str
@@ -100,7 +107,28 @@ class ModelSpec(StrictModel):
     parts: list[Path] = Field(default_factory=list)
     # Which input phase / role feeds which nnU-Net channel, in channel order.
     channels: list[str] = Field(default_factory=lambda: ["image"])
+    # The voxel order the model was trained in: the patient direction each index axis
+    # (x, y, z) runs towards. Default by kind (DEFAULT_ORIENTATION): nnunet LPS (DICOM's
+    # head-first supine axial order), totalsegmentator RAS (nibabel's closest canonical,
+    # which TotalSegmentator feeds its models; no other value is allowed for it).
+    orientation: str | None = None
     labels: dict[int, LabelSpec]
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation_code(cls, v: str | None) -> str | None:
+        return None if v is None else check_orientation(v)
+
+    @model_validator(mode="after")
+    def _orientation_default(self) -> ModelSpec:
+        if self.orientation is None:
+            self.orientation = DEFAULT_ORIENTATION[self.kind]
+        elif self.kind == "totalsegmentator" and self.orientation != "RAS":
+            raise ValueError(
+                f"orientation {self.orientation}: TotalSegmentator's weights are trained in "
+                "RAS (its closest-canonical order); leave orientation out or write RAS"
+            )
+        return self
 
     @property
     def model_folder(self) -> Path:
@@ -227,7 +255,8 @@ def load_registry(path: Path | None = None, *, check_folders: bool = True) -> Mo
             spec = ModelSpec(**body)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+                ": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"])))
+                for e in exc.errors()
             )
             raise RegistryError(f"model {model_id!r} in {path}: {problems}") from None
         if spec.kind == "totalsegmentator":
