@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from inference.pixels import PixelDataError, check_files
 from inference.stacks import POSITION_TOLERANCE_MM, choose, slice_info
 
 
@@ -129,15 +130,34 @@ def sort_slices(files: Sequence[str | Path]) -> tuple[list[str], list[pydicom.Da
 
 
 def load_series(files: Sequence[str | Path], series_uid: str = "") -> Volume:
-    """Read a series once: sorted headers (for writers) + decoded HU array + geometry."""
-    sorted_files, headers, left_out = select_stack(files)
+    """Read a series once: sorted headers (for writers) + decoded HU array + geometry.
+
+    Raises ``SeriesReadError`` naming the instance (SOP Instance UID and file) when an
+    image's pixel data cannot be decoded to the geometry its header declares
+    (``inference.pixels``) or GDCM cannot decode it.
+    """
+    try:
+        sorted_files, headers, left_out = select_stack(files)
+    except SeriesReadError as exc:
+        # A damaged header (Rows rewritten, say) can split a slice off the stack and
+        # leave a gap: name the damaged instance rather than the gap.
+        _check_pixels([str(f) for f in files], [None] * len(files), False, cause=exc)
+        raise
+    # Before any decoder sees the files (GDCM reads short pixel data without a word and
+    # some damaged frames kill the process), and for the images left out of the stack
+    # too: one whose pixel data contradicts its header makes the whole series suspect.
+    _check_pixels(sorted_files, headers, True)
+    kept = set(sorted_files)
+    others = [str(f) for f in files if str(f) not in kept]
+    _check_pixels(others, [None] * len(others), False)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sorted_files)
     reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         img = reader.Execute()
     except RuntimeError as exc:
-        raise SeriesReadError(f"pixel data cannot be decoded: {exc}") from exc
+        raise SeriesReadError(_undecodable(sorted_files, headers, exc)) from exc
+    _check_decoded(img, headers)
     if len(sorted_files) == 1:  # SimpleITK gives a 2D-like volume with spacing 1 on z
         thickness = float(headers[0].get("SliceThickness") or 1.0)
         img.SetSpacing((*img.GetSpacing()[:2], thickness))
@@ -148,6 +168,59 @@ def load_series(files: Sequence[str | Path], series_uid: str = "") -> Volume:
         headers=headers,
         left_out=left_out,
     )
+
+
+def _check_pixels(
+    files: Sequence[str],
+    headers: Sequence[pydicom.Dataset | None],
+    model_input: bool,
+    cause: Exception | None = None,
+) -> None:
+    """``inference.pixels.check_files`` as a ``SeriesReadError``."""
+    try:
+        check_files(files, headers, model_input)
+    except PixelDataError as exc:
+        raise SeriesReadError(f"pixel data does not match the header: {exc}") from (cause or exc)
+
+
+def _undecodable(files: Sequence[str], headers: Sequence[pydicom.Dataset], exc: Exception) -> str:
+    """Why GDCM could not decode the series, naming the instances it fails on.
+
+    The series reader's error names no file; each file is decoded alone to find them
+    (only on this error path).
+    """
+    failed: list[str] = []
+    for path, header in zip(files, headers, strict=True):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        try:
+            reader.Execute()
+        except RuntimeError as one:
+            lines = [x.strip() for x in str(one).splitlines() if x.strip()]
+            reason = lines[-1] if lines else "unknown error"
+            syntax = getattr(header.get("file_meta", None), "TransferSyntaxUID", None)
+            kind = f"its {syntax.name} " if syntax is not None else "its "
+            failed.append(
+                f"instance {header.get('SOPInstanceUID', '?')} ({path}): GDCM cannot decode "
+                f"{kind}pixel data, the frame is damaged ({reason})"
+            )
+    if not failed:
+        return f"pixel data cannot be decoded: {exc}"
+    more = f"; {len(failed) - 1} more of the {len(files)} instances too" if len(failed) > 1 else ""
+    return f"pixel data cannot be decoded: {failed[0]}{more}"
+
+
+def _check_decoded(img: sitk.Image, headers: Sequence[pydicom.Dataset]) -> None:
+    """The decoded volume has the declared size: Columns x Rows x slices, one component."""
+    first = headers[0]
+    expected = (int(first.Columns), int(first.Rows), len(headers))
+    size = tuple(img.GetSize()) + (1,) * (3 - img.GetDimension())
+    if size != expected or img.GetNumberOfComponentsPerPixel() != 1:
+        raise SeriesReadError(
+            f"pixel data decodes to {size[0]} x {size[1]} x {size[2]} with "
+            f"{img.GetNumberOfComponentsPerPixel()} components, not the declared "
+            f"{expected[0]} x {expected[1]} x {expected[2]} greyscale volume"
+        )
 
 
 def resample_to(moving: Volume, reference: Volume, default_hu: float = -1024.0) -> np.ndarray:
