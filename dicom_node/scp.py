@@ -11,7 +11,16 @@ Association (PS3.8 7.1.1.9):
   (``require_called_ae`` also checks the called AE title);
 - A-ASSOCIATE-RJ rejected-permanent / service-user / calling-AE-title-not-recognised
   (result 1, source 1, reason 3) for an unknown peer; pynetdicom itself answers the
-  called-AE reason (7) when ``require_called_ae`` is on and the title is not ours.
+  called-AE reason (7) when ``require_called_ae`` is on and the title is not ours;
+- the same A-ASSOCIATE-RJ, reason 3, when the calling AE title field is not an AE title
+  at all: bytes outside ISO 646 (non-ASCII, e.g. a Korean title in EUC-KR or UTF-8),
+  control characters, a backslash, or 16 spaces (PS3.8 9.3.2, PS3.5 6.2). No ``peers``
+  entry can name such a title (the settings only take valid ones), and ``*`` means any
+  AE title, not any 16 bytes. Reason 7 (called-AE-title-not-recognised) when the called
+  AE title field is such a field, whatever ``require_called_ae`` says. The log line
+  shows the field's bytes with ``repr``. Left to pynetdicom 3.0.4, such a request cannot
+  be decoded and is answered with an A-ABORT; ``_screen_ae_titles`` is the hook that
+  lets it reach the rejection instead. The listener serves the next association as usual.
 
 C-ECHO (PS3.4 A.2.2): ``0x0000`` Success, always.
 
@@ -37,6 +46,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from pydicom.uid import (
     JPEG2000,
@@ -85,6 +95,34 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
+# PS3.8 9.3.2 (Table 9-11): the fixed fields of an A-ASSOCIATE-RQ PDU, after the PDU type,
+# a reserved byte, the PDU length (4), the protocol version (2) and two reserved bytes.
+CALLED_AE_FIELD = slice(10, 26)
+CALLING_AE_FIELD = slice(26, 42)
+# What the screened request carries instead of a field that is no AE title, so that
+# pynetdicom can decode the rest; the association is rejected before anything reads it.
+_STAND_IN_AE_TITLE = b"INVALID AE TITLE"
+
+
+def ae_title_problem(field: bytes) -> str | None:
+    """Why the 16-byte AE title field of an A-ASSOCIATE-RQ is not an AE title, or None.
+
+    PS3.8 9.3.2: 16 characters of ISO 646 (the basic G0 set: 0x20..0x7E), leading and
+    trailing spaces not significant, 16 spaces not allowed; PS3.5 6.2 (AE): no backslash
+    and no control characters.
+    """
+    problems = []
+    if not field.strip(b" "):
+        problems.append("is all spaces (no AE title; PS3.8 9.3.2 forbids 16 spaces)")
+    if any(b > 0x7F for b in field):
+        problems.append("has bytes outside ISO 646 / ASCII")
+    if any(b < 0x20 or b == 0x7F for b in field):
+        problems.append("has control characters")
+    if b"\\" in field:
+        problems.append("has a backslash")
+    return ", ".join(problems) or None
+
+
 # Storage Service Class statuses (PS3.4 B.2.3) that pynetdicom's Status does not name:
 # registered with its own mechanism rather than kept as local copies.
 Status.add("OUT_OF_RESOURCES", 0xA700)
@@ -115,6 +153,9 @@ class StorageSCP:
         self._lock = threading.Lock()
         # Per open association: instances stored, studies seen, patient names seen.
         self._received: dict[int, tuple[int, set[str], set[str]]] = {}
+        # Per association whose request carried an AE title field that is no AE title:
+        # field name ("calling", "called") -> (the 16 bytes, why).
+        self._bad_ae_titles: dict[int, dict[str, tuple[bytes, str]]] = {}
         self.associations_requested = 0
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = settings.max_pdu_size
@@ -130,6 +171,7 @@ class StorageSCP:
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         handlers = [
+            (evt.EVT_CONN_OPEN, self._screen_ae_titles),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -165,10 +207,60 @@ class StorageSCP:
         return str(host), int(port)
 
     # -- handlers --------------------------------------------------------------------
+    def _screen_ae_titles(self, event: evt.Event) -> None:
+        """Let an A-ASSOCIATE-RQ whose AE title fields are not AE titles reach
+        ``_on_requested``, which rejects it, instead of pynetdicom's A-ABORT.
+
+        pynetdicom 3.0.4 decodes the AE title fields strictly (``pdu.A_ASSOCIATE_RQ``
+        setters: ASCII only, ``_config.VALIDATORS["AE"]``, and 16 spaces raise); a PDU it
+        cannot decode is event 19 of the state machine (PS3.8 9.2), answered with an
+        A-ABORT. Its settings can widen neither: ``_config.CODECS`` would silently drop
+        the non-ASCII bytes, and the 16-spaces check is not configurable. So, for each
+        connection (EVT_CONN_OPEN runs before the DUL thread reads anything), the DUL's
+        ``_decode_pdu`` is wrapped: such a field is noted with its bytes and replaced by
+        a stand-in title, the request decodes, and ``_on_requested`` answers it with an
+        A-ASSOCIATE-RJ. Every other PDU passes unchanged.
+        """
+        assoc = event.assoc
+        dul = assoc.dul
+        decode = dul._decode_pdu
+
+        def screened(bytestream: bytearray) -> Any:
+            if bytestream[:1] == b"\x01" and len(bytestream) >= CALLING_AE_FIELD.stop:
+                bad = {}
+                for name, where in (("calling", CALLING_AE_FIELD), ("called", CALLED_AE_FIELD)):
+                    field = bytes(bytestream[where])
+                    why = ae_title_problem(field)
+                    if why is not None:
+                        bad[name] = (field, why)
+                        bytestream = bytearray(bytestream)
+                        bytestream[where] = _STAND_IN_AE_TITLE
+                if bad:
+                    with self._lock:
+                        self._bad_ae_titles[id(assoc)] = bad
+            return decode(bytestream)
+
+        dul._decode_pdu = screened
+
     def _on_requested(self, event: evt.Event) -> None:
         with self._lock:
             self.associations_requested += 1
+            bad_titles = self._bad_ae_titles.pop(id(event.assoc), None)
         requestor = event.assoc.requestor
+        if bad_titles:
+            for name, (field, why) in bad_titles.items():
+                log.warning(
+                    "rejected association from %s: the %s AE title field %r %s",
+                    requestor.address,
+                    name,
+                    field,
+                    why,
+                )
+            # rejected-permanent, service-user, calling (3) or called (7) AE title not
+            # recognised (PS3.8 Table 9-21)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03 if "calling" in bad_titles else 0x07)
+            event.assoc.kill()
+            return
         # The requestor's AE title is only filled in after negotiation: read the request.
         calling_ae = str(requestor.primitive.calling_ae_title).strip()
         address = requestor.address
@@ -235,6 +327,7 @@ class StorageSCP:
         self.tracker.release(id(event.assoc))
         with self._lock:
             received = self._received.pop(id(event.assoc), None)
+            self._bad_ae_titles.pop(id(event.assoc), None)
         if received is not None:
             count, studies, patients = received
             who = f" patients={sorted(patients)}" if self.settings.log_patient_names else ""
