@@ -14,13 +14,16 @@ Association (PS3.8 7.1.1.9):
   called-AE reason (7) when ``require_called_ae`` is on and the title is not ours;
 - the same A-ASSOCIATE-RJ, reason 3, when the calling AE title field is not an AE title
   at all: bytes outside ISO 646 (non-ASCII, e.g. a Korean title in EUC-KR or UTF-8),
-  control characters, a backslash, or 16 spaces (PS3.8 9.3.2, PS3.5 6.2). No ``peers``
-  entry can name such a title (the settings only take valid ones), and ``*`` means any
-  AE title, not any 16 bytes. Reason 7 (called-AE-title-not-recognised) when the called
-  AE title field is such a field, whatever ``require_called_ae`` says. The log line
-  shows the field's bytes with ``repr``. Left to pynetdicom 3.0.4, such a request cannot
-  be decoded and is answered with an A-ABORT; ``_screen_ae_titles`` is the hook that
-  lets it reach the rejection instead. The listener serves the next association as usual.
+  control characters, a backslash, or 16 spaces (PS3.8 9.3.2, PS3.5 6.2). ``*`` in
+  ``peers`` means any AE title, not any 16 bytes. One exception: a ``peers`` entry that
+  names a non-ASCII title itself (``ae_title: 병원CT``) admits, from its host, a field
+  holding exactly that title in UTF-8, EUC-KR or Latin-1; the association is accepted
+  and the series record that title. Reason 7 (called-AE-title-not-recognised) when the
+  called AE title field is not an AE title, whatever ``require_called_ae`` says. The
+  log line shows the field's bytes with ``repr``. Left to pynetdicom 3.0.4, such a
+  request cannot be decoded and is answered with an A-ABORT; ``_screen_ae_titles`` is
+  the hook that lets it reach this decision instead. The listener serves the next
+  association as usual.
 
 C-ECHO (PS3.4 A.2.2): ``0x0000`` Success, always.
 
@@ -102,6 +105,8 @@ CALLING_AE_FIELD = slice(26, 42)
 # What the screened request carries instead of a field that is no AE title, so that
 # pynetdicom can decode the rest; the association is rejected before anything reads it.
 _STAND_IN_AE_TITLE = b"INVALID AE TITLE"
+# How a site may have typed a non-ASCII title its modality sends (tried in this order).
+_TITLE_ENCODINGS = ("utf-8", "euc_kr", "latin-1")
 
 
 def ae_title_problem(field: bytes) -> str | None:
@@ -156,6 +161,8 @@ class StorageSCP:
         # Per association whose request carried an AE title field that is no AE title:
         # field name ("calling", "called") -> (the 16 bytes, why).
         self._bad_ae_titles: dict[int, dict[str, tuple[bytes, str]]] = {}
+        # Per association admitted with such a calling AE title: the peers entry's title.
+        self._admitted_titles: dict[int, str] = {}
         self.associations_requested = 0
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = settings.max_pdu_size
@@ -248,6 +255,21 @@ class StorageSCP:
             bad_titles = self._bad_ae_titles.pop(id(event.assoc), None)
         requestor = event.assoc.requestor
         if bad_titles:
+            admitted = None
+            if set(bad_titles) == {"calling"}:
+                admitted = self._named_peer(bad_titles["calling"][0], requestor.address)
+            if admitted is not None:
+                log.info(
+                    "association from %s: calling AE title field %r %s; accepted as the "
+                    "peers entry %r",
+                    requestor.address,
+                    bad_titles["calling"][0],
+                    bad_titles["calling"][1],
+                    admitted,
+                )
+                with self._lock:
+                    self._admitted_titles[id(event.assoc)] = admitted
+                return
             for name, (field, why) in bad_titles.items():
                 log.warning(
                     "rejected association from %s: the %s AE title field %r %s",
@@ -276,6 +298,28 @@ class StorageSCP:
             # before the server closes the socket (else the peer sees an abort).
             event.assoc.kill()
 
+    def _named_peer(self, field: bytes, address: str) -> str | None:
+        """The ``peers`` entry title (not ``*``) that ``field`` spells in one of
+        ``_TITLE_ENCODINGS`` and that allows ``address``; None if there is none."""
+        wanted = field.strip(b" ")
+        for peer in self.settings.peers:
+            if peer.ae_title == "*" or peer.ae_title.isascii():
+                continue
+            for encoding in _TITLE_ENCODINGS:
+                try:
+                    spelled = peer.ae_title.encode(encoding)
+                except UnicodeEncodeError:
+                    continue
+                if spelled == wanted and peer.allows(peer.ae_title, address):
+                    return peer.ae_title
+        return None
+
+    def _calling_ae(self, assoc: Any) -> str:
+        """The peer's AE title as the node records it."""
+        with self._lock:
+            admitted = self._admitted_titles.get(id(assoc))
+        return admitted if admitted is not None else assoc.requestor.ae_title.strip()
+
     def _on_echo(self, event: evt.Event) -> int:
         return Status.SUCCESS
 
@@ -286,7 +330,7 @@ class StorageSCP:
             data = event.encoded_dataset()
             header = parse_header(data, expected_sop_uid=sop_uid)
         except CorruptDatasetError as exc:
-            log.warning("refused instance %s from %s: %s", sop_uid, assoc.requestor.ae_title, exc)
+            log.warning("refused instance %s from %s: %s", sop_uid, self._calling_ae(assoc), exc)
             return Status.CANNOT_UNDERSTAND
         try:
             path = self.spool.write(header.study_uid, header.series_uid, header.sop_uid, data)
@@ -303,7 +347,7 @@ class StorageSCP:
             patients.add(header.patient_name or "")
             self._received[id(assoc)] = (count + 1, studies, patients)
         origin = Origin(
-            calling_ae=assoc.requestor.ae_title.strip(),
+            calling_ae=self._calling_ae(assoc),
             called_ae=assoc.acceptor.ae_title.strip(),
             address=assoc.requestor.address,
         )
@@ -328,12 +372,13 @@ class StorageSCP:
         with self._lock:
             received = self._received.pop(id(event.assoc), None)
             self._bad_ae_titles.pop(id(event.assoc), None)
+            admitted = self._admitted_titles.pop(id(event.assoc), None)
         if received is not None:
             count, studies, patients = received
             who = f" patients={sorted(patients)}" if self.settings.log_patient_names else ""
             log.info(
                 "association from %s@%s closed: %d instances, studies %s%s",
-                event.assoc.requestor.ae_title.strip(),
+                admitted or event.assoc.requestor.ae_title.strip(),
                 event.assoc.requestor.address,
                 count,
                 ", ".join(sorted(studies)),

@@ -21,8 +21,10 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
+from sqlalchemy import select
 
 from db.migrate import upgrade
+from db.models import Series
 from db.session import Database
 from devkit.dcmtk import dcmtk_tool
 from dicom_node.assembler import AssociationTracker
@@ -173,6 +175,28 @@ def test_odd_title_is_rejected_under_a_named_peer_list_too(tmp_path):
         assert_rejected(reply, rest, CALLING_NOT_RECOGNISED)
         reply, _ = exchange(server.port, association_rq(calling=b"KNOWN_CT"))
         assert reply[0] == 0x02
+    finally:
+        server.stop()
+        db.dispose()
+
+
+def test_a_peer_named_with_a_non_ascii_title_admits_exactly_that_title(tmp_path):
+    """A site that typed its modality's Korean title into ``peers`` gets it accepted, in
+    UTF-8 or EUC-KR, from that host; the series record the title. Anything else odd is
+    still rejected, and ``*`` would not have admitted it."""
+    peers = [{"ae_title": "병원CT", "host": "127.0.0.1"}]
+    server, db = _listener(tmp_path, peers=peers)
+    try:
+        for spelled in ("병원CT".encode(), "병원CT".encode("euc-kr")):
+            reply, _ = exchange(server.port, association_rq(calling=spelled))
+            assert reply[0] == 0x02, (spelled, reply)
+        for other in ("병원MR".encode(), b"CT\x07", b"OTHER"):
+            reply, rest = exchange(server.port, association_rq(calling=other))
+            assert_rejected(reply, rest, CALLING_NOT_RECOGNISED)
+        proc = storescu(ct_series(tmp_path / "in", n=2), server.port, calling_ae="병원CT")
+        assert proc.returncode == 0, proc.stderr
+        with db.session() as s:
+            assert [x.calling_ae for x in s.scalars(select(Series))] == ["병원CT"]
     finally:
         server.stop()
         db.dispose()
