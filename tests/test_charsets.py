@@ -617,3 +617,92 @@ def test_undecodable_text_no_result_carries_is_no_reason_to_refuse(
     for result_type in RESULT_TYPES:
         written = write_result(result_type, files, label_map, tmp_path)
         assert pydicom.dcmread(written.path).SpecificCharacterSet == "ISO_IR 192"
+
+
+# --- more patient and study text: multi-valued names, long text, code sequences ---------
+
+MORE_TEXT = {
+    "korean": (KR, "김^철수\\Kim^Chulsoo", "고혈압, 당뇨", "복부 전산화 단층촬영"),
+    "japanese": (
+        ["ISO 2022 IR 6", "ISO 2022 IR 87"],
+        "山田^花子\\やまだ^はなこ",
+        "高血圧",
+        "腹部CT",
+    ),
+    "utf8": ("ISO_IR 192", "Müller^Jürgen\\王^小东", "고혈압 高血圧", "복부 CT"),
+    "gb18030": ("GB18030", "王^小东\\Wang^XiaoDong", "高血压", "腹部增强CT"),
+    "cyrillic": ("ISO_IR 144", "Иванов^Иван\\Ivanov^Ivan", "гипертония", "КТ брюшной полости"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MORE_TEXT))
+@pytest.mark.parametrize("result_type", RESULT_TYPES)
+def test_names_history_and_code_meanings_are_carried(
+    name, result_type, synthetic_series, label_map, tmp_path
+):
+    """OtherPatientNames (several PN values), AdditionalPatientHistory (LT) and a
+    ProcedureCodeSequence item's CodeMeaning, written by pydicom's own encoder."""
+    declared, other_names, history, meaning = MORE_TEXT[name]
+    files = []
+    for path in synthetic_series:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = declared
+        ds.OtherPatientNames = other_names.split("\\")
+        ds.AdditionalPatientHistory = history
+        item = pydicom.Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "CTABD", "99X", meaning
+        ds.ProcedureCodeSequence = [item]
+        files.append(tmp_path / path.name)
+        ds.save_as(files[-1], enforce_file_format=True)
+    written = write_result(result_type, files, label_map, tmp_path)
+    assert not written.transcoded
+    result = pydicom.dcmread(written.path)
+    assert "\\".join(str(n) for n in result.OtherPatientNames) == other_names
+    assert result.AdditionalPatientHistory == history
+    assert result.ProcedureCodeSequence[0].CodeMeaning == meaning
+    assert dciodvfy.validate_file(written.path) == []
+
+
+def test_text_pydicom_cannot_write_back_in_the_source_set_is_transcoded(
+    synthetic_series, label_map, tmp_path
+):
+    """Korean on two lines: after the line break PS3.5 6.1.2.5.3 wants the escape sequence
+    again, which pydicom does not write; the result is UTF-8, reported, and reads right."""
+    history = "고혈압\r\n당뇨"
+    raw = b"\r\n".join(KR_ESCAPE + line.encode("euc_kr") for line in history.split("\r\n"))
+    files = recode(synthetic_series, tmp_path / "src", KR, {"AdditionalPatientHistory": raw})
+    for result_type in ("BINARY", "RTSTRUCT"):
+        written = write_result(result_type, files, label_map, tmp_path)
+        (report,) = written.transcoded
+        assert "AdditionalPatientHistory" in report.reason
+        result = pydicom.dcmread(written.path)
+        assert result.SpecificCharacterSet == "ISO_IR 192"
+        assert result.AdditionalPatientHistory == history
+
+
+def test_no_finding_seg_carries_the_source_text(sources, tmp_path):
+    (variant,) = [v for v in VARIANTS if v.id == "korean-no-escape"]
+    _, headers = sort_slices(sources(variant))
+    path = write_seg(
+        headers,
+        np.zeros((3, 16, 16), np.uint8),
+        LABELS,
+        path=tmp_path / "empty.dcm",
+        algorithm=ALGORITHM,
+        series_instance_uid=derived_uid("empty", "series"),
+        sop_instance_uid=derived_uid("empty", "sop"),
+        series_number=902,
+        series_description="AI tumor no finding",
+        allow_empty=True,
+    )
+    result = pydicom.dcmread(path)
+    assert list(result.SpecificCharacterSet) == KR
+    assert _same("PatientName", result.PatientName, KOREAN["PatientName"])
+    assert dciodvfy.validate_file(path) == []
+
+
+def test_undecodable_text_fails_the_job_at_once():
+    """The worker child treats it as an input error: a retry would fail the same way."""
+    from inference.child import is_input_error
+
+    assert is_input_error(CharacterSetError("series 1.2.3: PatientName cannot be decoded"))

@@ -74,7 +74,7 @@ def test_korean_and_chinese_studies_come_back_with_their_text(tmp_path, orthanc,
             rows = s.scalars(select(Dispatch).where(Dispatch.state == "sent")).all()
             return {r.sop_uid: r.path for r in rows} if len(rows) == 2 else None
 
-    wait_until(sent_segs, 600, "both SEGs sent to Orthanc")
+    wait_until(sent_segs, 240, "both SEGs sent to Orthanc")
 
     for variant, files in sent.values():
         source = pydicom.dcmread(files[0], stop_before_pixels=True)
