@@ -30,16 +30,18 @@ decode become U+FFFD and the element is reported as undecodable.
 
 ``decode_dataset`` applies that to every text element (SH, LO, ST, LT, UT, UC, PN: PS3.5
 6.1.2.3) of a dataset read by pydicom, in place, and replaces (0008,0005) by its defined
-terms, so anything pydicom decodes later never guesses either.
+terms, so anything pydicom decodes later never guesses either; a spelling it understands is
+also registered with pydicom, which then reads later files in it without warning.
 
 Writing. ``prepare_source`` gives a writer a decoded copy of the first source image (the
 one writers take patient and study attributes from); ``settle_output`` then picks the
 character set of the built object: the source's own set (as defined terms) when pydicom's
 encoder writes every text value of the object in it so that it decodes back to the same
 string, else ISO_IR 192 (UTF-8), which carries any text, reported as ``OutputCharacterSet``
-with ``transcoded`` and the reason. It refuses (``CharacterSetError``) when text the object
-would carry could not be decoded from the source: the node never sends a name it had to
-guess.
+with ``transcoded`` and the reason. Without a declared set, only the source's own bytes pass
+through unchanged; text of the writer's that is not ASCII makes it ISO_IR 192. It refuses
+(``CharacterSetError``) when text the object would carry could not be decoded from the
+source: the node never sends a name it had to guess.
 """
 
 from __future__ import annotations
@@ -804,18 +806,26 @@ def settle_output(ds: Dataset, source: PreparedSource, what: str) -> OutputChara
             + f"; no {what} is written, as it would carry wrong text"
         )
     reason: str | None = None
+    failing: list[str] = []
     if charset.writable is None:
         reason = (
             f"{charset.text!r} is not a character set the node knows"
             if not charset.known
             else f"{charset.text!r} has no DICOM defined term"
         )
+    elif not charset.writable:
+        # Default repertoire: non-ASCII bytes the source sent without declaring a set pass
+        # through unchanged (see CharacterSet.decode); any other non-ASCII text does not.
+        from_source: list[tuple[tuple[BaseTag, ...], str, str]] = []
+        _gather_texts(source.images[0], charset, DecodeReport(charset), (), from_source)
+        undeclared = {text for _, _, text in from_source}
+        failing = sorted({_path_name(p) for p, _, text in texts if text not in undeclared})
     else:
-        carrier = normalise(list(charset.writable) or None)
+        carrier = normalise(list(charset.writable))
         failing = sorted({_path_name(p) for p, vr, text in texts if not carrier.carries(text, vr)})
-        if failing:
-            carrier_text = "\\".join(charset.writable) or "the default repertoire"
-            reason = f"{carrier_text} cannot carry {', '.join(failing)}"
+    if reason is None and failing:
+        carrier_text = "\\".join(charset.writable or ()) or "the default repertoire"
+        reason = f"{carrier_text} cannot carry {', '.join(failing)}"
     written = (UTF8,) if reason is not None else (charset.writable or ())
     if written:
         ds.SpecificCharacterSet = written[0] if len(written) == 1 else list(written)

@@ -706,3 +706,37 @@ def test_undecodable_text_fails_the_job_at_once():
     from inference.child import is_input_error
 
     assert is_input_error(CharacterSetError("series 1.2.3: PatientName cannot be decoded"))
+
+
+def test_undeclared_non_ascii_bytes_pass_through_unchanged(synthetic_series, label_map, tmp_path):
+    """Without (0008,0005) non-ASCII bytes are not defined; the node reads them as Latin-1
+    like pydicom and most PACS and hands them on byte for byte, so a PACS shows the result
+    as it shows the images. Text of the writer's own is never written that way."""
+    name = "Hong^\xc8\xab".encode("latin_1")  # EUC-KR bytes of a site that declares nothing
+    files = recode(synthetic_series, tmp_path / "src", None, {"PatientName": name})
+    written = write_result("BINARY", files, label_map, tmp_path)
+    assert not written.transcoded
+    result = pydicom.dcmread(written.path)
+    assert "SpecificCharacterSet" not in result
+    assert result.get_item(0x00100010).value.rstrip(b" ") == name
+
+    _, headers = sort_slices(files)
+    reports: list = []
+    path = write_seg(
+        headers,
+        label_map,
+        LABELS,
+        path=tmp_path / "own-text.dcm",
+        algorithm=ALGORITHM,
+        series_instance_uid=derived_uid("own", "series"),
+        sop_instance_uid=derived_uid("own", "sop"),
+        series_number=903,
+        series_description="AI tumour 5 µm",
+        on_transcode=reports.append,
+    )
+    (report,) = reports
+    assert "SeriesDescription" in report.reason
+    result = pydicom.dcmread(path)
+    assert result.SpecificCharacterSet == "ISO_IR 192"
+    assert result.SeriesDescription == "AI tumour 5 µm"
+    assert str(result.PatientName) == name.decode("latin_1")
