@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -196,6 +197,7 @@ class Dispatch(Base):
     __table_args__ = (
         UniqueConstraint("sop_uid", "destination", name="uq_dispatch_sop_destination"),
         Index("ix_dispatches_due", "state", "next_attempt_at"),
+        Index("ix_dispatches_destination_attempt", "destination", "last_attempt_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -219,6 +221,36 @@ class Dispatch(Base):
     # confirmed (state ``committed``).
     commit_uid: Mapped[str | None] = mapped_column(UID, index=True)
     committed_at: Mapped[datetime | None] = mapped_column()
+    # When the dispatcher last tried to deliver it (destination health reads the recent
+    # outcomes). NULL before the first attempt and on rows from before migration 0005.
+    last_attempt_at: Mapped[datetime | None] = mapped_column()
+    # Review before sending (state ``held`` -> ``pending`` or ``rejected``): who decided,
+    # when, and the reason given (required for a rejection).
+    reviewed_by: Mapped[str | None] = mapped_column(String(64))
+    reviewed_at: Mapped[datetime | None] = mapped_column()
+    review_note: Mapped[str | None] = mapped_column(Text)
+
+
+class DestinationEcho(Base):
+    """One C-ECHO to a destination (periodic or asked for on the status page).
+
+    Destination health is read from these and from the recent send outcomes; written only
+    by ``dicom_node.health``, which keeps the last few days.
+    """
+
+    __tablename__ = "destination_echoes"
+    __table_args__ = (Index("ix_destination_echoes_destination_at", "destination", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    # What went wrong (refused, rejected, timed out), or "success".
+    detail: Mapped[str] = mapped_column(Text)
+    round_trip_ms: Mapped[float | None] = mapped_column(Float)
+    # periodic | manual (a user on the destinations page, named in ``requested_by``)
+    trigger: Mapped[str] = mapped_column(String(16))
+    requested_by: Mapped[str | None] = mapped_column(String(64))
 
 
 class Event(Base):

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 from dicom_node.rules import RulesError
+from dicom_node.web.users import ROLES
 from inference.registry import RegistryError
 from kernel.settings import ConfigError, load_settings
 
@@ -126,37 +127,91 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+class CliError(Exception):
+    """A command that cannot be carried out; the message tells the operator what to do."""
+
+
+def _settings_source(args: argparse.Namespace) -> str | None:
+    """Where the node's settings come from: the file, the environment, or None."""
+    import os
+
+    if args.config or os.environ.get("DICOM_NODE_CONFIG"):
+        return f"settings file {args.config or os.environ['DICOM_NODE_CONFIG']}"
+    for key in ("DICOM_NODE_DATABASE_URL", "DICOM_NODE_DATA_DIR"):
+        if os.environ.get(key):
+            return f"environment variable {key}"
+    return None
+
+
 def _user_db(args: argparse.Namespace):
+    """The node's database for user and token commands.
+
+    Refuses (``CliError``) when neither a settings file (``-c``, ``DICOM_NODE_CONFIG``)
+    nor ``DICOM_NODE_DATA_DIR`` / ``DICOM_NODE_DATABASE_URL`` says which node is meant:
+    the defaults would quietly create a new database in the current folder, where the
+    running node never looks.
+    """
     from db.migrate import upgrade
     from db.session import Database
 
     settings = load_settings(args.config)
+    if _settings_source(args) is None:
+        raise CliError(
+            "which node? No settings file (-c node.yaml or DICOM_NODE_CONFIG) and no "
+            "DICOM_NODE_DATA_DIR / DICOM_NODE_DATABASE_URL: this would use "
+            f"{settings.db_url}, a new database in the current folder that the running "
+            "node does not read. Give the node's settings file with -c."
+        )
     upgrade(settings.db_url)
     return Database(settings.db_url)
 
 
-def _user_add(args: argparse.Namespace) -> int:
+def _read_password(args: argparse.Namespace) -> str:
+    """The new user's password: one line of stdin (``--password-stdin``) or typed twice
+    at the terminal. Raises ``CliError`` without a terminal, or when the two differ."""
     import getpass
 
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise CliError("--password-stdin: no password on standard input")
+        return password
+    if not sys.stdin.isatty():
+        raise CliError(
+            "no terminal to ask for the password: pipe it in with --password-stdin "
+            '(echo "$PW" | dicom-node -c node.yaml user add NAME --password-stdin)'
+        )
+    try:
+        password = getpass.getpass(f"password for {args.name}: ")
+        again = getpass.getpass("again: ")
+    except (EOFError, KeyboardInterrupt):
+        raise CliError("no password given; nothing created") from None
+    if again != password:
+        raise CliError("passwords differ; nothing created")
+    return password
+
+
+def _user_add(args: argparse.Namespace) -> int:
     from dicom_node.web.users import UserError, add_user
 
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = getpass.getpass(f"password for {args.name}: ")
-        if getpass.getpass("again: ") != password:
-            print("dicom-node: passwords differ", file=sys.stderr)
-            return 2
-    db = _user_db(args)
+    db = _user_db(args)  # first: a wrong database is refused before a password is asked
     try:
+        password = _read_password(args)
         add_user(db, args.name, password, args.role)
     except UserError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
     finally:
         db.dispose()
-    print(f"user {args.name} ({args.role}) created")
+    print(f"user {args.name} ({args.role}) created in {_safe_url(db.url)}")
     return 0
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password (for messages)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _user_list(args: argparse.Namespace) -> int:
@@ -274,7 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     usub = p.add_subparsers(dest="user_command", required=True)
     add = usub.add_parser("add", help="create a user; the password is prompted for")
     add.add_argument("name")
-    add.add_argument("--role", choices=["admin", "viewer"], default="viewer")
+    add.add_argument(
+        "--role",
+        choices=list(ROLES),
+        default="viewer",
+        help="viewer: sees everything, acts on nothing; reviewer: also approves or rejects "
+        "results held for review; admin: also acts on jobs, sends and destinations",
+    )
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     add.set_defaults(func=_user_add)
     ls = usub.add_parser("list", help="list users and their roles")
@@ -293,9 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, RulesError, RegistryError) as exc:
+    except (ConfigError, RulesError, RegistryError, CliError) as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dicom-node: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from db.models import Instance
 from db.session import Database
 from dicom_node.assembler import Assembler, AssociationTracker
 from dicom_node.dispatch import Dispatcher
+from dicom_node.echo import EchoAnswer
+from dicom_node.health import EchoLoop, echo_destination
 from dicom_node.instance import CorruptDatasetError, parse_header
 from dicom_node.records import Origin, SeriesConflictError, record_instance
 from dicom_node.routing import Router
@@ -46,8 +48,8 @@ class Node:
     ``start`` migrates the database, checks the model registry and the rules (raising
     ``RegistryError`` / ``RulesError`` naming the problem), re-indexes spooled files the
     database missed, requeues jobs and sends a previous run left unfinished, and starts
-    the loops: assembler + settle check, dispatcher, one worker per device (or Celery
-    publishing), queue keeper, web app and last the DICOM listener.
+    the loops: assembler + settle check, dispatcher, destination C-ECHO, one worker per
+    device (or Celery publishing), queue keeper, web app and last the DICOM listener.
     """
 
     def __init__(self, settings: NodeSettings, stop_grace_s: float = 60.0) -> None:
@@ -89,6 +91,8 @@ class Node:
         self.scp = StorageSCP(s, self.db, self.spool, self.tracker)
         self._spawn("assembler", self._assembler_loop)
         self._spawn("dispatcher", self.dispatcher.run_forever, self.stop_event)
+        self.echo_loop = EchoLoop(self.db, s, self.dispatcher.wake.set)
+        self._spawn("destination-echo", self.echo_loop.run_forever, self.stop_event)
         self._start_workers()
         if s.web.enabled:
             self._start_web()
@@ -142,6 +146,14 @@ class Node:
             devices=tuple(w.device for w in self.workers),
             associations_requested=lambda: scp.associations_requested,
             wake_dispatcher=self.dispatcher.wake.set,
+            echo_destination=self.echo,
+            target_spacing_mm=self.pipeline_spacing_mm,
+        )
+
+    def echo(self, name: str, requested_by: str | None = None) -> EchoAnswer:
+        """C-ECHO a destination now for a user; kept with the periodic answers."""
+        return echo_destination(
+            self.db, self.settings, name, "manual", requested_by, self.dispatcher.wake.set
         )
 
     def _spawn(self, name: str, target, *args, daemon: bool = False) -> None:
@@ -158,6 +170,7 @@ class Node:
         while not self.stop_event.wait(interval):
             try:
                 self.assembler.poll()
+                self.router.poll_image_evidence()
                 if time.monotonic() - last_settle_check >= 2.0:
                     last_settle_check = time.monotonic()
                     self.router.poll_settled()

@@ -3,7 +3,7 @@
 The web app gets this view instead of the whole ``Node``: the settings, the database, the
 rules in force, the model registry (specs only: it never builds an engine or imports
 torch), the health of the loops, where the DICOM listener listens, the worker devices, and
-the few actions a page may trigger.
+the few actions a page may trigger (wake the outbox, C-ECHO a destination).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from db.session import Database
+from dicom_node.echo import EchoAnswer
 from dicom_node.rules_holder import RulesHolder
 from inference.registry import ModelRegistry
 from kernel.settings import NodeSettings
@@ -37,7 +38,13 @@ class ServiceView:
     associations_requested
         How many associations were requested since the listener started.
     wake_dispatcher
-        Ask the outbox loop to look for due rows now (after a resend).
+        Ask the outbox loop to look for due rows now (after a resend or an approval).
+    echo_destination
+        C-ECHO the named destination now on behalf of a user (name, username); the answer
+        is kept with the periodic ones (``dicom_node.health``). None: not available.
+    target_spacing_mm
+        Pipeline name -> the slice spacing its first model works at, as the live router
+        prefers among candidate inputs (the rules page's dry run plans the same way).
     """
 
     settings: NodeSettings
@@ -50,3 +57,5 @@ class ServiceView:
     devices: tuple[str, ...]
     associations_requested: Callable[[], int]
     wake_dispatcher: Callable[[], None]
+    echo_destination: Callable[[str, str | None], EchoAnswer] | None = None
+    target_spacing_mm: Callable[[str], float | None] | None = None

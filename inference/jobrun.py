@@ -21,6 +21,7 @@ from db.models import Instance, Job, Result, Series, utcnow
 from db.session import Database
 from inference import path_api, queue
 from inference.engine import Engine, PipelineResult
+from inference.phase_evidence import PHASE_EVIDENCE_JOB, EvidenceError, measure
 from inference.results import (
     RESULT_SOP_CLASS_UIDS,
     SEG_SOP_CLASS_UID,
@@ -113,6 +114,8 @@ class JobRunner:
 
     def process(self, job: Job) -> tuple[dict[str, Any], list[WrittenSeg]]:
         started = time.perf_counter()
+        if job.pipeline == PHASE_EVIDENCE_JOB:
+            return self._phase_evidence(job), []
         spec = self.pipelines(job.pipeline)
         if spec is None:
             raise KeyError(f"pipeline {job.pipeline!r} is not defined in the pipeline catalog")
@@ -176,6 +179,25 @@ class JobRunner:
                 for g in segs
             ]
         return summary, segs
+
+    def _phase_evidence(self, job: Job) -> dict[str, Any]:
+        """Measure the image evidence of the job's series (``inference.phase_evidence``).
+
+        A series the model finds no aorta in is a finished job with the reason (the router
+        records "no image evidence (why)"); an unreadable series fails the job.
+        """
+        config = job.inputs.get("evidence") or {}
+        series_uid = job.inputs["image"]
+        with self.db.session() as s:
+            files = series_files(s, series_uid)
+        volume = path_api.load_input(
+            series_uid, engine=self.engine, series_files=lambda _uid: files
+        )
+        try:
+            measured = measure(self.engine, config["model"], volume, config["structures"])
+        except EvidenceError as exc:
+            return {"no_image_evidence": str(exc)}
+        return {"image_evidence": measured}
 
     def _outputs(self, empty: bool) -> dict[ResultType, list[str]]:
         """SEG flavour -> the destinations that get it. A result is written once per
@@ -259,6 +281,7 @@ class JobRunner:
             row.job_id, row.created_at = job.id, utcnow()
             row.superseded_at = row.superseded_by = None
         self._supersede_earlier(s, job, seg)
+        held = self._held_for_review(job, seg)
         # A re-run's result replaces the earlier one at each destination too.
         outbox.queue(
             s,
@@ -268,17 +291,30 @@ class JobRunner:
             sop_class_uid=seg.sop_class_uid,
             path=str(seg.path),
             destinations=seg.destinations,
+            held=held,
         )
         content = "no finding" if seg.empty else f"{seg.label_count} labels"
+        sent_now = [d for d in seg.destinations if d not in held]
         add_event(
             s,
             EventKind.RESULT_WRITTEN,
-            f"{seg.result_type} {seg.sop_uid} ({content}) queued for "
-            f"{', '.join(seg.destinations) or 'no destination'}",
+            f"{job.pipeline} {seg.result_type} {seg.sop_uid} ({content}) queued for "
+            f"{', '.join(sent_now) or 'no destination'}",
             study_uid=_study_uid(s, job),
             series_uid=seg.source_series_uid,
             job_id=job.id,
         )
+        if held:
+            add_event(
+                s,
+                EventKind.RESULT_HELD,
+                f"{job.pipeline} {seg.result_type} {seg.sop_uid} ({content}) held for review "
+                f"before it is sent to {', '.join(held)}",
+                study_uid=_study_uid(s, job),
+                series_uid=seg.source_series_uid,
+                job_id=job.id,
+                data={"destinations": held},
+            )
         if seg.transcoded:
             add_event(
                 s,
@@ -290,6 +326,14 @@ class JobRunner:
                 job_id=job.id,
             )
 
+    def _held_for_review(self, job: Job, seg: WrittenSeg) -> list[str]:
+        """The destinations of ``seg`` that must wait for a reviewer: all of them when
+        the pipeline says ``review: required``, else those whose destination says so."""
+        spec = self.pipelines(job.pipeline)
+        if spec is not None and spec.review == "required":
+            return list(seg.destinations)
+        required = {d.name for d in self.destinations() if d.review == "required"}
+        return [name for name in seg.destinations if name in required]
 
     def _supersede_earlier(self, s: Session, job: Job, seg: WrittenSeg) -> None:
         """Earlier results of this pipeline on this series, computed on other input, are

@@ -377,6 +377,7 @@ def retry(db: Database, job_id: int, by: str = "admin") -> None:
             f"pipeline {job.pipeline} queued again by {by}",
             study_uid=job.study.study_uid,
             job_id=job.id,
+            data={"requeued_by": by},  # a new run of the job (the timeline starts one)
         )
 
 

@@ -62,6 +62,11 @@ class PipelineSpec(StrictModel):
     inputs: dict[str, list[PhaseCode]] = Field(
         default_factory=lambda: {"image": ["P", "A", "D"]}, min_length=1
     )
+    review: Literal["none", "required"] = Field(
+        "none",
+        description="'required': every result of this pipeline is held until a reviewer "
+        "approves it (then sent) or rejects it (never sent): shadow mode for a new model.",
+    )
 
     @field_validator("inputs")
     @classmethod

@@ -3,9 +3,15 @@
 Every object the node delivers (a result it made, an original it forwards) is a row per
 (SOP instance, destination). Routing queues forwards, the job runner queues results, the
 dispatcher claims due rows and records what each C-STORE answered, storage commitment
-confirms or returns rows, and an admin resends. All of them move rows only through the
-functions here, so a row re-queued for any reason gets the same fresh fields (state,
-attempts, due time, the time its ``max_age_s`` counts from, last error, commitment).
+confirms or returns rows, an admin resends, and a reviewer approves or rejects held
+results. All of them move rows only through the functions here, so a row re-queued for
+any reason gets the same fresh fields (state, attempts, due time, the time its
+``max_age_s`` counts from, last error, commitment).
+
+Review before sending: ``queue(..., held=...)`` creates a result's rows for those
+destinations ``held``; the dispatcher never claims them, a resend leaves them alone, and
+only ``approve`` (-> pending, sent at once) or ``reject`` (-> rejected, never sent) moves
+them, recording who, when and why.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Dispatch, Study, utcnow
+from db.models import Dispatch, Instance, Result, Series, Study, utcnow
 from db.session import Database
 from kernel.events import add_event
 from kernel.retry import RetryPolicy
 from kernel.settings import DispatchSettings
-from kernel.vocabulary import EventKind, EventLevel, OutboxKind, OutboxState
+from kernel.vocabulary import REVIEW_STATES, EventKind, EventLevel, OutboxKind, OutboxState
 
 Verdict = Literal["sent", "retry", "failed"]
 
@@ -70,11 +76,93 @@ def _requeue(row: Dispatch, now: datetime, path: str | None = None) -> None:
         row.path = path
 
 
+def _hold(row: Dispatch, now: datetime, path: str | None = None) -> None:
+    """A fresh delivery that waits for a reviewer instead of the dispatcher."""
+    _requeue(row, now, path)
+    row.state = OutboxState.HELD
+    row.reviewed_by = row.reviewed_at = row.review_note = None
+
+
 def _study_uid(session: Session, row: Dispatch) -> str | None:
     if row.study_id is None:
         return None
     study = session.get(Study, row.study_id)
     return study.study_uid if study else None
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What an outbox row carries, for event messages and the status page: the result
+    (pipeline, result type, job) or forwarded original, and its source series."""
+
+    what: str  # e.g. "tumor SEG 1.2.3" or "forwarded CT 1.2.4"
+    study_uid: str | None
+    series_uid: str | None
+    job_id: int | None
+
+
+def _series_name(series: Series | None) -> str:
+    if series is None:
+        return "an unknown series"
+    parts = [
+        str(series.series_number) if series.series_number is not None else "",
+        (series.series_description or "").strip(),
+    ]
+    return " ".join(["series", *(p for p in parts if p)])
+
+
+def carried(session: Session, row: Dispatch) -> Carried:
+    """What ``row`` carries (one or two reads; callers cache per SOP Instance UID)."""
+    study_uid = _study_uid(session, row)
+    if row.kind == OutboxKind.RESULT:
+        result = session.scalars(select(Result).where(Result.sop_uid == row.sop_uid)).first()
+        if result is not None:
+            series = session.scalars(
+                select(Series).where(Series.series_uid == result.source_series_uid)
+            ).first()
+            kind = result.result_type if result.result_type == "RTSTRUCT" else result.kind
+            return Carried(
+                f"{result.pipeline or 'result'} {kind} {row.sop_uid} on {_series_name(series)}",
+                study_uid,
+                result.source_series_uid,
+                result.job_id,
+            )
+        return Carried(f"result {row.sop_uid}", study_uid, None, None)
+    series = session.scalars(
+        select(Series)
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Instance.sop_uid == row.sop_uid)
+    ).first()
+    return Carried(
+        f"forwarded {row.sop_uid} of {_series_name(series)}",
+        study_uid,
+        series.series_uid if series else None,
+        None,
+    )
+
+
+def _event(
+    session: Session,
+    row: Dispatch,
+    kind: EventKind,
+    message: str,
+    cache: dict[str, Carried],
+    level: EventLevel = EventLevel.INFO,
+) -> None:
+    """An event about ``row`` naming what it carries (``{what}`` in ``message``)."""
+    if row.sop_uid not in cache:
+        cache[row.sop_uid] = carried(session, row)
+    c = cache[row.sop_uid]
+    add_event(
+        session,
+        kind,
+        message.replace("{what}", c.what),
+        level=level,
+        study_uid=c.study_uid,
+        series_uid=c.series_uid,
+        job_id=c.job_id,
+        data={"dispatch_id": row.id, "destination": row.destination},
+    )
 
 
 def queue(
@@ -87,13 +175,17 @@ def queue(
     path: str,
     destinations: Iterable[str],
     replace: bool = True,
+    held: Iterable[str] = (),
 ) -> int:
     """Queue delivery of one object to each destination; returns how many rows were queued.
 
     A row that already exists for (SOP instance, destination) is queued again with the
     new file (``replace``), unless it is still waiting to go (pending or sending). With
     ``replace=False`` only rows that ended (sent, committed, failed) are queued again.
+    Rows for the destinations in ``held`` are created (or queued again) ``held``: they
+    wait for a reviewer's ``approve`` or ``reject``.
     """
+    held = set(held)
     destinations = list(destinations)
     existing = {
         row.destination: row
@@ -119,7 +211,10 @@ def queue(
             session.add(row)
         elif row.state in (OutboxState.PENDING, OutboxState.SENDING) and not replace:
             continue
-        _requeue(row, now, path)
+        if destination in held:
+            _hold(row, now, path)
+        else:
+            _requeue(row, now, path)
         count += 1
     return count
 
@@ -170,10 +265,12 @@ def queue_many(
 
 def supersede(session: Session, sop_uid: str, by_sop_uid: str) -> int:
     """Withhold the waiting deliveries of a result a newer one replaces (state
-    ``superseded``); returns how many. Rows already sending, sent or failed are left."""
+    ``superseded``); returns how many. Pending and held rows are withheld; rows already
+    sending, sent, failed or rejected are left."""
     rows = session.scalars(
         select(Dispatch).where(
-            Dispatch.sop_uid == sop_uid, Dispatch.state == OutboxState.PENDING
+            Dispatch.sop_uid == sop_uid,
+            Dispatch.state.in_((OutboxState.PENDING, OutboxState.HELD)),
         )
     ).all()
     for row in rows:
@@ -183,22 +280,120 @@ def supersede(session: Session, sop_uid: str, by_sop_uid: str) -> int:
 
 
 def resend(db: Database, dispatch_ids: Iterable[int], by: str = "admin") -> int:
-    """Queue chosen rows again (any state but ``sending``); returns how many."""
+    """Queue chosen rows again; returns how many. Rows being sent, and rows held for or
+    rejected by a reviewer (only ``approve`` releases those), are left alone."""
     now = utcnow()
     count = 0
+    cache: dict[str, Carried] = {}
     with db.session() as s:
         for row in s.scalars(select(Dispatch).where(Dispatch.id.in_(list(dispatch_ids)))):
-            if row.state == OutboxState.SENDING:
+            if row.state == OutboxState.SENDING or row.state in REVIEW_STATES:
                 continue
             _requeue(row, now)
             count += 1
-            add_event(
-                s,
-                EventKind.RESEND,
-                f"{row.kind} {row.sop_uid} to {row.destination} re-queued by {by}",
-                study_uid=_study_uid(s, row),
+            _event(
+                s, row, EventKind.RESEND, f"{{what}} to {row.destination} re-queued by {by}", cache
             )
     return count
+
+
+class ReviewError(ValueError):
+    """A review action that does not apply (nothing held, no reason given)."""
+
+
+def _held_rows(
+    session: Session, sop_uid: str, destinations: Iterable[str] | None
+) -> list[Dispatch]:
+    query = select(Dispatch).where(Dispatch.sop_uid == sop_uid, Dispatch.state == OutboxState.HELD)
+    if destinations is not None:
+        query = query.where(Dispatch.destination.in_(list(destinations)))
+    return list(session.scalars(query.order_by(Dispatch.id)))
+
+
+def approve(
+    db: Database,
+    sop_uid: str,
+    by: str,
+    note: str | None = None,
+    destinations: Iterable[str] | None = None,
+) -> int:
+    """A reviewer approves a held result: its held rows (all, or those to
+    ``destinations``) become pending and are sent at once. Returns how many.
+
+    Raises ``ReviewError`` when none of its rows is held.
+    """
+    now = utcnow()
+    with db.session() as s:
+        rows = _held_rows(s, sop_uid, destinations)
+        if not rows:
+            raise ReviewError(f"result {sop_uid} has no send waiting for review")
+        cache: dict[str, Carried] = {}
+        for row in rows:
+            _requeue(row, now)
+            row.reviewed_by, row.reviewed_at, row.review_note = by, now, note or None
+        names = ", ".join(r.destination for r in rows)
+        _event(
+            s,
+            rows[0],
+            EventKind.RESULT_APPROVED,
+            f"{{what}} approved by {by} for {names}" + (f": {note}" if note else ""),
+            cache,
+        )
+        return len(rows)
+
+
+def reject(
+    db: Database,
+    sop_uid: str,
+    by: str,
+    reason: str,
+    destinations: Iterable[str] | None = None,
+) -> int:
+    """A reviewer rejects a held result: its held rows (all, or those to
+    ``destinations``) become ``rejected`` and are never sent. Returns how many.
+
+    Raises ``ReviewError`` without a reason or when none of its rows is held.
+    """
+    reason = (reason or "").strip()
+    if not reason:
+        raise ReviewError("a rejection needs a reason (it is recorded and shown)")
+    now = utcnow()
+    with db.session() as s:
+        rows = _held_rows(s, sop_uid, destinations)
+        if not rows:
+            raise ReviewError(f"result {sop_uid} has no send waiting for review")
+        cache: dict[str, Carried] = {}
+        for row in rows:
+            row.state = OutboxState.REJECTED
+            row.reviewed_by, row.reviewed_at, row.review_note = by, now, reason
+            row.last_error = f"rejected by {by}: {reason}; not sent"
+        names = ", ".join(r.destination for r in rows)
+        _event(
+            s,
+            rows[0],
+            EventKind.RESULT_REJECTED,
+            f"{{what}} rejected by {by} (not sent to {names}): {reason}",
+            cache,
+            level=EventLevel.WARNING,
+        )
+        return len(rows)
+
+
+def due_now(db: Database, destination: str) -> int:
+    """Pending rows to ``destination`` waiting out a retry backoff become due now (the
+    destination answers again: deliveries resume at once); returns how many."""
+    now = utcnow()
+    with db.session() as s:
+        rows = s.scalars(
+            select(Dispatch).where(
+                Dispatch.destination == destination,
+                Dispatch.state == OutboxState.PENDING,
+                Dispatch.next_attempt_at > now,
+            )
+        ).all()
+        for row in rows:
+            row.next_attempt_at = now
+        return len(rows)
 
 
 def reset_interrupted(db: Database) -> int:
@@ -243,22 +438,23 @@ def record_outcomes(
     """
     policy = send_policy(settings)
     now = utcnow()
+    cache: dict[str, Carried] = {}
     with db.session() as s:
         for detached in rows:
             row = s.get_one(Dispatch, detached.id)
             out = outcomes[row.id]
             row.attempts += 1
+            row.last_attempt_at = now
             row.last_status = out.status
             row.last_error = None if out.state == "sent" else out.detail
-            study_uid = _study_uid(s, row)
-            what = f"{row.kind} {row.sop_uid}"
             if out.state == "sent":
                 row.state, row.sent_at, row.commit_uid = OutboxState.SENT, now, commit_uid
-                add_event(
+                _event(
                     s,
+                    row,
                     EventKind.SENT,
-                    f"{what} sent to {row.destination} ({out.detail})",
-                    study_uid=study_uid,
+                    f"{{what}} sent to {row.destination} ({out.detail})",
+                    cache,
                 )
                 continue
             queued = row.queued_at or row.created_at
@@ -267,13 +463,14 @@ def record_outcomes(
             if delay is not None:
                 row.state = OutboxState.PENDING
                 row.next_attempt_at = now + timedelta(seconds=delay)
-                add_event(
+                _event(
                     s,
+                    row,
                     EventKind.SEND_RETRY,
-                    f"{what} to {row.destination}: {out.detail}; "
+                    f"{{what}} to {row.destination}: {out.detail}; "
                     f"attempt {row.attempts}, next in {delay:.1f} s",
+                    cache,
                     level=EventLevel.WARNING,
-                    study_uid=study_uid,
                 )
                 continue
             row.state = OutboxState.FAILED
@@ -282,15 +479,13 @@ def record_outcomes(
                     f"{out.detail}; not delivered within max_age_s="
                     f"{settings.max_age_s:g} s of being queued"
                 )
-                message = f"{what} to {row.destination} failed: {row.last_error}"
+                message = f"{{what}} to {row.destination} failed: {row.last_error}"
             else:
                 message = (
-                    f"{what} to {row.destination} failed after {row.attempts} attempts: "
+                    f"{{what}} to {row.destination} failed after {row.attempts} attempts: "
                     f"{out.detail}"
                 )
-            add_event(
-                s, EventKind.SEND_FAILED, message, level=EventLevel.ERROR, study_uid=study_uid
-            )
+            _event(s, row, EventKind.SEND_FAILED, message, cache, level=EventLevel.ERROR)
 
 
 def record_commitment(
@@ -304,33 +499,31 @@ def record_commitment(
     """
     now = utcnow()
     settled = 0
+    cache: dict[str, Carried] = {}
     with db.session() as s:
         rows = s.scalars(select(Dispatch).where(Dispatch.commit_uid == transaction_uid)).all()
         for row in rows:
             if row.state != OutboxState.SENT:
                 continue
-            study_uid = _study_uid(s, row)
             if row.sop_uid in committed:
                 row.state, row.committed_at = OutboxState.COMMITTED, now
                 settled += 1
-                add_event(
-                    s,
-                    EventKind.COMMITTED,
-                    f"{row.kind} {row.sop_uid} committed by {row.destination}",
-                    study_uid=study_uid,
+                _event(
+                    s, row, EventKind.COMMITTED, f"{{what}} committed by {row.destination}", cache
                 )
             elif row.sop_uid in failed:
                 reason = failed[row.sop_uid]
                 _requeue(row, now)
                 row.last_error = f"storage commitment failed (reason 0x{reason:04X}); resending"
                 settled += 1
-                add_event(
+                _event(
                     s,
+                    row,
                     EventKind.COMMIT_FAILED,
-                    f"{row.kind} {row.sop_uid}: {row.destination} did not commit it "
+                    f"{{what}}: {row.destination} did not commit it "
                     f"(reason 0x{reason:04X}); sending again",
+                    cache,
                     level=EventLevel.WARNING,
-                    study_uid=study_uid,
                 )
     return settled
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,8 +90,41 @@ class Destination(StrictModel):
         "log say so), 'send' sends a SEG whose segments are all empty, so the reader sees "
         "that the series was analysed.",
     )
+    review: Literal["none", "required"] = Field(
+        "none",
+        description="'required': results for this destination are held until a user with "
+        "the reviewer (or admin) role approves them in the result viewer (sent at once) or "
+        "rejects them with a reason (never sent). For introducing a new model in shadow "
+        "mode; a pipeline can ask for review too (rules file, `review`).",
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class HealthSettings(StrictModel):
+    """How the node judges its destinations (dashboard banner, ``/healthz``, metrics).
+
+    A destination is unreachable when the latest thing that happened with it failed: a
+    send that got no association, or the periodic C-ECHO. Results waiting to be delivered
+    longer than ``pending_alert_s`` turn the dashboard red too.
+    """
+
+    echo_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="C-ECHO every destination this often and keep the answer (0: never; "
+        "then only sends and the C-ECHO button tell).",
+    )
+    echo_timeout_s: float = Field(5.0, gt=0, description="Time limit of one C-ECHO.")
+    pending_alert_s: float = Field(
+        900.0,
+        gt=0,
+        description="A result or forward still undelivered this long after it was queued "
+        "(or approved) raises the dashboard banner and makes /healthz 'degraded'.",
+    )
+    keep_echoes_days: float = Field(
+        7.0, gt=0, description="C-ECHO answers older than this are deleted."
+    )
 
 
 class WebSettings(StrictModel):
@@ -212,11 +246,30 @@ class NodeSettings(BaseSettings):
     max_pdu_size: int = Field(0, ge=0, description="0 = unlimited (fastest).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_patient_names: bool = False
+    time_zone: str | None = Field(
+        None,
+        description="IANA time zone the pages show times in, e.g. Asia/Seoul (default: the "
+        "system's). The database and the JSON API keep UTC.",
+    )
+    health: HealthSettings = Field(default_factory=HealthSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {v!r} (use an IANA name such as Asia/Seoul)"
+            ) from None
+        return v
 
     @model_validator(mode="after")
     def _check_destination_names(self) -> NodeSettings:

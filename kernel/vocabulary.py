@@ -52,7 +52,13 @@ class OutboxState(StrEnum):
     PENDING -> SENDING -> SENT (-> COMMITTED when the destination confirms storage
     commitment), or back to PENDING with backoff after a retryable failure, or FAILED
     (refused for good, attempts or age used up). SUPERSEDED: a result replaced by a newer
-    one before it was delivered; it is not sent. A resend makes any row PENDING again.
+    one before it was delivered; it is not sent. A resend makes any row but a HELD or
+    REJECTED one PENDING again.
+
+    Review before sending (``review: required`` on the pipeline or the destination): a
+    result's rows start HELD instead of PENDING and are never sent while held; a
+    reviewer's approval makes them PENDING (sent at once), a rejection REJECTED (never
+    sent; who, when and why are on the row and in the event log).
     """
 
     PENDING = "pending"
@@ -61,10 +67,31 @@ class OutboxState(StrEnum):
     COMMITTED = "committed"
     FAILED = "failed"
     SUPERSEDED = "superseded"
+    HELD = "held"
+    REJECTED = "rejected"
 
 
 # Rows that still wait for delivery.
 UNDELIVERED_STATES = (OutboxState.PENDING, OutboxState.SENDING)
+# Rows that reached their destination.
+DELIVERED_STATES = (OutboxState.SENT, OutboxState.COMMITTED)
+# Rows only a reviewer may release (a resend leaves them alone).
+REVIEW_STATES = (OutboxState.HELD, OutboxState.REJECTED)
+
+
+class DestinationState(StrEnum):
+    """How a destination is doing, judged by ``dicom_node.health`` from what actually
+    happened: the latest send attempts and C-ECHOs (periodic and asked for).
+
+    OK: the latest send or C-ECHO got an answer. UNREACHABLE: the latest one got none
+    (association refused, rejected or timed out). BACKLOG: it answers, but results wait
+    longer than ``health.pending_alert_s``. UNKNOWN: nothing sent or echoed yet.
+    """
+
+    OK = "ok"
+    UNREACHABLE = "unreachable"
+    BACKLOG = "backlog"
+    UNKNOWN = "unknown"
 
 
 class OutboxKind(StrEnum):
@@ -133,11 +160,16 @@ class EventKind(StrEnum):
     refused). Routing: CLASSIFIED (phase and reasons), ROUTED (rules that matched),
     STACKS_LEFT_OUT (images of a series that are not its main stack), SERIES_INCOMPLETE
     (headers suggest missing slices: its pipelines wait for the study to settle),
-    PHASE_CHANGED, PIPELINE_NOT_RUN (an input never came), STUDY_SETTLED, ROUTING_ERROR. Jobs: JOB_QUEUED, JOB_STARTED, JOB_DONE, JOB_RETRY,
-    JOB_FAILED, JOB_REQUEUED (node stopped), JOB_EXPIRED, JOB_CANCEL, JOB_PRIORITY.
+    PHASE_CHANGED, PIPELINE_NOT_RUN (an input never came), STUDY_SETTLED, ROUTING_ERROR.
+    Jobs: JOB_QUEUED, JOB_STARTED, JOB_DONE, JOB_RETRY (``data.requeued_by`` when a user
+    queued it again: a new run), JOB_FAILED, JOB_REQUEUED (node stopped), JOB_EXPIRED,
+    JOB_CANCEL, JOB_PRIORITY.
     Results: RESULT_WRITTEN, RESULT_EMPTY, RESULT_SUPERSEDED (a newer result of the same
-    pipeline on the same series, computed on other input, replaces it). Outbox: SENT, SEND_RETRY, SEND_FAILED, RESEND,
-    COMMITTED, COMMIT_FAILED. Rules file: RULES_RELOADED, RULES_RELOAD_FAILED.
+    pipeline on the same series, computed on other input, replaces it). Review: RESULT_HELD
+    (waits for a reviewer), RESULT_APPROVED, RESULT_REJECTED (who, when, why). Outbox:
+    SENT, SEND_RETRY, SEND_FAILED, RESEND, COMMITTED, COMMIT_FAILED. Destinations:
+    DESTINATION_DOWN (sends or the periodic C-ECHO stopped getting answers),
+    DESTINATION_UP (it answers again). Rules file: RULES_RELOADED, RULES_RELOAD_FAILED.
     """
 
     STUDY_RECEIVED = "study_received"
@@ -168,11 +200,56 @@ class EventKind(StrEnum):
     # A result's text written as ISO_IR 192: the source's character set could not carry it.
     RESULT_TRANSCODED = "result_transcoded"
     RESULT_SUPERSEDED = "result_superseded"
+    RESULT_HELD = "result_held"
+    RESULT_APPROVED = "result_approved"
+    RESULT_REJECTED = "result_rejected"
     SENT = "sent"
     SEND_RETRY = "send_retry"
     SEND_FAILED = "send_failed"
     RESEND = "resend"
     COMMITTED = "committed"
     COMMIT_FAILED = "commit_failed"
+    DESTINATION_DOWN = "destination_down"
+    DESTINATION_UP = "destination_up"
     RULES_RELOADED = "rules_reloaded"
     RULES_RELOAD_FAILED = "rules_reload_failed"
+
+
+class DeliveryStatus(StrEnum):
+    """What a study, and each pipeline or forward in it, has come to: the one status
+    vocabulary of the pages, the JSON API and the metrics. Derived from the rows by
+    ``dicom_node.status`` (never stored), each with the reason shown next to it.
+
+    RECEIVING: instances still arrive, or a complete series is not routed yet.
+    NO_RULE_MATCHED: no rule matched any series (why: each rule's first failing condition).
+    NO_ACTION: rules matched but asked for no pipeline and no forward (e.g. discard).
+    WAITING: a pipeline waits for inputs (which) until the study settles.
+    NOT_RUN: the study settled and a pipeline's input never came (which).
+    QUEUED, RUNNING: the pipeline's job waits for or holds a worker.
+    HELD: the result waits for a reviewer (``review: required``).
+    DELIVERY_PENDING: a result or forward waits to be delivered (why: the destination is
+    unreachable, or it is on its way).
+    DELIVERED: every result reached every destination. DELIVERED_NO_FINDING: the
+    pipeline found nothing and a "no finding" object was delivered. NOT_SENT: nothing to
+    send (empty result with ``empty_result: skip``, or no destination).
+    PARTIALLY_DELIVERED: some results or destinations got through, others did not.
+    FAILED: a job or a delivery failed for good (why). CANCELLED: a user cancelled the
+    job (or it expired unstarted). REJECTED: a reviewer rejected the result (why).
+    """
+
+    RECEIVING = "receiving"
+    NO_RULE_MATCHED = "no_rule_matched"
+    NO_ACTION = "no_action"
+    WAITING = "waiting_for_inputs"
+    NOT_RUN = "not_run"
+    QUEUED = "queued"
+    RUNNING = "running"
+    HELD = "held_for_review"
+    DELIVERY_PENDING = "delivery_pending"
+    DELIVERED = "delivered"
+    DELIVERED_NO_FINDING = "delivered_no_finding"
+    NOT_SENT = "not_sent"
+    PARTIALLY_DELIVERED = "partially_delivered"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"

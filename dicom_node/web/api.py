@@ -1,44 +1,52 @@
-"""The JSON API under /api/: everything the pages show, and the admin actions.
+"""The JSON API under /api/: everything the pages show, and the actions.
 
 Actions answer JSON to API clients; an HTML form posting to them is redirected back to
-the page it came from (``next`` field), so pages and API share one implementation.
+the page it came from (``next`` field), so pages and API share one implementation. Who
+may act: viewers nothing, reviewers approve or reject held results, admins the rest
+(``auth.require_<role>``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from db.models import Instance, Series, utcnow
-from dicom_node.echo import echo
-from dicom_node.instance import header_attributes
+from db.models import Result, Series, Study
+from dicom_node.explain import collect_series, explain_study, pipeline_items, received_study_series
 from dicom_node.view import ServiceView
-from dicom_node.web import queries
-from dicom_node.web.auth import Principal, require_admin, require_viewer
-from dicom_node.web.preview import PreviewError, preview_png
+from dicom_node.web import queries, viewer
+from dicom_node.web.auth import Principal, require_admin, require_reviewer, require_viewer
+from dicom_node.web.preview import PreviewError, SourceUnreadableError, preview_png, result_files
 from dicom_node.web.queries import as_utc
 from inference import queue as jobs
 from kernel import outbox
 from kernel.strict import StrictModel
+from kernel.vocabulary import SeriesState
 
 log = logging.getLogger("dicom_node.web")
 router = APIRouter(prefix="/api", tags=["api"])
+# Upload limits of the dry run (it reads headers only, but must not fill the disk).
+DRY_RUN_MAX_FILES = 2000
+DRY_RUN_MAX_BYTES = 2_000_000_000
 
 
 def _node(request: Request) -> ServiceView:
     return request.app.state.service
 
 
-async def _answer(request: Request, payload: dict[str, Any]) -> Response:
+def _viewer(request: Request, who: Principal | None) -> queries.Viewer:
+    return request.app.state.viewer(who)
+
+
+async def _answer(request: Request, payload: dict[str, Any], status: int = 200) -> Response:
     """JSON for API clients; back to the page (with a message) for HTML forms."""
     if request.headers.get("content-type", "").startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -49,7 +57,24 @@ async def _answer(request: Request, payload: dict[str, Any]) -> Response:
             target = "/"
         sep = "&" if "?" in target else "?"
         return RedirectResponse(f"{target}{sep}msg={quote(payload['message'])}", 303)
-    return JSONResponse(payload)
+    return JSONResponse(payload, status)
+
+
+async def _field(request: Request, name: str) -> str:
+    """A field of a JSON body or of a form ("" when absent)."""
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(422, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPException(422, "the body must be a JSON object")
+        return str(body.get(name) or "")
+    if request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        return str((await request.form()).get(name) or "")
+    return ""
 
 
 @router.get("/openapi.json", include_in_schema=False)
@@ -59,8 +84,8 @@ def openapi(request: Request, _: Principal = Depends(require_viewer)) -> dict[st
 
 
 @router.get("/dashboard")
-def dashboard(request: Request, _: Principal = Depends(require_viewer)) -> dict[str, Any]:
-    return request.app.state.dashboard()
+def dashboard(request: Request, who: Principal = Depends(require_viewer)) -> dict[str, Any]:
+    return request.app.state.dashboard(who)
 
 
 @router.get("/studies")
@@ -73,29 +98,156 @@ def studies(
     offset: int = 0,
     who: Principal = Depends(require_viewer),
 ) -> dict[str, Any]:
+    """Studies, newest first, each with its status (``status``: a status value, or
+    ``in_progress``, filters)."""
     with _node(request).db.session() as s:
         return queries.studies(
-            s, admin=who.is_admin, q=q, date=date, status=status, limit=limit, offset=offset
+            s, _viewer(request, who), q=q, date=date, status=status, limit=limit, offset=offset
         )
 
 
 @router.get("/studies/{study_uid}")
 def study(request: Request, study_uid: str, who: Principal = Depends(require_viewer)) -> Any:
     with _node(request).db.session() as s:
-        detail = queries.study_detail(s, study_uid, admin=who.is_admin)
+        detail = queries.study_detail(s, study_uid, _viewer(request, who))
     if detail is None:
         raise HTTPException(404, f"study {study_uid} is not known to this node")
     return detail
 
 
-@router.get("/results/{result_id}/preview.png", response_class=Response)
-def preview(request: Request, result_id: int, _: Principal = Depends(require_viewer)) -> Response:
+# -- results: preview, viewer, review ----------------------------------------------------
+
+
+def _volume(request: Request, result_id: int) -> viewer.ResultVolume:
+    """The result's viewer volume: 404 when it is gone, 409 when its source is damaged."""
     node = _node(request)
     try:
-        png = preview_png(node.db, result_id, Path(node.settings.data_dir) / "previews")
+        files = result_files(node.db, result_id)
+        return request.app.state.volumes.get(files.sop_uid, files.path, files.source_paths)
+    except SourceUnreadableError as exc:  # the result exists; its source cannot be shown
+        raise HTTPException(409, str(exc)) from None
+    except PreviewError as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+@router.get("/results/{result_id}/preview.png", response_class=Response)
+def preview(request: Request, result_id: int, _: Principal = Depends(require_viewer)) -> Response:
+    """The default viewer slice (the smallest label present where it is largest)."""
+    node = _node(request)
+    try:
+        png = preview_png(
+            node.db,
+            result_id,
+            Path(node.settings.data_dir) / "previews",
+            request.app.state.volumes,
+        )
+    except SourceUnreadableError as exc:  # the result exists; its source cannot be shown
+        raise HTTPException(409, str(exc)) from None
     except PreviewError as exc:
         raise HTTPException(404, str(exc)) from None
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+
+@router.get("/results/{result_id}")
+def result(request: Request, result_id: int, _: Principal = Depends(require_viewer)) -> Any:
+    """A result for the viewer: study, source series, sends and review state, and (when
+    the source can be read) the slices, the default slice and the legend with volumes."""
+    with _node(request).db.session() as s:
+        detail = queries.result_detail(s, result_id)
+    if detail is None:
+        raise HTTPException(404, f"result {result_id} does not exist")
+    try:
+        volume = _volume(request, result_id)
+    except HTTPException as exc:
+        return {**detail, "viewable": False, "problem": exc.detail}
+    return {
+        **detail,
+        "viewable": True,
+        "problem": None,
+        "slices": volume.slices,
+        "default_slice": volume.default_slice,
+        "positions_mm": [round(p, 2) for p in volume.positions_mm],
+        "legend": volume.legend(),
+        "windows": {name: {"width": w, "level": lv} for name, (w, lv) in viewer.WINDOWS.items()},
+    }
+
+
+@router.get("/results/{result_id}/slices/{z}.png", response_class=Response)
+def result_slice(
+    request: Request,
+    result_id: int,
+    z: int,
+    overlay: bool = True,
+    window: str = viewer.DEFAULT_WINDOW,
+    _: Principal = Depends(require_viewer),
+) -> Response:
+    """Slice ``z`` of the source (0 = first along the slice normal) with the result."""
+    if window not in viewer.WINDOWS:
+        raise HTTPException(422, f"window must be one of {sorted(viewer.WINDOWS)}")
+    volume = _volume(request, result_id)
+    try:
+        png = viewer.render_slice(volume, z, overlay=overlay, window=window)
+    except IndexError as exc:
+        raise HTTPException(404, str(exc)) from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+def _result_row(request: Request, result_id: int) -> tuple[str, str]:
+    with _node(request).db.session() as s:
+        row = s.get(Result, result_id)
+        if row is None:
+            raise HTTPException(404, f"result {result_id} does not exist")
+        return row.sop_uid, f"{row.pipeline or 'result'} {row.kind} {row.sop_uid}"
+
+
+@router.post("/results/{result_id}/approve")
+async def approve(
+    request: Request, result_id: int, who: Principal = Depends(require_reviewer)
+) -> Response:
+    """Send a result held for review (all its held sends, or ``destination``'s)."""
+    sop_uid, what = _result_row(request, result_id)
+    destination = await _field(request, "destination")
+    note = await _field(request, "note")
+    try:
+        count = outbox.approve(
+            _node(request).db,
+            sop_uid,
+            who.username,
+            note or None,
+            [destination] if destination else None,
+        )
+    except outbox.ReviewError as exc:
+        raise HTTPException(409, str(exc)) from None
+    _node(request).wake_dispatcher()
+    log.info("user %s approved %s (%d sends)", who.username, what, count)
+    return await _answer(request, {"ok": True, "message": f"{what} approved: {count} send(s)"})
+
+
+@router.post("/results/{result_id}/reject")
+async def reject(
+    request: Request, result_id: int, who: Principal = Depends(require_reviewer)
+) -> Response:
+    """Never send a result held for review; ``reason`` is required and recorded."""
+    sop_uid, what = _result_row(request, result_id)
+    destination = await _field(request, "destination")
+    reason = await _field(request, "reason")
+    try:
+        count = outbox.reject(
+            _node(request).db,
+            sop_uid,
+            who.username,
+            reason,
+            [destination] if destination else None,
+        )
+    except outbox.ReviewError as exc:
+        raise HTTPException(409 if reason.strip() else 422, str(exc)) from None
+    log.info("user %s rejected %s (%d sends)", who.username, what, count)
+    return await _answer(
+        request, {"ok": True, "message": f"{what} rejected ({count} send(s) not sent)"}
+    )
+
+
+# -- queue ---------------------------------------------------------------------------------
 
 
 @router.get("/queue")
@@ -138,6 +290,9 @@ async def job_action(
     return await _answer(request, {"ok": True, "message": message})
 
 
+# -- rules ---------------------------------------------------------------------------------
+
+
 @router.get("/rules")
 def rules(request: Request, _: Principal = Depends(require_viewer)) -> dict[str, Any]:
     holder = _node(request).rules
@@ -151,11 +306,102 @@ def rules(request: Request, _: Principal = Depends(require_viewer)) -> dict[str,
     }
 
 
-def dry_run_attrs(request: Request, path: str) -> dict[str, Any]:
-    try:
-        return header_attributes(path)
-    except Exception as exc:
-        raise HTTPException(422, f"not a readable DICOM file: {exc}") from None
+class DryRunError(Exception):
+    """The dry run cannot be done (status code and message for the user)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _annotated(items: list[dict[str, Any]], series: dict[str, dict[str, Any]]) -> None:
+    for item in items:
+        attrs = series.get(item["series_uid"], {})
+        item["series_number"] = attrs.get("SeriesNumber")
+        item["series_description"] = attrs.get("SeriesDescription")
+        item["modality"] = attrs.get("Modality")
+        item["orientation"] = attrs.get("Orientation")
+    items.sort(key=lambda i: (i["series_number"] is None, i["series_number"] or 0))
+
+
+def dry_run_series(node: ServiceView, series_uid: str) -> dict[str, Any]:
+    """What the rules in force do with a received series, planned with every complete
+    series of its study exactly as the live router plans it. Raises ``DryRunError``."""
+    with node.db.session() as s:
+        row = s.scalars(select(Series).where(Series.series_uid == series_uid)).first()
+        if row is None:
+            raise DryRunError(404, f"series {series_uid} is not known to this node")
+        if row.state != SeriesState.COMPLETE:
+            raise DryRunError(409, f"series {series_uid} is still receiving; try again soon")
+        study = s.get_one(Study, row.study_id)
+        series = received_study_series(s, study)
+        study_uid = study.study_uid
+    ruleset = node.rules.get()
+    items, plans = explain_study(ruleset, study_uid, series, node.target_spacing_mm)
+    _annotated(items, series)
+    return {
+        "source": f"received series {series_uid} with the {len(series)} complete series "
+        f"of its study",
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "series": items,
+        "pipelines": pipeline_items(plans),
+    }
+
+
+def dry_run_files(node: ServiceView, files: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """What the rules in force do with uploaded files (one or more series, planned per
+    study as ``route explain`` plans them). Raises ``DryRunError``."""
+    if not files:
+        raise DryRunError(422, "upload DICOM files or give a series UID")
+    if len(files) > DRY_RUN_MAX_FILES:
+        raise DryRunError(413, f"at most {DRY_RUN_MAX_FILES} files")
+    ruleset = node.rules.get()
+    with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
+        for i, (_name, data) in enumerate(files):
+            (Path(tmp) / f"{i:05d}.dcm").write_bytes(data)
+        studies = collect_series([tmp])
+        if not studies:
+            raise DryRunError(422, "none of the uploaded files is a readable DICOM file")
+        items: list[dict[str, Any]] = []
+        pipelines: list[dict[str, Any]] = []
+        for study_uid, series in studies.items():
+            found, plans = explain_study(ruleset, study_uid, series, node.target_spacing_mm)
+            _annotated(found, series)
+            items += found
+            pipelines += pipeline_items(plans)
+    names = ", ".join(name for name, _ in files[:3]) + (", ..." if len(files) > 3 else "")
+    return {
+        "source": f"{len(files)} uploaded file(s): {names}",
+        "study_uid": next(iter(studies)),
+        "series_uid": None,
+        "series": items,
+        "pipelines": pipelines,
+    }
+
+
+async def dry_run_request(request: Request, series_uid: str = "") -> dict[str, Any]:
+    """The dry run of a request: form or JSON ``series_uid``, or uploaded ``file``s."""
+    node = _node(request)
+    uploads: list[tuple[str, bytes]] = []
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        series_uid = series_uid or str(form.get("series_uid") or "")
+        total = 0
+        for upload in form.getlist("file"):
+            if getattr(upload, "filename", None):
+                data = await upload.read()
+                total += len(data)
+                if total > DRY_RUN_MAX_BYTES:
+                    raise DryRunError(413, f"at most {DRY_RUN_MAX_BYTES} bytes")
+                uploads.append((upload.filename, data))
+    else:
+        series_uid = series_uid or await _field(request, "series_uid")
+    if uploads:
+        return dry_run_files(node, uploads)
+    if series_uid.strip():
+        return dry_run_series(node, series_uid.strip())
+    raise DryRunError(422, "upload DICOM files or give a received series UID")
 
 
 @router.post("/rules/dry-run")
@@ -164,62 +410,32 @@ async def dry_run(
     series_uid: str = "",
     _: Principal = Depends(require_viewer),
 ) -> dict[str, Any]:
-    """What the rules in force would do with one file or a received series, and why.
+    """What the rules in force would do with uploaded files or a received series, and
+    why: the live router's planning on the whole study (phases, each rule's first
+    failing condition, pipelines and their inputs, forwards).
 
     Changes nothing, so viewers may use it (it still needs the CSRF token).
     """
     from dicom_node.web.auth import check_csrf
 
     await check_csrf(request, request.state.principal)
-    node = _node(request)
-    file: UploadFile | None = None
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form()
-        series_uid = series_uid or str(form.get("series_uid") or "")
-        upload = form.get("file")
-        file = upload if getattr(upload, "filename", None) else None
-    if file is not None:
-        with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
-            tmp.write(await file.read())
-            tmp.flush()
-            attrs = dry_run_attrs(request, tmp.name)
-        source = f"uploaded file {file.filename}"
-    elif series_uid:
-        with node.db.session() as s:
-            path = s.scalars(
-                select(Instance.path)
-                .join(Series, Series.id == Instance.series_id)
-                .where(Series.series_uid == series_uid)
-                .limit(1)
-            ).first()
-        if path is None:
-            raise HTTPException(404, f"series {series_uid} is not known to this node")
-        attrs = dry_run_attrs(request, path)
-        source = f"series {series_uid}"
-    else:
-        raise HTTPException(422, "upload a DICOM file or give a series_uid")
-    decision = node.rules.get().decide(attrs)
-    shown = {k: attrs.get(k) for k in ("Modality", "SeriesDescription", "ContrastBolusAgent")}
-    return {"source": source, "attributes": shown, "decision": dataclasses.asdict(decision)}
+    try:
+        return await dry_run_request(request, series_uid)
+    except DryRunError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
+# -- destinations --------------------------------------------------------------------------
 
 
 @router.get("/destinations")
-def destinations(request: Request, _: Principal = Depends(require_viewer)) -> list[dict[str, Any]]:
-    node = _node(request)
-    with node.db.session() as s:
-        counts = queries.destination_counts(s)
-    echoes = request.app.state.echoes
-    return [
-        {
-            "name": d.name,
-            "ae_title": d.ae_title,
-            "host": d.host,
-            "port": d.port,
-            "counts": counts.get(d.name, {}),
-            "last_echo": echoes.get(d.name),
-        }
-        for d in node.settings.destinations
-    ]
+def destinations(
+    request: Request, who: Principal = Depends(require_viewer)
+) -> list[dict[str, Any]]:
+    """Every destination with its health (state, reason, since), outbox counts by state
+    and latest C-ECHO."""
+    with _node(request).db.session() as s:
+        return queries.destinations(s, _viewer(request, who))
 
 
 def _destination(request: Request, name: str) -> Any:
@@ -233,13 +449,14 @@ def _destination(request: Request, name: str) -> Any:
 async def echo_destination(
     request: Request, name: str, who: Principal = Depends(require_admin)
 ) -> Response:
-    dest = _destination(request, name)
+    """C-ECHO the destination now; the answer is kept with the periodic ones."""
+    _destination(request, name)
     node = _node(request)
-    calling = dest.calling_ae_title or node.settings.ae_title
-    ok = echo(dest.host, dest.port, dest.ae_title, calling, timeout_s=5)
-    request.app.state.echoes[name] = {"at": as_utc(utcnow()), "ok": ok}
-    message = f"C-ECHO to {name}: {'success' if ok else 'no answer'}"
-    return await _answer(request, {"ok": ok, "message": message})
+    if node.echo_destination is None:
+        raise HTTPException(503, "C-ECHO is not available in this node")
+    answer = node.echo_destination(name, who.username)
+    message = f"C-ECHO to {name}: " + ("success" if answer.ok else f"no answer ({answer.detail})")
+    return await _answer(request, {"ok": answer.ok, "message": message})
 
 
 class ResendBody(StrictModel):
@@ -262,6 +479,7 @@ async def resend_failed(
 
 @router.post("/dispatches/resend")
 async def resend(request: Request, who: Principal = Depends(require_admin)) -> Response:
+    """Queue chosen sends again (not those held for or rejected by a reviewer)."""
     if request.headers.get("content-type", "").startswith("application/json"):
         ids = ResendBody(**(await request.json())).dispatch_ids
     else:
@@ -269,4 +487,10 @@ async def resend(request: Request, who: Principal = Depends(require_admin)) -> R
     node = _node(request)
     count = outbox.resend(node.db, ids, by=who.username)
     node.wake_dispatcher()
-    return await _answer(request, {"ok": True, "message": f"{count} sends re-queued"})
+    skipped = len(set(ids)) - count
+    message = f"{count} sends re-queued" + (
+        f"; {skipped} left alone (being sent, or waiting for / rejected by a reviewer)"
+        if skipped > 0
+        else ""
+    )
+    return await _answer(request, {"ok": True, "message": message})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +9,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
 from dicom_node.view import ServiceView
 from dicom_node.web import api, inference_api, pages, queries
-from dicom_node.web.auth import LoginLimiter, LoginRequired, SessionCodec, load_secret
+from dicom_node.web.auth import LoginLimiter, LoginRequired, Principal, SessionCodec, load_secret
+from dicom_node.web.checks import run_checks
+from dicom_node.web.display import Clock, zone
 from dicom_node.web.metrics import make_registry
+from dicom_node.web.viewer import VolumeCache
 from inference.results import product_version
 
 HERE = Path(__file__).resolve().parent
@@ -27,6 +28,16 @@ def workers(service: ServiceView) -> dict[str, Any]:
     if device is None and service.settings.worker.broker_url:
         device = f"Celery workers (queue {service.settings.worker.celery_queue})"
     return {"threads": service.loops(), "device": device, "devices": list(service.devices)}
+
+
+def identity(service: ServiceView) -> dict[str, Any]:
+    """What the header of every page says about the node: AE title, address, version."""
+    address = service.listener_address()
+    return {
+        "ae_title": service.settings.ae_title,
+        "port": address[1] if address else service.settings.port,
+        "version": product_version(),
+    }
 
 
 def create_app(service: ServiceView) -> FastAPI:
@@ -41,26 +52,34 @@ def create_app(service: ServiceView) -> FastAPI:
     app.state.service = service
     app.state.sessions = SessionCodec(load_secret(service.settings.data_dir))
     app.state.limiter = LoginLimiter()
-    app.state.echoes = {}  # destination name -> last C-ECHO {"at", "ok"}
     app.state.metrics = make_registry(service)
+    app.state.clock = Clock(zone(service.settings))
+    app.state.volumes = VolumeCache()  # the result viewer's last volumes
     node = service
 
-    def dashboard() -> dict[str, Any]:
+    def viewer(who: Principal | None) -> queries.Viewer:
+        """What ``who`` may see, with the catalog in force and the node's clock."""
+        rules = node.rules.get() if node.rules is not None else None
+        return queries.Viewer(
+            settings=node.settings,
+            admin=bool(who and who.is_admin),
+            pipelines=rules.pipelines if rules is not None else None,
+            clock=app.state.clock.short,
+        )
+
+    def dashboard(who: Principal | None = None) -> dict[str, Any]:
         with node.db.session() as s:
-            data = queries.dashboard(s)
+            data = queries.dashboard(s, viewer(who))
         data["workers"] = workers(node)
         data["destinations"] = [
-            {
-                "name": d.name,
-                "ae_title": d.ae_title,
-                "last_echo": app.state.echoes.get(d.name),
-                "pending": data["pending_sends"].get(d.name, 0),
-            }
-            for d in node.settings.destinations
+            {**h, "pending": data["pending_sends"].get(name, 0)}
+            for name, h in data["health"].items()
         ]
         return data
 
+    app.state.viewer = viewer
     app.state.dashboard = dashboard
+    app.state.identity = lambda: identity(node)
 
     @app.exception_handler(LoginRequired)
     def _to_login(request: Request, _exc: LoginRequired) -> Response:
@@ -68,28 +87,16 @@ def create_app(service: ServiceView) -> FastAPI:
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> JSONResponse:
-        """Open to load balancers: no patient data, only yes/no checks and free space."""
-        checks: dict[str, Any] = {}
-        try:
-            with node.db.session() as s:
-                s.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as exc:  # report, don't raise
-            checks["database"] = f"error: {type(exc).__name__}"
-        free = shutil.disk_usage(node.settings.spool_dir).free
-        checks["spool_free_bytes"] = free
-        checks["spool"] = "ok" if free >= node.settings.min_free_bytes else "below watermark"
-        checks["scp_listening"] = node.listening()
-        alive = node.loops()
-        checks["threads"] = alive
-        checks["workers_alive"] = all(alive.values())
-        ok = (
-            checks["database"] == "ok"
-            and checks["spool"] == "ok"
-            and checks["scp_listening"]
-            and checks["workers_alive"]
-        )
-        return JSONResponse({"status": "ok" if ok else "degraded", **checks}, 200 if ok else 503)
+        """Liveness, open to load balancers: always 200 while the node serves, with
+        ``status`` ok | degraded and the reasons (no patient data)."""
+        return JSONResponse(run_checks(node).as_dict(), 200)
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        """Readiness: 503 when the node cannot take studies (database, spool, listener,
+        loop threads); an unreachable destination alone does not make it unready."""
+        checks = run_checks(node)
+        return JSONResponse(checks.as_dict(), 200 if checks.ready else 503)
 
     @app.get("/metrics", tags=["health"])
     def metrics() -> Response:

@@ -4,6 +4,10 @@ A session is a signed cookie holding the username and a per-session CSRF token; 
 is looked up on every request so that demoting or deleting a user takes effect at once.
 Browsers must send the CSRF token (form field ``csrf_token`` or header ``X-CSRF-Token``)
 on every state-changing request; bearer-token API calls carry no cookie and are exempt.
+
+Roles are levels (``users.ROLES``: viewer < reviewer < admin); every route depends on one
+``require_<role>`` dependency, all made by ``_require``, so who may do what is decided
+in this one place.
 """
 
 from __future__ import annotations
@@ -33,8 +37,20 @@ class Principal:
     csrf: str | None  # None for bearer tokens
 
     @property
+    def level(self) -> int:
+        return users.ROLE_LEVELS.get(self.role, -1)
+
+    def at_least(self, role: str) -> bool:
+        """Whether this user's role is ``role`` or a more trusted one."""
+        return self.level >= users.ROLE_LEVELS[role]
+
+    @property
     def is_admin(self) -> bool:
-        return self.role == "admin"
+        return self.at_least("admin")
+
+    @property
+    def can_review(self) -> bool:
+        return self.at_least("reviewer")
 
 
 class LoginRequired(Exception):
@@ -154,13 +170,28 @@ async def check_csrf(request: Request, who: Principal) -> None:
         raise HTTPException(403, "missing or wrong CSRF token; reload the page and try again")
 
 
-async def require_admin(request: Request) -> Principal:
-    """Dependency of every action: an admin, with a valid CSRF token for sessions."""
+async def _require(request: Request, role: str) -> Principal:
+    """A logged-in user of at least ``role``, with a valid CSRF token for sessions."""
     who = require_viewer(request)
     await check_csrf(request, who)
-    if not who.is_admin:
-        raise HTTPException(403, f"user {who.username!r} is a viewer; only admins can act")
+    if not who.at_least(role):
+        allowed = " or ".join(
+            r for r in users.ROLES if users.ROLE_LEVELS[r] >= users.ROLE_LEVELS[role]
+        )
+        raise HTTPException(
+            403, f"user {who.username!r} is a {who.role}; only {allowed} users can do this"
+        )
     return who
+
+
+async def require_reviewer(request: Request) -> Principal:
+    """Dependency of the review actions (approve, reject): a reviewer or an admin."""
+    return await _require(request, "reviewer")
+
+
+async def require_admin(request: Request) -> Principal:
+    """Dependency of every other action: an admin, with a valid CSRF token for sessions."""
+    return await _require(request, "admin")
 
 
 async def require_csrf(request: Request) -> Principal:

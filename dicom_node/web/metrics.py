@@ -3,11 +3,17 @@
 The database already records every instance, job and send, so most series are read from
 it when Prometheus scrapes (nothing to lose on restart, no hooks in the stages). Only
 associations leave no row; the listener counts them and the service view reports it.
+
+Alerting: ``dicom_node_degraded`` is 1 when ``/healthz`` says degraded (the same checks),
+``dicom_node_destination_up`` 0 for a destination that does not answer, and
+``dicom_node_studies_recent{status}`` counts the last day's studies by the status the
+pages show (``dicom_node.status``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -18,9 +24,11 @@ from prometheus_client.core import (
 )
 from sqlalchemy import func, select
 
-from db.models import Dispatch, Event, Instance, Job, Series
+from db.models import Dispatch, Event, Instance, Job, Series, utcnow
+from dicom_node import status as statuses
 from dicom_node.view import ServiceView
-from kernel.vocabulary import EventKind, JobState, OutboxState
+from dicom_node.web.checks import run_checks
+from kernel.vocabulary import DeliveryStatus, DestinationState, EventKind, JobState, OutboxState
 
 JOB_SECONDS_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
@@ -78,6 +86,57 @@ class NodeCollector:
         c.add_metric(["retry"], retries or 0)
         yield c
         yield _job_histogram([(b - a).total_seconds() for a, b in spans])
+        yield from self._health()
+
+    def _health(self) -> Iterator[Metric]:
+        node = self.node
+        checks = run_checks(node)
+        g = GaugeMetricFamily(
+            "dicom_node_degraded", "1 when /healthz reports degraded (see its reasons)"
+        )
+        g.add_metric([], 1.0 if checks.degraded else 0.0)
+        yield g
+        g = GaugeMetricFamily("dicom_node_ready", "1 when /readyz answers 200")
+        g.add_metric([], 1.0 if checks.ready else 0.0)
+        yield g
+        up = GaugeMetricFamily(
+            "dicom_node_destination_up",
+            "0 when the destination's latest send or C-ECHO got no answer",
+            labels=["destination"],
+        )
+        waiting = GaugeMetricFamily(
+            "dicom_node_destination_undelivered",
+            "Outbox rows waiting to be delivered to the destination",
+            labels=["destination"],
+        )
+        held = GaugeMetricFamily(
+            "dicom_node_destination_held",
+            "Outbox rows held for review for the destination",
+            labels=["destination"],
+        )
+        for name, h in checks.destinations.items():
+            up.add_metric([name], 0.0 if h.state == DestinationState.UNREACHABLE else 1.0)
+            waiting.add_metric([name], h.pending)
+            held.add_metric([name], h.held)
+        yield up
+        yield waiting
+        yield held
+        rules = node.rules.get() if node.rules is not None else None
+        with node.db.session() as s:
+            counts = statuses.recent_counts(
+                s,
+                utcnow() - timedelta(days=1),
+                checks.destinations,
+                rules.pipelines if rules is not None else None,
+            )
+        g = GaugeMetricFamily(
+            "dicom_node_studies_recent",
+            "Studies first received in the last 24 h, by status",
+            labels=["status"],
+        )
+        for status in DeliveryStatus:
+            g.add_metric([str(status)], counts.get(status, 0))
+        yield g
 
 
 def _job_histogram(durations: list[float]) -> HistogramMetricFamily:

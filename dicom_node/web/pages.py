@@ -1,7 +1,13 @@
-"""Server-rendered admin pages (Jinja2); the data comes from ``queries`` like the API's."""
+"""Server-rendered admin pages (Jinja2); the data comes from ``queries`` like the API's.
+
+Every page names the node (AE title, port, version) in its header and itself and its
+study in its title; times are local (``time_zone``), statuses those of
+``dicom_node.status``.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from pathlib import Path
@@ -16,30 +22,30 @@ from dicom_node.web.auth import (
     COOKIE,
     SESSION_MAX_AGE_S,
     Principal,
+    check_csrf,
     html_page,
     require_csrf,
     require_viewer,
 )
+from dicom_node.web.display import duration, study_heading
 
 log = logging.getLogger("dicom_node.web")
 router = APIRouter(include_in_schema=False, dependencies=[Depends(html_page)])
 templates = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
 LOGIN_COOKIE = "dicom_node_login"
 
-
-def _fmt_s(value: float | None) -> str:
-    if value is None:
-        return ""
-    if value < 120:
-        return f"{value:.1f} s"
-    return f"{value / 60:.1f} min"
+templates.env.filters["duration"] = duration
+templates.env.filters["pretty_json"] = lambda value: json.dumps(
+    value, indent=2, ensure_ascii=False, sort_keys=True, default=str
+)
 
 
-templates.env.filters["duration"] = _fmt_s
-
-
-def render(request: Request, name: str, who: Principal | None, **ctx: Any) -> HTMLResponse:
+def render(
+    request: Request, name: str, who: Principal | None, title: str, **ctx: Any
+) -> HTMLResponse:
     """A page, or only its main block when the page's refresh script asks (X-Partial)."""
+    app = request.app
+    clock = app.state.clock
     ctx.update(
         user=who,
         csrf=who.csrf if who else None,
@@ -47,6 +53,12 @@ def render(request: Request, name: str, who: Principal | None, **ctx: Any) -> HT
         partial=request.headers.get("x-partial") == "1",
         path=request.url.path,
         full_path=str(request.url.path) + (f"?{request.url.query}" if request.url.query else ""),
+        node=app.state.identity(),
+        zone=clock.name,
+        title=title,
+        datetime=clock.datetime,
+        time=clock.time,
+        when=clock.short,
     )
     return templates.TemplateResponse(request, name, ctx)
 
@@ -60,7 +72,9 @@ def _safe_next(target: str | None) -> str:
 @router.get("/login")
 def login_form(request: Request, next: str = "/") -> Response:
     token = secrets.token_urlsafe(24)
-    response = render(request, "login.html", None, login_csrf=token, next=_safe_next(next))
+    response = render(
+        request, "login.html", None, "Log in", login_csrf=token, next=_safe_next(next)
+    )
     response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", max_age=3600)
     return response
 
@@ -94,7 +108,9 @@ async def login(request: Request) -> Response:
 
 def _login_again(request: Request, target: str, error: str, status: int) -> Response:
     token = secrets.token_urlsafe(24)
-    response = render(request, "login.html", None, login_csrf=token, next=target, error=error)
+    response = render(
+        request, "login.html", None, "Log in", login_csrf=token, next=target, error=error
+    )
     response.status_code = status
     response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", max_age=3600)
     return response
@@ -109,7 +125,7 @@ def logout(_: Principal = Depends(require_csrf)) -> Response:
 
 @router.get("/")
 def dashboard_page(request: Request, who: Principal = Depends(require_viewer)) -> Response:
-    return render(request, "dashboard.html", who, d=request.app.state.dashboard())
+    return render(request, "dashboard.html", who, "Dashboard", d=request.app.state.dashboard(who))
 
 
 @router.get("/studies")
@@ -123,17 +139,24 @@ def studies_page(
 ) -> Response:
     with request.app.state.service.db.session() as s:
         page = queries.studies(
-            s, admin=who.is_admin, q=q, date=date, status=status, limit=50, offset=offset
+            s,
+            request.app.state.viewer(who),
+            q=q,
+            date=date,
+            status=status,
+            limit=50,
+            offset=offset,
         )
     return render(
         request,
         "studies.html",
         who,
+        "Studies",
         page=page,
         q=q,
         date=date,
         status=status,
-        statuses=queries.STUDY_STATUSES,
+        statuses=queries.STUDY_FILTERS,
     )
 
 
@@ -142,24 +165,77 @@ def study_page(
     request: Request, study_uid: str, who: Principal = Depends(require_viewer)
 ) -> Response:
     with request.app.state.service.db.session() as s:
-        detail = queries.study_detail(s, study_uid, admin=who.is_admin)
+        detail = queries.study_detail(s, study_uid, request.app.state.viewer(who))
     if detail is None:
         raise HTTPException(404, f"study {study_uid} is not known to this node")
-    return render(request, "study.html", who, st=detail)
+    return render(request, "study.html", who, detail["heading"], st=detail)
+
+
+@router.get("/results/{result_id}")
+def result_page(
+    request: Request, result_id: int, who: Principal = Depends(require_viewer)
+) -> Response:
+    """The result viewer: source slices with the result, legend, review actions."""
+    r = api.result(request, result_id, who)
+    heading = study_heading(
+        r["accession_number"], r["study_description"], r["study_date"], r["study_uid"] or ""
+    )
+    kind = r["result_type"] if r["result_type"] == "RTSTRUCT" else r["kind"]
+    title = f"{r['pipeline'] or 'Result'} {kind} · {heading}"
+    return render(request, "viewer.html", who, title, r=r, heading=heading, kind=kind)
 
 
 @router.get("/queue")
 def queue_page(request: Request, who: Principal = Depends(require_viewer)) -> Response:
     with request.app.state.service.db.session() as s:
         data = queries.queue(s)
-    return render(request, "queue.html", who, qd=data)
+    return render(request, "queue.html", who, "Queue", qd=data)
+
+
+def _rules_page(
+    request: Request, who: Principal, dry: dict[str, Any] | None, error: str | None, uid: str
+) -> Response:
+    return render(
+        request,
+        "rules.html",
+        who,
+        "Rules",
+        r=api.rules(request, who),
+        dry=dry,
+        dry_error=error,
+        series_uid=uid,
+    )
 
 
 @router.get("/rules")
-def rules_page(request: Request, who: Principal = Depends(require_viewer)) -> Response:
-    return render(request, "rules.html", who, r=api.rules(request, who))
+def rules_page(
+    request: Request, series_uid: str = "", who: Principal = Depends(require_viewer)
+) -> Response:
+    """The rules in force; with ``series_uid``, the dry run of that received series."""
+    dry, error = None, None
+    if series_uid.strip():
+        try:
+            dry = api.dry_run_series(request.app.state.service, series_uid.strip())
+        except api.DryRunError as exc:
+            error = str(exc)
+    return _rules_page(request, who, dry, error, series_uid)
+
+
+@router.post("/rules")
+async def rules_dry_run(request: Request, who: Principal = Depends(require_viewer)) -> Response:
+    """The dry run of uploaded files (or a series UID) from the page's form."""
+    await check_csrf(request, who)
+    dry, error = None, None
+    try:
+        dry = await api.dry_run_request(request)
+    except api.DryRunError as exc:
+        error = str(exc)
+    uid = str((await request.form()).get("series_uid") or "")
+    return _rules_page(request, who, dry, error, uid)
 
 
 @router.get("/destinations")
 def destinations_page(request: Request, who: Principal = Depends(require_viewer)) -> Response:
-    return render(request, "destinations.html", who, dests=api.destinations(request, who))
+    return render(
+        request, "destinations.html", who, "Destinations", dests=api.destinations(request, who)
+    )

@@ -1,86 +1,47 @@
-"""Preview PNG of a result: the SEG overlaid on the source slice it labels most.
+"""Preview PNG of a result: its default viewer slice (``dicom_node.web.viewer``).
 
-Rendered on the server (the browser needs no DICOM code) and cached on disk by the SEG's
-SOP instance UID, which changes whenever the content does.
+The slice with the smallest label present (a tumour rather than the kidney around it),
+the SEG's or RTSTRUCT's own display colours over the source in the abdomen window.
+Rendered on the server and cached on disk by the result's SOP Instance UID, which
+changes whenever its content does.
 """
 
 from __future__ import annotations
 
-import io
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pydicom
-from PIL import Image
 from sqlalchemy import select
 
 from db.models import Instance, Result, Series
 from db.session import Database
-from inference.seg_reader import seg_label_map
+from dicom_node.web import viewer
+from dicom_node.web.viewer import SourceUnreadableError, VolumeCache
 
-WINDOW_WIDTH, WINDOW_LEVEL = 400.0, 40.0
-ALPHA = 0.45
-_FALLBACK_COLOURS = [(230, 60, 60), (60, 200, 90), (70, 120, 240), (240, 200, 40), (200, 80, 220)]
-
-
-class PreviewError(LookupError):
-    """No preview can be made (result or source files missing)."""
+# The names the web app catches (a damaged source answers 409, anything else 404).
+PreviewError = viewer.ViewerError
+__all__ = ["PreviewError", "SourceUnreadableError", "preview_png", "render", "result_files"]
 
 
-def _colours(seg: pydicom.Dataset) -> dict[int, tuple[int, int, int]]:
-    out: dict[int, tuple[int, int, int]] = {}
-    for item in seg.SegmentSequence:
-        number = int(item.SegmentNumber)
-        lab = getattr(item, "RecommendedDisplayCIELabValue", None)
-        if lab is not None:
-            from highdicom.color import CIELabColor  # local: only previews need it
+@dataclass(frozen=True)
+class ResultFiles:
+    """Where a result and its source series are, and what it is."""
 
-            try:
-                rgb = CIELabColor.from_dicom_value(list(lab)).rgb  # type: ignore[attr-defined]
-                out[number] = tuple(int(v) for v in rgb)  # type: ignore[assignment]
-                continue
-            except Exception:  # older highdicom: fall back to a fixed palette
-                pass
-        out[number] = _FALLBACK_COLOURS[(number - 1) % len(_FALLBACK_COLOURS)]
-    return out
+    result_id: int
+    sop_uid: str
+    path: str
+    kind: str
+    pipeline: str | None
+    source_series_uid: str
+    source_paths: list[str]
 
 
-def render(seg_path: str, source_paths: list[str]) -> bytes:
-    """PNG bytes: CT window W400/L40, segments blended in their display colours."""
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_paths]
-    order = sorted(
-        range(len(headers)),
-        key=lambda i: float(getattr(headers[i], "ImagePositionPatient", [0, 0, i])[2]),
-    )
-    uids = [str(headers[i].SOPInstanceUID) for i in order]
-    seg = pydicom.dcmread(seg_path)
-    labels, _names = seg_label_map(seg, uids)
-    counts = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
-    z = int(np.argmax(counts))
-    ds = pydicom.dcmread(source_paths[order[z]])
-    hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(
-        getattr(ds, "RescaleIntercept", 0)
-    )
-    low = WINDOW_LEVEL - WINDOW_WIDTH / 2
-    grey = np.clip((hu - low) / WINDOW_WIDTH * 255.0, 0, 255)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    plane = labels[z]
-    for number, colour in _colours(seg).items():
-        mask = plane == number
-        if mask.any():
-            rgb[mask] = (1 - ALPHA) * rgb[mask] + ALPHA * np.array(colour, np.float32)
-    buf = io.BytesIO()
-    Image.fromarray(rgb.astype(np.uint8), "RGB").save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
-def preview_png(db: Database, result_id: int, cache_dir: Path) -> bytes:
-    """The cached preview of one result, rendered on first request."""
+def result_files(db: Database, result_id: int) -> ResultFiles:
+    """The files of result ``result_id``; ``PreviewError`` when it does not exist."""
     with db.session() as s:
         result = s.get(Result, result_id)
         if result is None:
             raise PreviewError(f"result {result_id} does not exist")
-        seg_path, sop_uid = result.path, result.sop_uid
         sources = list(
             s.scalars(
                 select(Instance.path)
@@ -88,12 +49,39 @@ def preview_png(db: Database, result_id: int, cache_dir: Path) -> bytes:
                 .where(Series.series_uid == result.source_series_uid)
             )
         )
-    cached = Path(cache_dir) / f"{sop_uid}.png"
+        return ResultFiles(
+            result.id,
+            result.sop_uid,
+            result.path,
+            result.kind,
+            result.pipeline,
+            result.source_series_uid,
+            sources,
+        )
+
+
+def render(seg_path: str, source_paths: list[str]) -> bytes:
+    """PNG bytes of the default slice of a SEG or RTSTRUCT over its source files."""
+    volume = viewer.load(seg_path, source_paths)
+    return viewer.render_slice(volume, volume.default_slice)
+
+
+def preview_png(
+    db: Database, result_id: int, cache_dir: Path, volumes: VolumeCache | None = None
+) -> bytes:
+    """The cached preview of one result, rendered on first request.
+
+    Raises ``PreviewError`` (files gone) or ``SourceUnreadableError`` (damaged source).
+    """
+    files = result_files(db, result_id)
+    cached = Path(cache_dir) / f"{files.sop_uid}.png"
     if cached.exists():
         return cached.read_bytes()
-    if not sources or not Path(seg_path).exists():
-        raise PreviewError(f"result {result_id}: SEG or source series files are gone")
-    png = render(seg_path, sources)
+    if volumes is not None:
+        volume = volumes.get(files.sop_uid, files.path, files.source_paths)
+    else:
+        volume = viewer.load(files.path, files.source_paths)
+    png = viewer.render_slice(volume, volume.default_slice)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     tmp.write_bytes(png)

@@ -18,7 +18,12 @@ from sqlalchemy import select
 from db.models import ApiToken, User, utcnow
 from db.session import Database
 
-ROLES = ("viewer", "admin")
+# Roles from least to most trusted; each may do what the ones before it may:
+# viewer: sees everything but patient IDs, acts on nothing;
+# reviewer: also approves or rejects results held for review (``review: required``);
+# admin: also acts on jobs, sends and destinations, and sees patient IDs.
+ROLES = ("viewer", "reviewer", "admin")
+ROLE_LEVELS = {role: level for level, role in enumerate(ROLES)}
 MAX_FAILED_LOGINS = 5
 LOCK_S = 300.0
 _hasher = PasswordHasher()
