@@ -182,6 +182,27 @@ SPECS: dict[str, StandinSpec] = {
     )
 }
 
+# Organs at 6 mm on every contrast phase: the coarse organ model whose masks the phase
+# classifier measures HU in (aorta, IVC, kidneys), like TotalSegmentator's 6 mm task. It is
+# trained on N, A, P and D, so the vessels are found unenhanced and enhanced alike.
+SPECS["organs_6mm"] = StandinSpec(
+    name="organs_6mm",
+    dataset_id=906,
+    description="aorta, IVC, kidneys, liver and spleen at 6 mm on any contrast phase",
+    channel_phases=("NAPD",),
+    labels=dict(SPECS["totalseg"].labels),
+    spacing_zyx=(6.0, 6.0, 6.0),
+    patch_size=(40, 72, 72),
+    train_patch=(24, 48, 48),
+    steps=600,
+    cases=16,
+    features=(8, 16, 24),
+    decoder_convs=1,
+    hard_negatives=("spleen", "liver", "kidney_tumor", "ureter_left", "vertebra"),
+    mirror_axes=None,
+    eval_phases="N",  # the hardest phase for the vessels
+)
+
 # The same organs in the voxel order TotalSegmentator feeds its models (closest-canonical
 # RAS): the source of the TotalSegmentator weights folder the tests install.
 SPECS["totalseg_ras"] = replace(

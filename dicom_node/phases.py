@@ -6,10 +6,13 @@ person can read:
 - explicit phase rules from the rules file (first match decides; e.g. scouts -> never);
 - keywords in SeriesDescription / ProtocolName (English and Korean, user-extensible);
 - contrast agent tags (ContrastBolusAgent / ContrastBolusRoute present or absent);
-- timing: seconds from ContrastBolusStartTime, or else from the study's first contrast
-  acquisition, to AcquisitionTime, against documented windows;
-- the order of the study's contrast series by AcquisitionTime (weak, used when the
-  other sources say nothing).
+- timing: seconds from ContrastBolusStartTime to AcquisitionTime against documented
+  windows; without a bolus time, the gaps between the study's contrast series (a short
+  gap is arterial -> portal venous, a long one portal venous -> delayed). The first
+  contrast series is never assumed to be arterial: a single contrast series, or gaps that
+  fit no pattern, give no timing vote;
+- image evidence (``dicom_node.image_phase``): HU measured in the aorta, veins and kidneys
+  by a coarse organ model, when the tags are weak (or always, as configured).
 
 Votes are summed per phase. Confidence is the winner's share of all votes, so evidence
 that disagrees (text says arterial, timing says delayed) lowers it, and the conflict is
@@ -27,6 +30,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from dicom_node.conditions import evaluate, validate_condition
+from dicom_node.image_phase import ImageEvidenceSettings, describe, phase_from_image
 from kernel.strict import StrictModel
 
 Phase = Literal["A", "P", "D", "N", "unknown"]
@@ -56,13 +60,20 @@ class PhaseSettings(StrictModel):
     timing_windows_s: dict[Literal["A", "P", "D"], tuple[float, float | None]] = Field(
         default_factory=lambda: {"A": (15, 45), "P": (50, 100), "D": (180, None)}
     )
-    weights: dict[str, float] = Field(
+    # Without ContrastBolusStartTime: two contrast series at most this far apart are
+    # arterial then portal venous; at least ``portal_to_delayed_min`` apart, portal venous
+    # then delayed (nominal delays ~30-40 s, ~70 s and >= 180 s after injection).
+    relative_gaps_s: dict[Literal["arterial_to_portal_max", "portal_to_delayed_min"], float] = (
+        Field(
+            default_factory=lambda: {"arterial_to_portal_max": 90.0, "portal_to_delayed_min": 120.0}
+        )
+    )
+    weights: dict[Literal["rule", "keyword", "timing", "contrast_tags"], float] = Field(
         default_factory=lambda: {
             "rule": 10.0,
             "keyword": 3.0,
             "timing": 2.0,
             "contrast_tags": 1.0,
-            "order": 0.5,
         }
     )
     min_confidence: float = Field(0.5, ge=0, le=1)
@@ -70,6 +81,7 @@ class PhaseSettings(StrictModel):
     # rule. Missing contrast tags or the series order alone never decide.
     min_score: float = Field(1.5, ge=0)
     rules: list[PhaseRule] = Field(default_factory=list)
+    image_evidence: ImageEvidenceSettings = Field(default_factory=ImageEvidenceSettings)
 
     @field_validator("keywords")
     @classmethod
@@ -85,9 +97,17 @@ class PhaseSettings(StrictModel):
 
 @dataclass
 class PhaseResult:
+    """A series' phase, the confidence (the winner's share of the votes) and the reasons.
+
+    ``candidate`` is False for series that can have no phase (scouts, other modalities);
+    ``waiting_for_image``: the phase stays unknown until the image evidence arrives.
+    """
+
     phase: Phase
     confidence: float
     reasons: list[str] = field(default_factory=list)
+    candidate: bool = True
+    waiting_for_image: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"phase": self.phase, "confidence": self.confidence, "reasons": self.reasons}
@@ -141,8 +161,18 @@ class PhaseClassifier:
             for phase, patterns in settings.keywords.items()
         }
 
-    def classify_study(self, series_attrs: dict[str, dict[str, Any]]) -> dict[str, PhaseResult]:
-        """Classify every series of one study; ``series_attrs``: series UID -> attributes."""
+    def classify_study(
+        self,
+        series_attrs: dict[str, dict[str, Any]],
+        image: dict[str, dict[str, Any]] | None = None,
+    ) -> dict[str, PhaseResult]:
+        """Classify every series of one study; ``series_attrs``: series UID -> attributes.
+
+        ``image``: series UID -> image evidence, ``{"state": "ready", "measurements":
+        {...}}``, ``{"state": "pending"}`` (asked, not there yet: the phase stays unknown
+        until it is) or ``{"state": "none", "reason": "..."}`` (could not be taken).
+        """
+        image = image or {}
         results: dict[str, PhaseResult] = {}
         votes: dict[str, dict[str, float]] = {}
         reasons: dict[str, list[str]] = {}
@@ -156,12 +186,14 @@ class PhaseClassifier:
                     break
             if decided is not None and decided.phase == "none":
                 results[uid] = PhaseResult(
-                    "unknown", 1.0, [f"phase rule {decided.name!r}: no phase"]
+                    "unknown", 1.0, [f"phase rule {decided.name!r}: no phase"], candidate=False
                 )
                 continue
             ok, why_not = is_phase_candidate(attrs)
             if not ok:
-                results[uid] = PhaseResult("unknown", 1.0, [f"no phase: {why_not}"])
+                results[uid] = PhaseResult(
+                    "unknown", 1.0, [f"no phase: {why_not}"], candidate=False
+                )
                 continue
             candidates[uid] = attrs
             votes[uid] = defaultdict(float)
@@ -172,10 +204,32 @@ class PhaseClassifier:
             self._text_votes(attrs, votes[uid], reasons[uid])
             self._contrast_votes(attrs, votes[uid], reasons[uid])
         self._timing_votes(candidates, votes, reasons)
-        self._order_votes(candidates, votes, reasons)
+        waiting = self._image_votes(candidates, image, votes, reasons)
         for uid in candidates:
             results[uid] = self._decide(votes[uid], reasons[uid])
+            if uid in waiting:
+                results[uid] = PhaseResult(
+                    "unknown",
+                    results[uid].confidence,
+                    [*results[uid].reasons, waiting[uid]],
+                    waiting_for_image=True,
+                )
         return results
+
+    def wants_image(self, results: dict[str, PhaseResult]) -> list[str]:
+        """Series whose phase should also be read from the image (``image_evidence.when``):
+        CT image series only, never scouts or other modalities."""
+        settings = self.settings.image_evidence
+        if settings.when == "never" or not settings.model:
+            return []
+        wanted = []
+        for uid, result in results.items():
+            if not result.candidate:
+                continue
+            weak = result.phase == "unknown" or result.confidence < settings.weak_below
+            if settings.when == "always" or weak:
+                wanted.append(uid)
+        return wanted
 
     # -- evidence ------------------------------------------------------------------------
     def _text_votes(self, attrs: dict[str, Any], votes: dict[str, float], why: list[str]) -> None:
@@ -211,68 +265,110 @@ class PhaseClassifier:
         votes: dict[str, dict[str, float]],
         reasons: dict[str, list[str]],
     ) -> None:
-        contrast_times = [
-            t for a in candidates.values() if _has_contrast_tags(a) and (t := _acquired_at(a))
-        ]
-        first_contrast = min(contrast_times) if contrast_times else None
-        boluses = [
-            t for a in candidates.values() if (t := _seconds(a.get("ContrastBolusStartTime")))
-        ]
-        study_bolus = min(boluses) if boluses else first_contrast
-        for uid, attrs in candidates.items():
-            acquired = _acquired_at(attrs)
-            bolus = _seconds(attrs.get("ContrastBolusStartTime"))
-            if acquired is None:
-                continue
-            if not _has_contrast_tags(attrs):
-                if study_bolus is not None and acquired < study_bolus:
-                    votes[uid]["N"] += self.settings.weights["timing"]
-                    reasons[uid].append(
-                        f"acquired {study_bolus - acquired:.0f} s before the study's contrast bolus"
-                    )
-                continue
-            if bolus is not None:
-                delay, since = acquired - bolus, "ContrastBolusStartTime"
-            elif first_contrast is not None and len(contrast_times) > 1:
-                # Relative to the first contrast series: assume it was arterial (~30 s).
-                delay, since = acquired - first_contrast + 30.0, "first contrast series (+30 s)"
-            else:
-                continue
-            if delay < 0:
-                delay += 24 * 3600  # acquisition after midnight
-            for phase, (lo, hi) in self.settings.timing_windows_s.items():
-                if delay >= lo and (hi is None or delay <= hi):
-                    votes[uid][phase] += self.settings.weights["timing"]
-                    hi_text = f"{hi:g}" if hi is not None else "..."
-                    reasons[uid].append(
-                        f"acquired {delay:.0f} s after {since}: {phase} window {lo:g}-{hi_text} s"
-                    )
-                    break
-            else:
-                reasons[uid].append(f"acquired {delay:.0f} s after {since}: outside every window")
-
-    def _order_votes(
-        self,
-        candidates: dict[str, dict[str, Any]],
-        votes: dict[str, dict[str, float]],
-        reasons: dict[str, list[str]],
-    ) -> None:
-        """With 2-3 contrast series and nothing better, earlier means A, then P, then D."""
-        timed = sorted(
+        weight = self.settings.weights["timing"]
+        contrast = sorted(
             (t, uid)
             for uid, a in candidates.items()
             if _has_contrast_tags(a) and (t := _acquired_at(a)) is not None
         )
-        if not 2 <= len(timed) <= 3:
-            return
-        order = ("A", "P", "D") if len(timed) == 3 else ("A", "P")
-        for (_, uid), phase in zip(timed, order, strict=True):
-            if votes[uid] and max(votes[uid].values()) > self.settings.weights["contrast_tags"]:
-                continue  # stronger evidence exists: order is only a tie-breaker
-            votes[uid][phase] += self.settings.weights["order"]
-            reasons[uid].append(
-                f"contrast series #{order.index(phase) + 1} of {len(timed)} by AcquisitionTime"
+        boluses = [
+            t for a in candidates.values() if (t := _seconds(a.get("ContrastBolusStartTime")))
+        ]
+        study_start = min(boluses) if boluses else (contrast[0][0] if contrast else None)
+        for uid, attrs in candidates.items():
+            acquired = _acquired_at(attrs)
+            if acquired is None or _has_contrast_tags(attrs):
+                continue
+            if study_start is not None and acquired < study_start:
+                votes[uid]["N"] += weight
+                reasons[uid].append(
+                    f"acquired {study_start - acquired:.0f} s before the study's contrast"
+                )
+        timed = set()
+        for uid, attrs in candidates.items():
+            acquired = _acquired_at(attrs)
+            bolus = _seconds(attrs.get("ContrastBolusStartTime"))
+            if acquired is None or bolus is None or not _has_contrast_tags(attrs):
+                continue
+            timed.add(uid)
+            delay = acquired - bolus
+            if delay < 0:
+                delay += 24 * 3600  # acquisition after midnight
+            for phase, (lo, hi) in self.settings.timing_windows_s.items():
+                if delay >= lo and (hi is None or delay <= hi):
+                    votes[uid][phase] += weight
+                    hi_text = f"{hi:g}" if hi is not None else "..."
+                    reasons[uid].append(
+                        f"acquired {delay:.0f} s after ContrastBolusStartTime: "
+                        f"{phase} window {lo:g}-{hi_text} s"
+                    )
+                    break
+            else:
+                reasons[uid].append(
+                    f"acquired {delay:.0f} s after ContrastBolusStartTime: outside every window"
+                )
+        untimed = [(t, uid) for t, uid in contrast if uid not in timed]
+        for uid, phase, why in self._gap_pattern(untimed):
+            votes[uid][phase] += weight
+            reasons[uid].append(why)
+
+    def _gap_pattern(self, series: list[tuple[float, str]]) -> list[tuple[str, str, str]]:
+        """Phases from the gaps between contrast series without a bolus time.
+
+        Two series: a short gap is A then P, a long one P then D (the commonest two-phase
+        protocols); three: A, P, D when the first gap is short and the second long. One
+        series or gaps that fit no pattern: nothing (``unknown`` rather than a guess).
+        """
+        short = self.settings.relative_gaps_s["arterial_to_portal_max"]
+        long = self.settings.relative_gaps_s["portal_to_delayed_min"]
+        gaps = [b[0] - a[0] for a, b in zip(series, series[1:], strict=False)]
+        pattern: tuple[str, ...] = ()
+        if len(series) == 2:
+            pattern = ("A", "P") if gaps[0] <= short else ("P", "D") if gaps[0] >= long else ()
+        elif len(series) == 3 and gaps[0] <= short and gaps[1] >= long:
+            pattern = ("A", "P", "D")
+        if not pattern:
+            return []
+        gap_text = ", ".join(f"{g:.0f} s" for g in gaps)
+        return [
+            (
+                uid,
+                phase,
+                f"contrast series {n + 1} of {len(series)} (gaps {gap_text}, no bolus time): "
+                f"pattern {' -> '.join(pattern)}",
             )
+            for n, ((_, uid), phase) in enumerate(zip(series, pattern, strict=True))
+        ]
+
+    def _image_votes(
+        self,
+        candidates: dict[str, dict[str, Any]],
+        image: dict[str, dict[str, Any]],
+        votes: dict[str, dict[str, float]],
+        reasons: dict[str, list[str]],
+    ) -> dict[str, str]:
+        """Add the image's vote; returns uid -> reason for series still waiting for it."""
+        settings = self.settings.image_evidence
+        waiting: dict[str, str] = {}
+        for uid in candidates:
+            evidence = image.get(uid)
+            if evidence is None:
+                continue
+            state = evidence.get("state")
+            if state == "pending":
+                waiting[uid] = f"waiting for image evidence (model {settings.model})"
+            elif state == "none":
+                reasons[uid].append(f"no image evidence ({evidence.get('reason', '?')})")
+            elif state == "ready":
+                measured = evidence.get("measurements") or {}
+                phase, why = phase_from_image(measured, settings.thresholds)
+                text = f"image ({measured.get('model', settings.model)}): {describe(measured)}"
+                if phase is None:
+                    reasons[uid].append(f"{text}: no phase ({why})")
+                else:
+                    votes[uid][phase] += settings.weight
+                    reasons[uid].append(f"{text}: {phase} ({why})")
+        return waiting
 
     def _decide(self, votes: dict[str, float], why: list[str]) -> PhaseResult:
         total = sum(votes.values())

@@ -45,6 +45,8 @@ class SeriesPlan:
     slice_spacing_mm: float | None = None
     incomplete: list[str] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)
+    # The phase should also be read from the image and no evidence was asked for yet.
+    image_missing: bool = False
 
     def describe(self) -> str:
         """E.g. ``1.2.3 (P 0.95, ORIGINAL axial, 2.5 mm, 120 images)``."""
@@ -124,19 +126,37 @@ def _float(value: Any) -> float | None:
         return None
 
 
+ImageLookup = Callable[[str], "dict[str, Any] | None"]
+
+
 def plan_study(
     rules: RuleSet,
     study_series: dict[str, dict[str, Any]],
     target_spacing_mm: Callable[[str], float | None] | None = None,
+    image: ImageLookup | None = None,
 ) -> tuple[dict[str, SeriesPlan], dict[str, PipelinePlan]]:
     """Classify, decide and resolve pipelines for the complete series of one study.
 
     ``study_series`` maps series UID -> attributes (``dicom_node.series_attrs``: the main
     stack's header plus derived values such as InstanceCount, Incomplete, CallingAE).
     ``target_spacing_mm(pipeline)`` is the slice spacing the pipeline's first model works
-    at (None: unknown), used to prefer among candidates.
+    at (None: unknown), used to prefer among candidates. ``image(series_uid)`` gives the
+    image evidence of a series (see ``PhaseClassifier.classify_study``) or None when none
+    was asked for yet; series that want it and have none are ``image_missing`` and wait,
+    unknown, for it. Without ``image`` the phases come from the tags alone.
     """
     phases = rules.classifier.classify_study(study_series)
+    missing: set[str] = set()
+    if image is not None:
+        wanted = rules.classifier.wants_image(phases)
+        evidence = {uid: image(uid) for uid in wanted}
+        missing = {uid for uid, found in evidence.items() if found is None}
+        if wanted:
+            given = {
+                uid: found if found is not None else {"state": "pending"}
+                for uid, found in evidence.items()
+            }
+            phases = rules.classifier.classify_study(study_series, given)
     series_plans: dict[str, SeriesPlan] = {}
     requested: list[str] = []
     for uid, attrs in study_series.items():
@@ -152,6 +172,7 @@ def plan_study(
             slice_spacing_mm=_float(attrs.get("SliceSpacing")),
             incomplete=list(attrs.get("Incomplete") or []),
             left_out=list(attrs.get("LeftOut") or []),
+            image_missing=uid in missing,
         )
         if not decision.discard:
             requested += [p for p in decision.pipelines if p not in requested]

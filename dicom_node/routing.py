@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Event, Instance, Job, Series, Study, utcnow
 from db.session import Database
-from dicom_node import records, series_attrs
+from dicom_node import image_evidence, records, series_attrs
 from dicom_node.planning import PipelinePlan, SeriesPlan, plan_study
 from dicom_node.rules import RoutingDecision, RuleSet
 from dicom_node.series_attrs import InstanceRow
@@ -92,8 +92,15 @@ class Router:
     ) -> tuple[dict[str, SeriesPlan], dict[str, PipelinePlan]]:
         ruleset = self.rules()
         series_plans, pipeline_plans = plan_study(
-            ruleset, self._complete_series(s, study), self.target_spacing_mm
+            ruleset,
+            self._complete_series(s, study),
+            self.target_spacing_mm,
+            lambda uid: image_evidence.lookup(s, uid),
         )
+        evidence = ruleset.spec.phases.image_evidence
+        for plan in series_plans.values():
+            if plan.image_missing and evidence.model:
+                image_evidence.request(s, study, plan.series_uid, evidence, self.max_attempts)
         for plan in series_plans.values():
             row = s.scalars(select(Series).where(Series.series_uid == plan.series_uid)).one()
             records.record_routing(
@@ -182,6 +189,15 @@ class Router:
                 if pipeline_plan.ready:
                     self._fire(s, study, pipeline_plan, series_plans)
         return decision
+
+    def poll_image_evidence(self) -> list[str]:
+        """Route again the series whose image evidence arrived (or failed) since they were
+        last routed; returns their UIDs."""
+        with self.db.session() as s:
+            due = image_evidence.arrived_since_routing(s)
+        for series_uid in due:
+            self.route_series(series_uid)
+        return due
 
     def poll_settled(self, now: datetime | None = None) -> list[str]:
         """Studies quiet for study_timeout_s: run on fallbacks or record why not."""
