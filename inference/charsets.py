@@ -194,6 +194,11 @@ _CODEC_ALIASES = {
     "ISO10646": "utf-8",
     "ISO2022GBK": "gbk",  # pydicom's reading of CP 1234
     "ISO202258": "gb2312",
+    "GB180302000": "gb18030",
+    "GB180302005": "gb18030",
+    "GB180302022": "gb18030",
+    "ISO646": "ascii",
+    "ISO646US": "ascii",
 }
 _IR_NUMBER = re.compile(r"(?:ISO)?(2022)?IR(\d+)")
 
@@ -229,10 +234,14 @@ def _parse_value(value: str) -> _Term | None:
         return None
     if compact in ("GB18030", "GBK"):
         return _Term(compact, stand_alone=True)
-    codec_name = _CODEC_ALIASES.get(compact, text)
-    try:
-        info = codecs.lookup(codec_name)
-    except LookupError:
+    info = None
+    for codec_name in (_CODEC_ALIASES.get(compact, text), compact):  # GB-2312 -> GB2312
+        try:
+            info = codecs.lookup(codec_name)
+            break
+        except LookupError:
+            continue
+    if info is None:
         return None
     if not getattr(info, "_is_text_encoding", True):
         return None  # rot13, base64 and the like

@@ -101,6 +101,18 @@ def jis(value1: str) -> Encoder:
     return encode
 
 
+def jis_x_0212(text: str, vr: str) -> bytes:
+    """JIS X 0212 (ISO 2022 IR 159, ESC $ ( D) for what JIS X 0208 lacks, such as 鷗."""
+    out = b""
+    for part in _groups(text, vr):
+        for ch in part:
+            try:
+                out += ch.encode("iso2022_jp")
+            except UnicodeEncodeError:
+                out += ch.encode("iso2022_jp_2")
+    return out.replace(b"\x1b(B\x1b$B", b"\x1b$B")
+
+
 # --- the variants ---------------------------------------------------------------------------
 
 KOREAN = {
@@ -208,6 +220,9 @@ VARIANTS = [
             jis("ISO 2022 IR 6"), ["ISO 2022 IR 6", "ISO 2022 IR 87"], phase_keyword="portal"),
     Variant("japanese-empty-ir87", ["", "ISO 2022 IR 87"], JAPANESE, jis(""),
             ["", "ISO 2022 IR 87"]),
+    Variant("japanese-ir159", ["ISO 2022 IR 6", "ISO 2022 IR 87", "ISO 2022 IR 159"],
+            {**JAPANESE, "PatientName": "Mori^Ougai=森^鷗外"}, jis_x_0212,
+            ["ISO 2022 IR 6", "ISO 2022 IR 87", "ISO 2022 IR 159"]),
     Variant("japanese-ir13-ir87", ["ISO 2022 IR 13", "ISO 2022 IR 87"], KATAKANA,
             jis("ISO 2022 IR 13"), ["ISO 2022 IR 13", "ISO 2022 IR 87"]),
     Variant("latin1-extension-alone", "ISO 2022 IR 100", GERMAN, plain("latin_1"), "ISO_IR 100"),
@@ -399,6 +414,17 @@ def _declared_text(value: str | list[str] | None) -> str | None:
         ("EUC-KR", ("", "ISO 2022 IR 149")),
         ("KS_C_5601-1987", ("", "ISO 2022 IR 149")),
         ("GB2312", ("", "ISO 2022 IR 58")),
+        ("GB-2312", ("", "ISO 2022 IR 58")),
+        ("GB18030-2005", ("GB18030",)),
+        ("cp949", ("", "ISO 2022 IR 149")),
+        ("KS X 1001", ("", "ISO 2022 IR 149")),
+        ("ISO-8859-1", ("ISO_IR 100",)),
+        ("ISO_IR 87", ("", "ISO 2022 IR 87")),
+        (
+            ["ISO 2022 IR 6", "ISO 2022 IR 87", "ISO 2022 IR 159"],
+            ("ISO 2022 IR 6", "ISO 2022 IR 87", "ISO 2022 IR 159"),
+        ),
+        ("US-ASCII", ()),
         (["ISO 2022 IR 6", "ISO 2022 IR 87"], ("ISO 2022 IR 6", "ISO 2022 IR 87")),
         (["ISO_IR 13", "ISO 2022 IR 87"], ("ISO 2022 IR 13", "ISO 2022 IR 87")),
         (["ISO 2022 IR 100", "ISO 2022 IR 144"], ("ISO 2022 IR 100", "ISO 2022 IR 144")),
