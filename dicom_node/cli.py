@@ -112,8 +112,21 @@ def _route_explain(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     rules_file = args.rules or settings.rules_file
+    rules = load_rules(Path(rules_file))
     spacing = _spacing_lookup(settings.models_file, Path(rules_file))
-    items = explain(load_rules(Path(rules_file)), args.paths, spacing)
+    evidence = rules.spec.phases.image_evidence
+    image = None
+    if not args.no_image_evidence and evidence.when != "never" and evidence.model:
+        from dicom_node.image_evidence import in_process
+
+        print(
+            f"image evidence: measured in this process with model {evidence.model} where the "
+            "tags are weak, as a worker would (needs the models; --no-image-evidence: tags "
+            "only)",
+            file=sys.stderr,
+        )
+        image = in_process(settings.models_file, evidence)
+    items = explain(rules, args.paths, spacing, image)
     print(json.dumps(items, indent=2, ensure_ascii=False) if args.json else format_text(items))
     return 0
 
@@ -314,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("paths", nargs="+", help="DICOM files or folders (several studies)")
     ex.add_argument("--json", action="store_true", help="one JSON array")
     ex.add_argument("--rules", help="rules file (default: the settings' rules_file)")
+    ex.add_argument(
+        "--no-image-evidence",
+        action="store_true",
+        help="classify from the tags only (image evidence needs the models and torch)",
+    )
     ex.set_defaults(func=_route_explain)
 
     p = sub.add_parser("db", help="database maintenance")

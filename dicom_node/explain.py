@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Series, Study
 from dicom_node import series_attrs
-from dicom_node.planning import PipelinePlan, plan_study
+from dicom_node.planning import ImageLookup, PipelinePlan, plan_study
 from dicom_node.routing import series_attributes
 from dicom_node.rules import RuleSet
 from dicom_node.series_attrs import InstanceRow
@@ -37,6 +37,18 @@ def dicom_files(paths: Iterable[str | Path]) -> Iterable[Path]:
             yield path
         else:
             raise FileNotFoundError(f"{path} does not exist")
+
+
+def series_files(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
+    """series UID -> its files among ``paths`` (files that are not DICOM are skipped)."""
+    out: dict[str, list[Path]] = defaultdict(list)
+    for path in dicom_files(paths):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except (InvalidDicomError, OSError, EOFError):
+            continue
+        out[str(ds.get("SeriesInstanceUID", ""))].append(path)
+    return dict(out)
 
 
 def collect_series(paths: Iterable[str | Path]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -110,9 +122,14 @@ def explain_study(
     study_uid: str,
     series: dict[str, dict[str, Any]],
     target_spacing_mm: Callable[[str], float | None] | None = None,
+    image: ImageLookup | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, PipelinePlan]]:
-    """The items of one study's series (see ``explain``) and its pipeline plans."""
-    series_plans, pipeline_plans = plan_study(rules, series, target_spacing_mm)
+    """The items of one study's series (see ``explain``) and its pipeline plans.
+
+    ``image``: the image evidence of a series (``planning.plan_study``); the phase reasons
+    then carry the HU measured.
+    """
+    series_plans, pipeline_plans = plan_study(rules, series, target_spacing_mm, image)
     items: list[dict[str, Any]] = []
     for uid, plan in series_plans.items():
         pipelines = sorted(
@@ -148,17 +165,25 @@ def explain(
     rules: RuleSet,
     paths: Iterable[str | Path],
     target_spacing_mm: Callable[[str], float | None] | None = None,
+    image: Callable[[str, list[Path]], dict[str, Any] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """One item per series: phase, reasons, rule (or each rule's first failing
     condition when none matched), the pipelines it feeds (with how it was chosen over
     other candidates), forwards, stacks left out and signs of missing slices.
 
     ``target_spacing_mm``: pipeline -> its first model's slice spacing, as the live node
-    uses it to prefer among candidates (None: not used).
+    uses it to prefer among candidates (None: not used). ``image(files)``: the image
+    evidence of a series, given its UID and files (the CLI measures it in-process with the
+    registry's models, as a worker would); None: the phases come from the tags alone.
     """
+    paths = list(paths)
+    files_of = series_files(paths)
+    lookup = (lambda uid: image(uid, files_of.get(uid, []))) if image is not None else None
     items: list[dict[str, Any]] = []
     for study_uid, series in collect_series(paths).items():
-        study_items, pipeline_plans = explain_study(rules, study_uid, series, target_spacing_mm)
+        study_items, pipeline_plans = explain_study(
+            rules, study_uid, series, target_spacing_mm, lookup
+        )
         items += study_items
         for p in pipeline_plans.values():
             if not p.runnable:

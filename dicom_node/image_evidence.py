@@ -3,7 +3,7 @@
 The node holds no model, so image evidence is a worker job (``PHASE_EVIDENCE_JOB``,
 urgent: routing waits for it) whose summary carries the measurements. The router asks for
 it when the tags are weak (``request``), reads it back when it plans the study again
-(``lookup``), and is woken by ``arrived_since_routing`` when a job has finished.
+(``lookup_in``), and is woken by ``arrived_since_routing`` when a job has finished.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _jobs_for(session: Session, series: Series) -> list[Job]:
     ]
 
 
-def lookup(session: Session, series_uid: str) -> dict[str, Any] | None:
+def lookup_in(session: Session, series_uid: str) -> dict[str, Any] | None:
     """The image evidence of a series' latest completion (``PhaseClassifier`` format), or
     None when none was asked for."""
     series = _series(session, series_uid)
@@ -108,3 +108,42 @@ def arrived_since_routing(session: Session) -> list[str]:
         if series.routed_at is None or series.routed_at < job.finished_at:
             due.append(uid)
     return due
+
+
+def from_database(db: Any) -> Any:
+    """An image evidence lookup (series UID -> evidence) on the node's database: what the
+    live router would use now (the rules dry run)."""
+
+    def lookup(series_uid: str) -> dict[str, Any] | None:
+        with db.session() as s:
+            return lookup_in(s, series_uid)
+
+    return lookup
+
+
+def in_process(models_file: Any, settings: ImageEvidenceSettings) -> Any:
+    """An image evidence lookup ``(series UID, files) -> evidence`` that measures in this
+    process with the registry's model, as a worker would (``route explain``). It loads
+    torch and the model on first use."""
+    from inference.engine import Engine
+    from inference.phase_evidence import EvidenceError, measure
+    from inference.registry import load_registry
+    from inference.volume import SeriesReadError, load_series
+
+    engine: list[Engine] = []
+
+    def lookup(_series_uid: str, files: list[Any]) -> dict[str, Any] | None:
+        if not settings.model or not files:
+            return None
+        if not engine:
+            import torch
+
+            engine.append(Engine(load_registry(models_file), torch.device("cpu")))
+        try:
+            volume = load_series(files)
+            measured = measure(engine[0], settings.model, volume, settings.structures)
+        except (EvidenceError, SeriesReadError) as exc:
+            return {"state": "none", "reason": str(exc)}
+        return {"state": "ready", "measurements": measured}
+
+    return lookup

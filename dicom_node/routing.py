@@ -95,7 +95,7 @@ class Router:
             ruleset,
             self._complete_series(s, study),
             self.target_spacing_mm,
-            lambda uid: image_evidence.lookup(s, uid),
+            lambda uid: image_evidence.lookup_in(s, uid),
         )
         evidence = ruleset.spec.phases.image_evidence
         for plan in series_plans.values():

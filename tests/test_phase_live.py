@@ -92,3 +92,25 @@ def test_a_series_without_an_aorta_says_why_and_routing_goes_on(tmp_path, start_
     wait_until(settled, 30, "the study to settle")
     with node.db.session() as s:
         assert s.scalars(select(Job).where(Job.pipeline == "tumor")).first() is None
+
+
+def test_route_explain_reads_the_phase_from_the_image_as_the_node_does(tmp_path):
+    """``route explain`` runs the same planning with the image evidence measured in its own
+    process; with --no-image-evidence it says what the tags alone say."""
+    import json
+    import subprocess
+    import sys
+
+    study = generate_study(tmp_path / "study", seed=53, phases="P", **SMALL)
+    rewrite(study.series[0].files, tmp_path / "p", _generic)
+    command = [sys.executable, "-m", "dicom_node.cli", "route", "explain", "--json",
+               str(tmp_path / "p")]  # fmt: skip
+    with_image = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    item = json.loads(with_image.stdout)[0]
+    assert item["phase"] == "P" and item["pipelines"] == ["tumor"]
+    assert any(r.startswith("image (organs_6mm): aorta") for r in item["reasons"])
+    assert "image evidence: measured in this process" in with_image.stderr
+    tags = subprocess.run(
+        [*command, "--no-image-evidence"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(tags.stdout)[0]["phase"] == "unknown"

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from db.models import Result, Series, Study
+from dicom_node import image_evidence
 from dicom_node.explain import collect_series, explain_study, pipeline_items, received_study_series
 from dicom_node.view import ServiceView
 from dicom_node.web import queries, viewer
@@ -337,7 +338,9 @@ def dry_run_series(node: ServiceView, series_uid: str) -> dict[str, Any]:
         series = received_study_series(s, study)
         study_uid = study.study_uid
     ruleset = node.rules.get()
-    items, plans = explain_study(ruleset, study_uid, series, node.target_spacing_mm)
+    items, plans = explain_study(
+        ruleset, study_uid, series, node.target_spacing_mm, image_evidence.from_database(node.db)
+    )
     _annotated(items, series)
     return {
         "source": f"received series {series_uid} with the {len(series)} complete series "
@@ -365,8 +368,15 @@ def dry_run_files(node: ServiceView, files: list[tuple[str, bytes]]) -> dict[str
             raise DryRunError(422, "none of the uploaded files is a readable DICOM file")
         items: list[dict[str, Any]] = []
         pipelines: list[dict[str, Any]] = []
+        not_measured = {
+            "state": "none",
+            "reason": "not measured for uploaded files: the web app runs no model; "
+            "`dicom-node route explain` measures it",
+        }
         for study_uid, series in studies.items():
-            found, plans = explain_study(ruleset, study_uid, series, node.target_spacing_mm)
+            found, plans = explain_study(
+                ruleset, study_uid, series, node.target_spacing_mm, lambda _uid: not_measured
+            )
             _annotated(found, series)
             items += found
             pipelines += pipeline_items(plans)
