@@ -116,9 +116,14 @@ def select_stack(
                 f"{headers[at + 1].get('SOPInstanceUID', '?')} lie at one position "
                 f"({positions[at]:.2f} mm): duplicate or mixed acquisitions"
             )
-        if np.max(np.abs(gaps - np.median(gaps))) > max(0.01, 0.01 * np.median(gaps)):
+        usual = float(np.median(gaps))
+        if np.max(np.abs(gaps - usual)) > max(0.01, 0.01 * usual):
+            at = int(np.argmax(np.abs(gaps - usual)))
             raise SeriesReadError(
-                f"uneven slice spacing ({gaps.min():.3f}..{gaps.max():.3f} mm): missing slices?"
+                f"uneven slice spacing ({gaps.min():.3f}..{gaps.max():.3f} mm, usual "
+                f"{usual:.3f}): {gaps[at]:.3f} mm between instances "
+                f"{headers[at].get('SOPInstanceUID', '?')} and "
+                f"{headers[at + 1].get('SOPInstanceUID', '?')}: missing slices?"
             )
     return [str(files[i]) for i in kept], headers, choice.left_out_text()
 
