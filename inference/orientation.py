@@ -40,8 +40,11 @@ _LETTERS = {
 # A geometry is orthogonal when the axes' cosines differ from 0 by less than this.
 ORTHOGONAL_TOLERANCE = 1e-4
 # Slices whose ImagePositionPatient lies farther than this from the one-affine line are
-# not one regular (possibly sheared) grid: no single NIfTI affine places them.
-LINE_TOLERANCE_MM = 0.1
+# not one regular (possibly sheared) grid: no single affine places them. A quarter of a
+# millimetre, or a tenth of the slice step when that is more: far above the rounding of
+# positions written with one decimal, far below a voxel.
+LINE_TOLERANCE_MM = 0.25
+LINE_TOLERANCE_STEPS = 0.1
 
 
 class StackGeometryError(ValueError):
@@ -166,7 +169,8 @@ def stack_geometry(volume: Volume) -> Volume:
     (NIfTI, crops, one slice) are returned as they are.
 
     Raises ``StackGeometryError`` naming the series when the slices do not lie on one
-    line at even steps (within ``LINE_TOLERANCE_MM``): no single affine places them.
+    line at even steps (within ``LINE_TOLERANCE_MM`` or ``LINE_TOLERANCE_STEPS`` of the
+    step, whichever is more): no single affine places them.
     """
     headers = volume.headers
     if len(headers) < 2 or len(headers) != volume.shape[0]:
@@ -188,7 +192,7 @@ def stack_geometry(volume: Volume) -> Volume:
         raise StackGeometryError(f"series {volume.series_uid}: all slices share one position")
     expected = positions[0] + np.arange(n)[:, None] * step
     off_mm = float(np.max(np.linalg.norm(positions - expected, axis=1)))
-    if off_mm > LINE_TOLERANCE_MM:
+    if off_mm > max(LINE_TOLERANCE_MM, LINE_TOLERANCE_STEPS * step_mm):
         raise StackGeometryError(
             f"series {volume.series_uid}: slice positions are {off_mm:.2f} mm off one straight "
             "line at even steps (uneven spacing or a varying tilt); no single affine places "

@@ -161,3 +161,18 @@ def test_stack_off_one_line_is_refused() -> None:
     positions[2] = (0.8, 0.0, 10.0)
     with pytest.raises(StackGeometryError, match=r"series 1\.2\.3: .*0\.80 mm off one straight"):
         stack_geometry(_volume(_headers(positions)))
+
+
+def test_positions_rounded_to_a_tenth_of_a_millimetre_still_form_one_grid() -> None:
+    """Scanners that write ImagePositionPatient with one decimal: a tilted stack's lateral
+    steps then wobble by rounding, which is not a reason to refuse it."""
+    t = np.deg2rad(12.0)
+    iop = (1, 0, 0, 0, float(np.cos(t)), float(np.sin(t)))
+    positions = [
+        (-200.0, round(-180.0 - 0.37 * k, 1), round(-90.0 + 2.5 * k, 1)) for k in range(40)
+    ]
+    placed = stack_geometry(_volume(_headers(positions, iop), spacing_z=2.5))
+    image = placed.to_sitk()
+    for k in (0, 20, 39):
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((0, 0, k)), positions[k],
+                                   atol=0.1)  # fmt: skip
