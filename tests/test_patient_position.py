@@ -25,6 +25,7 @@ from devkit.patient_position import (
     PATIENT_POSITIONS,
     pixel_positions_lps,
     restore_as,
+    restore_series,
 )
 from devkit.synth import SynthStudy, generate_study
 from inference.engine import Engine
@@ -91,6 +92,12 @@ def test_restored_series_hold_the_same_anatomy(study: SynthStudy, tmp_path: Path
     assert not np.array_equal(prone.array, supine.array)  # rotated 180 degrees in plane
     index = _supine_index(supine, pixel_positions_lps(prone.headers))
     np.testing.assert_array_equal(prone.array, supine.array[index])
+
+
+def test_restoring_out_of_the_image_plane_is_refused(study: SynthStudy, tmp_path: Path) -> None:
+    files = study.by_phase("P").files[:1]
+    with pytest.raises(ValueError, match="not \\+- a row or column direction"):
+        restore_series(files, tmp_path, row_direction=(0, 0, 1), column_direction=(0, 1, 0))
 
 
 def _supine_index(supine: Volume, positions_lps: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from devkit.patient_position import pixel_positions_lps
-from devkit.synth import SynthStudy, generate_study
+from devkit.synth import SynthStudy, generate_study, write_truth_nifti
 from inference.engine import Engine, PipelineInputError
 from inference.nifti_io import read_nifti, write_mask, write_volume
 from inference.orientation import StackGeometryError, stack_geometry
@@ -76,6 +76,24 @@ def assert_voxels_on_dicom_pixels(nifti: Path, headers: list[pydicom.Dataset]) -
         assert off <= TOLERANCE_MM, f"slice {k}: voxels {off:.2f} mm from their DICOM pixels"
         corner = _dicom_pixel_mm(headers[k], columns - 1, rows - 1)  # the formula itself
         np.testing.assert_allclose(placed[-1, -1], corner, atol=TOLERANCE_MM)
+
+
+def test_tilted_synthetic_series_is_a_sheared_stack(tmp_path: Path) -> None:
+    """The generator's tilted series: tilted planes, slices stepping along the table (z)
+    only, and its truth is the phantom at each pixel's DICOM position."""
+    series = _tilted(tmp_path / "study", -12.0).series[0]
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+    t = np.deg2rad(-12.0)
+    np.testing.assert_allclose(
+        [float(v) for v in headers[0].ImageOrientationPatient],
+        (1, 0, 0, 0, np.cos(t), np.sin(t)), atol=1e-9,
+    )  # fmt: skip
+    steps = np.diff([[float(v) for v in h.ImagePositionPatient] for h in headers], axis=0)
+    np.testing.assert_allclose(steps, [[0.0, 0.0, TINY["slice_thickness_mm"]]] * len(steps))
+    assert float(headers[0].GantryDetectorTilt) == -12.0
+    np.testing.assert_array_equal(truth_at(SEED, pixel_positions_lps(headers)), series.truth)
+    with pytest.raises(ValueError, match="gantry tilt"):
+        write_truth_nifti(series, tmp_path / "truth.nii.gz")
 
 
 @pytest.mark.parametrize("tilt_deg", [15.0, -15.0, 25.0, -7.5, 30.0, 0.0])
