@@ -298,8 +298,12 @@ class JobRunner:
         add_event(
             s,
             EventKind.RESULT_WRITTEN,
-            f"{job.pipeline} {seg.result_type} {seg.sop_uid} ({content}) queued for "
-            f"{', '.join(sent_now) or 'no destination'}",
+            f"{job.pipeline} {seg.result_type} {seg.sop_uid} ({content}) "
+            + (
+                f"queued for {', '.join(sent_now)}"
+                if sent_now
+                else ("held for review" if held else "queued for no destination")
+            ),
             study_uid=_study_uid(s, job),
             series_uid=seg.source_series_uid,
             job_id=job.id,

@@ -169,7 +169,7 @@ def summary(
         ("received", study.first_received_at),
         ("complete", _max(x.completed_at for x in fed)),
         ("classified", _max(x.routed_at for x in fed)),
-        ("queued", min(queued) if queued else None),
+        ("queued", max(queued) if queued else None),  # every pipeline queued by then
         ("inferred", _max(j.finished_at for j in current if j.state == JobState.DONE)),
         (
             "sent",

@@ -31,7 +31,9 @@
     show(z + (ev.deltaY > 0 ? 1 : -1));
   }, { passive: false });
   document.addEventListener("keydown", function (ev) {
-    if (ev.target.tagName === "INPUT" && ev.target.type !== "range") return;
+    const t = ev.target;
+    if (t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
+        (t.tagName === "INPUT" && !["range", "checkbox", "button"].includes(t.type))) return;
     if (ev.key === "ArrowUp" || ev.key === "ArrowLeft") { ev.preventDefault(); show(z - 1); }
     if (ev.key === "ArrowDown" || ev.key === "ArrowRight") { ev.preventDefault(); show(z + 1); }
   });
