@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Dispatch, Event, Job, Result, Series, Study
@@ -176,28 +176,81 @@ class _Send:
 @dataclass
 class _Facts:
     study: Study
-    series: list[Series] = field(default_factory=list)
+    series: list[Any] = field(default_factory=list)  # rows of Series columns
     routed: dict[str, dict[str, Any]] = field(default_factory=dict)  # series UID -> data
-    jobs: list[Job] = field(default_factory=list)
-    results: list[Result] = field(default_factory=list)
+    jobs: list[Any] = field(default_factory=list)  # rows of Job columns
+    results: list[Any] = field(default_factory=list)  # rows of Result columns
     result_sends: list[_Send] = field(default_factory=list)
     forward_sends: list[_Send] = field(default_factory=list)
     settled: bool = False
     not_run: dict[str, str] = field(default_factory=dict)  # pipeline -> why
 
 
-def _facts(s: Session, studies: list[Study]) -> dict[int, _Facts]:
+def _facts(s: Session, studies: list[Study], scope: Select | None = None) -> dict[int, _Facts]:
+    """What the statuses of ``studies`` are derived from, in one query per table.
+
+    ``scope``: a ``select(Study.id)`` naming the same studies; used instead of a list of
+    ids when there are many (the dashboard's day), so the statements stay the same and
+    cached. Plain rows, not ORM objects: only the columns needed are read.
+    """
     facts = {st.id: _Facts(st) for st in studies}
     if not facts:
         return facts
-    ids = list(facts)
+    ids: Any = scope if scope is not None else list(facts)
+    uids: Any = (
+        select(Study.study_uid).where(Study.id.in_(scope))
+        if scope is not None
+        else [st.study_uid for st in studies]
+    )
     by_uid = {st.study_uid: facts[st.id] for st in studies}
-    for row in s.scalars(select(Series).where(Series.study_id.in_(ids)).order_by(Series.id)):
-        facts[row.study_id].series.append(row)
-    for job in s.scalars(select(Job).where(Job.study_id.in_(ids)).order_by(Job.id)):
-        facts[job.study_id].jobs.append(job)
-    for res in s.scalars(select(Result).where(Result.study_id.in_(ids)).order_by(Result.id)):
-        facts[res.study_id].results.append(res)
+    for row in s.execute(
+        select(
+            Series.study_id,
+            Series.series_uid,
+            Series.state,
+            Series.completed_at,
+            Series.routed_at,
+            Series.phase,
+            Series.matched_rule,
+        )
+        .where(Series.study_id.in_(ids))
+        .order_by(Series.id)
+    ):
+        if row.study_id in facts:
+            facts[row.study_id].series.append(row)
+    for row in s.execute(
+        select(
+            Job.id,
+            Job.study_id,
+            Job.pipeline,
+            Job.inputs,
+            Job.state,
+            Job.attempts,
+            Job.max_attempts,
+            Job.last_error,
+            Job.progress,
+            Job.device,
+            Job.summary,
+        )
+        .where(Job.study_id.in_(ids))
+        .order_by(Job.id)
+    ):
+        if row.study_id in facts:
+            facts[row.study_id].jobs.append(row)
+    for row in s.execute(
+        select(
+            Result.study_id,
+            Result.job_id,
+            Result.sop_uid,
+            Result.kind,
+            Result.result_type,
+            Result.superseded_at,
+        )
+        .where(Result.study_id.in_(ids))
+        .order_by(Result.id)
+    ):
+        if row.study_id in facts:
+            facts[row.study_id].results.append(row)
     # Result rows one by one (few per study); forwards counted per destination and state
     # (a forwarded study is hundreds of rows).
     for row in s.execute(
@@ -211,6 +264,8 @@ def _facts(s: Session, studies: list[Study]) -> dict[int, _Facts]:
             Dispatch.review_note,
         ).where(Dispatch.study_id.in_(ids), Dispatch.kind == OutboxKind.RESULT)
     ):
+        if row.study_id not in facts:
+            continue
         facts[row.study_id].result_sends.append(
             _Send(
                 row.sop_uid,
@@ -233,16 +288,20 @@ def _facts(s: Session, studies: list[Study]) -> dict[int, _Facts]:
         .where(Dispatch.study_id.in_(ids), Dispatch.kind == OutboxKind.FORWARD)
         .group_by(Dispatch.study_id, Dispatch.destination, Dispatch.state)
     ):
+        if study_id not in facts:
+            continue
         facts[study_id].forward_sends.append(_Send(None, destination, state, count, error))
-    for event in s.scalars(
-        select(Event)
+    for event in s.execute(
+        select(Event.study_uid, Event.kind, Event.series_uid, Event.data, Event.at, Event.message)
         .where(
-            Event.study_uid.in_(list(by_uid)),
+            Event.study_uid.in_(uids),
             Event.kind.in_((EventKind.ROUTED, EventKind.STUDY_SETTLED, EventKind.PIPELINE_NOT_RUN)),
         )
         .order_by(Event.id)
     ):
-        f = by_uid[event.study_uid]
+        f = by_uid.get(event.study_uid)
+        if f is None:
+            continue
         if event.kind == EventKind.ROUTED and event.series_uid:
             f.routed[event.series_uid] = event.data or {}
         elif event.kind == EventKind.STUDY_SETTLED:
@@ -320,8 +379,8 @@ def _deliveries(
 
 def _job_item(
     name: str,
-    job: Job,
-    results: list[Result],
+    job: Any,
+    results: list[Any],
     sends: list[_Send],
     health: Mapping[str, Any] | None,
     clock: Clock,
@@ -407,7 +466,7 @@ def _study_status(
         if data.get("discard"):
             continue
         requested += [p for p in data.get("pipelines", []) if p not in requested]
-    latest: dict[str, Job] = {}
+    latest: dict[str, Any] = {}
     for job in f.jobs:
         if is_path_job(job.inputs or {}):
             continue  # a path API job is not part of the study's routing
@@ -515,15 +574,59 @@ def study_statuses(
     health: Mapping[str, Any] | None = None,
     pipelines: Mapping[str, PipelineSpec] | None = None,
     clock: Clock = utc_clock,
+    scope: Select | None = None,
 ) -> dict[int, StudyStatus]:
     """Study id -> its status, for many studies with a handful of queries.
 
     ``health``: destination name -> ``health.DestinationHealth`` (why a delivery waits);
     ``pipelines``: the catalog in force (which input a waiting pipeline needs);
-    ``clock``: how reasons name a time (the pages pass the node's time zone).
+    ``clock``: how reasons name a time (the pages pass the node's time zone);
+    ``scope``: ``select(Study.id)`` of the same studies, for many of them. A study may be
+    a ``Study`` or a row with its ``id``, ``study_uid`` and ``last_received_at``.
     """
-    facts = _facts(s, list(studies))
+    facts = _facts(s, list(studies), scope)
     return {sid: _study_status(f, health, pipelines, clock) for sid, f in facts.items()}
+
+
+def _has(model: Any, *conditions: Any) -> Any:
+    return exists().where(model.study_id == Study.id, *conditions)
+
+
+def candidates(status: DeliveryStatus) -> Any | None:
+    """A SQL condition on ``Study`` that every study in ``status`` meets: a necessary one,
+    to narrow a search before the statuses are derived (the derivation above decides).
+    None where there is no such shortcut (waiting for inputs, not run)."""
+    delivered = _has(Dispatch, Dispatch.state.in_(DELIVERED_STATES))
+    conditions: dict[DeliveryStatus, Any] = {
+        S.FAILED: or_(
+            _has(Job, Job.state.in_((JobState.FAILED, JobState.EXPIRED))),
+            _has(Dispatch, Dispatch.state == OutboxState.FAILED),
+        ),
+        S.PARTIALLY_DELIVERED: delivered,
+        S.DELIVERED: delivered,
+        S.DELIVERED_NO_FINDING: delivered,
+        S.NOT_SENT: _has(Job, Job.state == JobState.DONE),
+        S.HELD: _has(Dispatch, Dispatch.state == OutboxState.HELD),
+        S.DELIVERY_PENDING: _has(Dispatch, Dispatch.state.in_(UNDELIVERED_STATES)),
+        S.QUEUED: _has(Job, Job.state == JobState.QUEUED),
+        S.RUNNING: _has(Job, Job.state.in_((JobState.RUNNING, JobState.CANCELLING))),
+        S.CANCELLED: _has(Job, Job.state == JobState.CANCELLED),
+        S.REJECTED: _has(Dispatch, Dispatch.state == OutboxState.REJECTED),
+        S.RECEIVING: or_(
+            ~_has(Series),
+            _has(
+                Series,
+                or_(
+                    Series.state == SeriesState.RECEIVING,
+                    Series.routed_at.is_(None),
+                    Series.routed_at < Series.completed_at,
+                ),
+            ),
+        ),
+        S.NO_RULE_MATCHED: and_(~_has(Job), ~_has(Dispatch)),
+        S.NO_ACTION: and_(~_has(Job), ~_has(Dispatch)),
+    }
+    return conditions.get(status)
 
 
 def study_status(
@@ -544,8 +647,11 @@ def recent_counts(
     pipelines: Mapping[str, PipelineSpec] | None = None,
 ) -> dict[DeliveryStatus, int]:
     """How many studies first received since ``since`` are in each status."""
-    studies = s.scalars(select(Study).where(Study.first_received_at >= since)).all()
+    scope = select(Study.id).where(Study.first_received_at >= since)
+    studies = s.execute(
+        select(Study.id, Study.study_uid, Study.last_received_at).where(Study.id.in_(scope))
+    ).all()
     counts = dict.fromkeys(DeliveryStatus, 0)
-    for status in study_statuses(s, studies, health, pipelines).values():
+    for status in study_statuses(s, studies, health, pipelines, scope=scope).values():
         counts[status.status] += 1
     return counts

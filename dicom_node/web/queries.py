@@ -116,8 +116,13 @@ def health_alerts(
 def dashboard(s: Session, viewer: Viewer) -> dict[str, Any]:
     today = _midnight()
     health = viewer.health(s)
-    today_studies = s.scalars(select(Study).where(Study.first_received_at >= today)).all()
-    states = statuses.study_statuses(s, today_studies, health, viewer.pipelines, viewer.clock)
+    scope = select(Study.id).where(Study.first_received_at >= today)
+    today_studies = s.execute(
+        select(Study.id, Study.study_uid, Study.last_received_at).where(Study.id.in_(scope))
+    ).all()
+    states = statuses.study_statuses(
+        s, today_studies, health, viewer.pipelines, viewer.clock, scope=scope
+    )
     by_status: dict[str, int] = {}
     for st in states.values():
         by_status[str(st.status)] = by_status.get(str(st.status), 0) + 1
@@ -238,7 +243,11 @@ def studies(
         rows = s.scalars(query.limit(limit).offset(offset)).all()
         states = statuses.study_statuses(s, rows, health, viewer.pipelines, viewer.clock)
     else:
-        # Statuses are derived, not stored: scan the newest studies in chunks.
+        # Statuses are derived, not stored: narrow the search where SQL can, then scan the
+        # newest studies in chunks.
+        narrowing = [statuses.candidates(x) for x in wanted]
+        if all(c is not None for c in narrowing):
+            query = query.where(or_(*narrowing))
         rows, states, skipped, start = [], {}, 0, 0
         while len(rows) < limit and start < 5000:
             chunk = s.scalars(query.limit(200).offset(start)).all()
