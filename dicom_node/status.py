@@ -20,10 +20,12 @@ Per pipeline (its latest job):
 Forwards are one item per destination, delivered / pending / failed the same way.
 
 The study: work still in progress shows first (DELIVERY_PENDING, HELD, RUNNING, QUEUED,
-RECEIVING, WAITING, in that order); when everything ended, DELIVERED only if every item
-got through (or had nothing to send), PARTIALLY_DELIVERED when some did and some did not,
-else the worst of FAILED, NOT_RUN, REJECTED, CANCELLED, NOT_SENT. A study whose series
-no rule matched says so, with each rule's first failing condition.
+RECEIVING, WAITING, in that order); when everything ended, DELIVERED when every item got
+through or had nothing to deliver (found nothing, or its phase never came: NOT_SENT and
+NOT_RUN items are named in the reason), PARTIALLY_DELIVERED when some got through and
+others failed, were rejected or cancelled, else the worst of FAILED, REJECTED, CANCELLED
+(or NOT_SENT / NOT_RUN when that is all there is). A study whose series no rule matched
+says so, with each rule's first failing condition.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ TONES: dict[DeliveryStatus, str] = {
     S.DELIVERY_PENDING: "attention",
     S.PARTIALLY_DELIVERED: "attention",
     S.NO_RULE_MATCHED: "attention",
-    S.NOT_RUN: "attention",
+    S.NOT_RUN: "neutral",
     S.FAILED: "bad",
     S.NOT_SENT: "neutral",
     S.CANCELLED: "neutral",
@@ -97,8 +99,11 @@ TONES: dict[DeliveryStatus, str] = {
 # Work in progress, most pressing first: the study shows the first one present.
 _ACTIVE = (S.DELIVERY_PENDING, S.HELD, S.RUNNING, S.QUEUED, S.RECEIVING, S.WAITING)
 # Ended without getting through, worst first.
-_UNDELIVERED_ENDS = (S.FAILED, S.PARTIALLY_DELIVERED, S.NOT_RUN, S.REJECTED, S.CANCELLED)
-_GOOD_ENDS = (S.DELIVERED, S.DELIVERED_NO_FINDING, S.NOT_SENT)
+_UNDELIVERED_ENDS = (S.FAILED, S.PARTIALLY_DELIVERED, S.REJECTED, S.CANCELLED)
+# Ended as they should: delivered, or nothing to deliver (found nothing; its phase was never
+# acquired). A pipeline that could not run for want of its phase does not make the study's
+# other results "partial": it says so in the reason.
+_GOOD_ENDS = (S.DELIVERED, S.DELIVERED_NO_FINDING, S.NOT_SENT, S.NOT_RUN)
 
 Clock = Callable[[datetime], str]
 
@@ -517,13 +522,9 @@ def _study_status(
         return _no_items(f, items)
     delivered = present & {S.DELIVERED, S.DELIVERED_NO_FINDING}
     if present <= set(_GOOD_ENDS):
-        if S.DELIVERED in present:
-            status = S.DELIVERED
-        elif S.DELIVERED_NO_FINDING in present:
-            status = S.DELIVERED_NO_FINDING
-        else:
-            status = S.NOT_SENT
-        return StudyStatus(status, _reasons(items, *present), items)
+        for status in _GOOD_ENDS:  # the best that happened names the study
+            if status in present:
+                return StudyStatus(status, _reasons(items, *present), items)
     if delivered:
         bad = [i for i in items if i.status not in _GOOD_ENDS]
         reason = "; ".join(f"{i.name} {LABELS[i.status]}: {i.reason}" for i in bad)

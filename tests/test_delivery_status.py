@@ -312,3 +312,21 @@ def test_job_summary_and_runs_never_step_backwards(db):
     for run in runs:
         assert all(r.after_s is None or r.after_s >= 0 for r in run.rows)
         assert run.total_s is not None and run.total_s >= 0
+
+
+def test_a_pipeline_whose_phase_never_came_does_not_make_the_rest_partial(db):
+    study_id = _routed_study(db, pipelines=("tumor", "vessel"))
+    _job_with_result(db, _runner(db))
+    _deliver(db)
+    spec = {"vessel": PipelineSpec(models=["vessel"], inputs={"A": ["A"], "P": ["P"]})}
+    with db.session() as s:
+        add_event(s, EventKind.PIPELINE_NOT_RUN, "vessel: waiting (A needs A)", study_uid=STUDY)
+        add_event(s, EventKind.STUDY_SETTLED, "no instance for 600 s", study_uid=STUDY)
+    with db.session() as s:
+        st = status.study_status(s, s.get_one(Study, study_id), None, spec)
+    assert st.status == S.DELIVERED and status.TONES[st.status] == "ok"
+    assert st.reason == "tumor: SEG to pacs; vessel: its input never came (A needs A)"
+    assert [(i.name, i.status) for i in st.items] == [
+        ("tumor", S.DELIVERED),
+        ("vessel", S.NOT_RUN),
+    ]
