@@ -186,4 +186,3 @@ def test_pages_fit_the_width_and_name_the_node_and_page(site, page, width):
         page.locator("#menu a", has_text="Destinations").click()
         page.wait_for_url(f"{base}/destinations")
         shot(page, "layout-390-menu")
-
