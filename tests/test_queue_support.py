@@ -39,7 +39,7 @@ def models_file(folder: Path) -> Path:
 
 def rules_file(folder: Path) -> Path:
     """The shipped routing rules reduced to the plain ``tumor`` pipeline (no crop to
-    another model), so the queue tests need only the one tiny model."""
+    another model, no image evidence), so the queue tests need only the one tiny model."""
     raw = yaml.safe_load((REPO_ROOT / "routing_rules.yaml").read_text(encoding="utf-8"))
     tumor = {k: v for k, v in raw["pipelines"]["tumor"].items() if k != "crop"}
     raw["pipelines"] = {"tumor": tumor}
@@ -51,6 +51,9 @@ def rules_file(folder: Path) -> Path:
                 continue
         rules.append(rule)
     raw["rules"] = rules
+    # Only the tumour model is in these tests' registry: no image evidence of the phase
+    # (its organ model); the synthetic studies' tags name their phases anyway.
+    raw["phases"]["image_evidence"]["when"] = "never"
     path = folder / "routing_rules.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     return path
