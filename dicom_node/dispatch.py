@@ -21,6 +21,11 @@ pynetdicom's ``code_to_category``):
 A compressed object whose transfer syntax the destination refused is sent decompressed
 (lossless, same SOP Instance UID). With ``storage_commitment`` the batch's successes are
 sent an N-ACTION on the same association (see ``dicom_node.commitment``).
+
+A destination with ``tls`` is sent to over DICOM TLS (``dicom_node.tls``); a failed TLS
+connection is "no answer" (retried) and its reason, naming the destination's address and
+the problem (e.g. "TLS with 10.0.0.2:2762 failed: certificate verify failed: certificate
+has expired"), is the row's error, which the destinations page shows.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, co
 
 from db.models import Dispatch
 from db.session import Database
+from dicom_node import tls
 from dicom_node.commitment import (
     event_report_handler,
     new_transaction_uid,
@@ -143,19 +149,33 @@ class Dispatcher:
             ae.add_requested_context(StorageCommitmentPushModel)
             handlers = [(evt.EVT_N_EVENT_REPORT, event_report_handler(self.db))]
         assoc = None
+        tls_args, why = None, None
         if datasets:
             try:
+                tls_args = tls.client_tls_args(dest.tls, dest.host, f"destination {name}")
                 assoc = ae.associate(
-                    dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers
+                    dest.host,
+                    dest.port,
+                    ae_title=dest.ae_title,
+                    evt_handlers=handlers,
+                    tls_args=tls_args,
                 )
+            except tls.TlsSetupError as exc:  # our own certificate or CA file
+                why = str(exc)
             except Exception as exc:  # socket errors surface here on some platforms
                 log.warning("association to %s failed: %s", name, exc)
         if datasets and (assoc is None or not assoc.is_established):
             why = (
-                "association rejected"
-                if assoc is not None and assoc.is_rejected
-                else ("association refused or aborted (destination down?)")
+                why
+                or tls.association_failure(tls_args, dest.host, dest.port)
+                or (
+                    "association rejected"
+                    if assoc is not None and assoc.is_rejected
+                    else "association refused or aborted (destination down?)"
+                )
             )
+            if tls_args is not None or dest.tls is not None:
+                log.warning("sending to %s: %s", name, why)
             for row_id in datasets:
                 outcomes[row_id] = SendOutcome("retry", None, why)
         elif assoc is not None:

@@ -9,6 +9,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
 
+from dicom_node import tls as dicom_tls
+from kernel.settings import DestinationTls
+
 
 @dataclass(frozen=True)
 class EchoAnswer:
@@ -26,8 +29,10 @@ def check(
     called_ae: str,
     calling_ae: str = "ECHOSCU",
     timeout_s: float = 5,
+    tls: DestinationTls | None = None,
 ) -> EchoAnswer:
-    """Send one C-ECHO to ``called_ae`` at ``host:port`` and say what happened.
+    """Send one C-ECHO to ``called_ae`` at ``host:port`` and say what happened; over
+    DICOM TLS when ``tls`` is given (a failed handshake is answered with its reason).
 
     Never raises for network trouble: every failure is an answer with ``ok`` False.
     """
@@ -42,10 +47,15 @@ def check(
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
+    tls_args = None
     try:
-        assoc = ae.associate(host, port, ae_title=called_ae)
+        tls_args = dicom_tls.client_tls_args(tls, host, f"C-ECHO to {called_ae}")
+        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     except Exception as exc:  # socket errors surface here on some platforms
         return answer(False, f"no association: {exc}")
+    failure = dicom_tls.association_failure(tls_args, host, port)
+    if failure is not None and not assoc.is_established:
+        return answer(False, failure)
     if assoc.is_rejected:
         return answer(False, f"association rejected by {called_ae}")
     if not assoc.is_established:
@@ -72,10 +82,11 @@ def echo(
     called_ae: str,
     calling_ae: str = "ECHOSCU",
     timeout_s: float = 5,
+    tls: DestinationTls | None = None,
 ) -> bool:
     """Send one C-ECHO to ``called_ae`` at ``host:port``; True when it answers Success.
 
     False covers every failure (refused connection, rejected association, non-success
     status, timeout), because callers use this as a yes/no reachability check.
     """
-    return check(host, port, called_ae, calling_ae, timeout_s).ok
+    return check(host, port, called_ae, calling_ae, timeout_s, tls).ok

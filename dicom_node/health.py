@@ -167,6 +167,7 @@ def echo_destination(
         dest.ae_title,
         dest.calling_ae_title or settings.ae_title,
         timeout_s=settings.health.echo_timeout_s,
+        tls=dest.tls,
     )
     back = record_echo(db, name, answer, trigger, requested_by)
     if answer.ok and (back or _has_backoff(db, name)):

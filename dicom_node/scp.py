@@ -5,13 +5,35 @@ instance. Nothing is decoded beyond the header; the encoded bytes go straight to
 
 Contract (what a peer sees; pynetdicom's ``doc_handle_store`` is the model):
 
+Connection (``dicom_node.listener``): plain DICOM on ``port`` and, with ``tls.enabled``,
+DICOM TLS on ``tls.port`` (``tls.serve_plain: false``: TLS only). Before any association:
+
+- a TLS handshake that fails (no client certificate when ``tls.client_certificate`` is
+  ``required``, one ``tls.ca_bundle`` does not verify, an expired one, a plain DICOM
+  client, no common version or cipher) closes the connection; the log names the peer's
+  address and the problem in words;
+- a connection over ``listener.max_connections`` is closed at once, nothing read;
+- no complete TLS handshake, then no complete A-ASSOCIATE-RQ, within
+  ``listener.artim_timeout_s`` each (ARTIM, PS3.8 9.1.5): the connection is closed;
+- a PDU whose header declares more than 256 KiB before the association is accepted, or
+  a P-DATA-TF longer than the negotiated ``max_pdu_size`` after: A-ABORT (source 2,
+  reason 6, invalid PDU parameter value), unread; an association silent for
+  ``listener.idle_timeout_s``: A-ABORT; one stalled that long inside a PDU: closed.
+
 Association (PS3.8 7.1.1.9):
 
 - accepted when the calling AE title and address match an entry of ``peers``
-  (``require_called_ae`` also checks the called AE title);
+  (``require_called_ae`` also checks the called AE title), over TLS where the entry asks
+  for it (``require_tls``) and with a verified client certificate whose subject has the
+  entry's ``certificate_subject`` attributes where it names one;
 - A-ASSOCIATE-RJ rejected-permanent / service-user / calling-AE-title-not-recognised
-  (result 1, source 1, reason 3) for an unknown peer; pynetdicom itself answers the
-  called-AE reason (7) when ``require_called_ae`` is on and the title is not ours;
+  (result 1, source 1, reason 3) for an unknown peer, and for a known one over plain
+  DICOM or with another certificate subject than its entry admits (the log says which);
+  pynetdicom itself answers the called-AE reason (7) when ``require_called_ae`` is on
+  and the title is not ours;
+- A-ASSOCIATE-RJ rejected-transient / service-provider (presentation) /
+  local-limit-exceeded (result 2, source 3, reason 2) when ``listener.max_associations``
+  associations are open: the sender may retry;
 - the same A-ASSOCIATE-RJ, reason 3, when the calling AE title field is not an AE title
   at all: bytes outside ISO 646 (non-ASCII, e.g. a Korean title in EUC-KR or UTF-8),
   control characters, a backslash, or 16 spaces (PS3.8 9.3.2, PS3.5 6.2). ``*`` in
@@ -42,13 +64,21 @@ C-STORE (PS3.4 B.2.3), answered only after the instance is durable on disk:
 
 N-EVENT-REPORT (Storage Commitment Push Model, PS3.4 J.3.3): see
 ``dicom_node.commitment.event_report_handler``.
+
+Every requested association leaves one INFO line when it ends (``AssociationFacts``:
+peer address and port, AE titles, plain or TLS with the certificate subject, accepted
+or rejected and why, released or aborted, instances stored, Study Instance UIDs; patient
+names only with ``log_patient_names``).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from pydicom.uid import (
@@ -69,9 +99,9 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.status import Status
-from pynetdicom.transport import ThreadedAssociationServer
 
 from db.session import Database
+from dicom_node import listener, tls
 from dicom_node.assembler import AssociationTracker
 from dicom_node.commitment import event_report_handler
 from dicom_node.instance import CorruptDatasetError, parse_header
@@ -134,10 +164,91 @@ Status.add("OUT_OF_RESOURCES", 0xA700)
 Status.add("CANNOT_UNDERSTAND", 0xC000)
 
 
+@dataclass(frozen=True)
+class AssociationFacts:
+    """One association as the listener saw it, built when it closes (the log line; the
+    audit trail records the same facts).
+
+    ``transport`` is ``"plain"`` or ``"TLS"``; ``tls_subject`` the subject of the client
+    certificate the node verified (RFC 4514, e.g. ``"CN=CT1, O=Hospital"``), None over
+    plain DICOM or without one. ``outcome`` is ``"accepted"`` or ``"rejected: <why>"``;
+    ``ended`` how it ended (``released``, ``aborted``, ``closed``). No patient data: UIDs
+    of the studies only.
+    """
+
+    peer_address: str
+    peer_port: int
+    calling_ae: str
+    called_ae: str
+    transport: str
+    tls_subject: str | None
+    outcome: str
+    ended: str
+    instances_stored: int
+    study_uids: tuple[str, ...]
+    requested_at: datetime
+    closed_at: datetime
+
+    def describe(self) -> str:
+        via = (
+            "plain DICOM"
+            if self.transport == "plain"
+            else f"TLS ({self.tls_subject or 'no client certificate'})"
+        )
+        studies = f", studies {', '.join(self.study_uids)}" if self.study_uids else ""
+        return (
+            f"association from {self.calling_ae}@{self.peer_address}:{self.peer_port} to "
+            f"{self.called_ae} over {via}: {self.outcome}, {self.ended} after "
+            f"{(self.closed_at - self.requested_at).total_seconds():.1f} s, "
+            f"{self.instances_stored} instances stored{studies}"
+        )
+
+
+@dataclass
+class _OpenAssociation:
+    """What the listener keeps of an association from its request until it closes."""
+
+    assoc: Any
+    requested_at: datetime
+    calling_ae: str
+    called_ae: str
+    address: str
+    port: int
+    over_tls: bool
+    subject: tuple[tuple[str, str], ...] | None
+    rejected: str | None = None
+    accepted: bool = False
+    instances: int = 0
+    studies: set[str] = field(default_factory=set)
+    patients: set[str] = field(default_factory=set)
+
+    def facts(self, calling_ae: str, ended: str) -> AssociationFacts:
+        return AssociationFacts(
+            peer_address=self.address,
+            peer_port=self.port,
+            calling_ae=calling_ae,
+            called_ae=self.called_ae,
+            transport="TLS" if self.over_tls else "plain",
+            tls_subject=tls.format_subject(self.subject) if self.subject else None,
+            outcome="accepted"
+            if self.accepted
+            else f"rejected: {self.rejected or 'by pynetdicom (e.g. called AE title)'}",
+            ended=ended,
+            instances_stored=self.instances,
+            study_uids=tuple(sorted(self.studies)),
+            requested_at=self.requested_at,
+            closed_at=datetime.now(UTC),
+        )
+
+
 class StorageSCP:
-    """Owns the pynetdicom AE; ``start()`` listens in background threads.
+    """Owns the pynetdicom AE; ``start()`` listens in background threads: plain DICOM on
+    ``port`` and, with ``tls.enabled``, DICOM TLS on ``tls.port`` (either may be off),
+    through ``dicom_node.listener`` (connection and association limits, timeouts, PDU
+    lengths).
 
     ``on_stored(series_uid)`` is called after each stored instance (tests, benchmarks).
+    ``on_closed(facts)`` after each association closes (tests; ``AssociationFacts``).
     """
 
     def __init__(
@@ -147,25 +258,35 @@ class StorageSCP:
         spool: Spool,
         tracker: AssociationTracker,
         on_stored: Callable[[str], None] | None = None,
+        on_closed: Callable[[AssociationFacts], None] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.spool = spool
         self.tracker = tracker
         self.on_stored = on_stored
+        self.on_closed = on_closed
         self.recorder = InstanceRecorder(db)
-        self._server: ThreadedAssociationServer | None = None
+        self._servers: dict[str, listener.GuardedServer] = {}  # "plain" / "tls" -> server
         self._lock = threading.Lock()
-        # Per open association: instances stored, studies seen, patient names seen.
-        self._received: dict[int, tuple[int, set[str], set[str]]] = {}
+        # Per requested association (id of the pynetdicom Association): what it did.
+        self._open: dict[int, _OpenAssociation] = {}
         # Per association whose request carried an AE title field that is no AE title:
         # field name ("calling", "called") -> (the 16 bytes, why).
         self._bad_ae_titles: dict[int, dict[str, tuple[bytes, str]]] = {}
         # Per association admitted with such a calling AE title: the peers entry's title.
         self._admitted_titles: dict[int, str] = {}
         self.associations_requested = 0
+        limits = settings.listener
+        self.slots = listener.AssociationSlots(limits.max_associations)
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = settings.max_pdu_size
+        # pynetdicom's own limit counts connections still negotiating; the listener
+        # bounds those itself (max_connections), so this one never decides.
+        self.ae.maximum_associations = limits.max_connections + 1
+        # ARTIM (pynetdicom's timer closes a connection that sends nothing) and idle time.
+        self.ae.acse_timeout = limits.artim_timeout_s
+        self.ae.network_timeout = limits.idle_timeout_s
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
@@ -177,9 +298,12 @@ class StorageSCP:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
+        """Listen; raises ``tls.TlsSetupError`` when the TLS files cannot be used and
+        OSError when a port cannot be bound (nothing is left listening then)."""
         handlers = [
             (evt.EVT_CONN_OPEN, self._screen_ae_titles),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_EVENT_REPORT, event_report_handler(self.db)),
@@ -187,27 +311,61 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        address = (self.settings.bind_address, self.settings.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
-        log.info("listening as %s on %s:%d", self.settings.ae_title, *address)
+        s = self.settings
+        tls_context = tls.server_context(s.tls) if s.tls.enabled else None
+        try:
+            if s.tls.serve_plain or not s.tls.enabled:
+                self._servers["plain"] = listener.start_server(
+                    self.ae, (s.bind_address, s.port), handlers, s.listener, s.max_pdu_size
+                )
+                log.info("listening as %s on %s:%d (DICOM)", s.ae_title, *self.address("plain"))
+            if tls_context is not None:
+                self._servers["tls"] = listener.start_server(
+                    self.ae,
+                    (s.bind_address, s.tls.port),
+                    handlers,
+                    s.listener,
+                    s.max_pdu_size,
+                    tls_context,
+                )
+                log.info(
+                    "listening as %s on %s:%d (DICOM TLS %s+, client certificate %s)",
+                    s.ae_title,
+                    *self.address("tls"),
+                    s.tls.min_version,
+                    s.tls.client_certificate,
+                )
+        except OSError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Stop accepting; open associations are aborted (senders will retry)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers.values():
+            server.shutdown()
+        self._servers = {}
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.server_address[1]
+        """The plain DICOM port (the TLS port when only TLS is served)."""
+        address = self.address()
+        assert address is not None
+        return address[1]
+
+    @property
+    def tls_port(self) -> int:
+        address = self.address("tls")
+        assert address is not None
+        return address[1]
 
     def is_listening(self) -> bool:
-        return self._server is not None
+        return bool(self._servers)
 
-    def address(self) -> tuple[str, int] | None:
-        """(host, port) the listener is bound to; None when it is not listening."""
-        server = self._server
+    def address(self, which: str | None = None) -> tuple[str, int] | None:
+        """(host, port) the listener is bound to: ``which`` "plain" or "tls", default the
+        plain one if served, else the TLS one; None when it is not listening."""
+        servers = self._servers
+        server = servers.get(which) if which else servers.get("plain") or servers.get("tls")
         if server is None:
             return None
         host, port = server.server_address[:2]
@@ -250,58 +408,115 @@ class StorageSCP:
         dul._decode_pdu = screened
 
     def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        requestor = assoc.requestor
+        raw_socket = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        state = _OpenAssociation(
+            assoc=assoc,
+            requested_at=datetime.now(UTC),
+            # The requestor's AE title is only filled in after negotiation: read the request.
+            calling_ae=str(requestor.primitive.calling_ae_title).strip(),
+            called_ae=str(requestor.primitive.called_ae_title).strip(),
+            address=requestor.address,
+            port=int(requestor.port),
+            over_tls=isinstance(raw_socket, ssl.SSLSocket),
+            subject=tls.peer_subject(raw_socket),
+        )
         with self._lock:
             self.associations_requested += 1
-            bad_titles = self._bad_ae_titles.pop(id(event.assoc), None)
-        requestor = event.assoc.requestor
+            bad_titles = self._bad_ae_titles.pop(id(assoc), None)
+            self._open[id(assoc)] = state
+        reaped = self._reap()
+        for gone in reaped:
+            self._closed(gone, "closed")
+        why = self._refusal(state, bad_titles)
+        if why is not None:
+            state.rejected = why
+            # rejected-permanent, service-user, calling (3) or called (7) AE title not
+            # recognised (PS3.8 Table 9-21)
+            reason = 0x07 if bad_titles and "calling" not in bad_titles else 0x03
+            assoc.acse.send_reject(0x01, 0x01, reason)
+            # As pynetdicom does for its own rejections: let the DUL flush the
+            # A-ASSOCIATE-RJ before the server closes the socket (else the peer sees an
+            # abort).
+            assoc.kill()
+            return
+        if not self.slots.take(assoc):
+            state.rejected = f"{self.slots.limit} associations open (listener.max_associations)"
+            log.warning(
+                "rejected association from %s at %s: %s; the sender may retry",
+                self._admitted_titles.get(id(assoc), state.calling_ae),
+                state.address,
+                state.rejected,
+            )
+            # rejected-transient, service-provider (presentation), local-limit-exceeded
+            # (PS3.8 Table 9-21)
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+            assoc.kill()
+
+    def _refusal(
+        self, state: _OpenAssociation, bad_titles: dict[str, tuple[bytes, str]] | None
+    ) -> str | None:
+        """Why ``peers`` does not admit this request (logged), or None when it does."""
+        assoc = state.assoc
         if bad_titles:
             admitted = None
             if set(bad_titles) == {"calling"}:
-                admitted = self._named_peer(bad_titles["calling"][0], requestor.address)
+                admitted = self._named_peer(bad_titles["calling"][0], state)
             if admitted is not None:
                 log.info(
                     "association from %s: calling AE title field %r %s; accepted as the "
                     "peers entry %r",
-                    requestor.address,
+                    state.address,
                     bad_titles["calling"][0],
                     bad_titles["calling"][1],
                     admitted,
                 )
                 with self._lock:
-                    self._admitted_titles[id(event.assoc)] = admitted
-                return
-            for name, (field, why) in bad_titles.items():
+                    self._admitted_titles[id(assoc)] = admitted
+                return None
+            for name, (field_bytes, why) in bad_titles.items():
                 log.warning(
                     "rejected association from %s: the %s AE title field %r %s",
-                    requestor.address,
+                    state.address,
                     name,
-                    field,
+                    field_bytes,
                     why,
                 )
-            # rejected-permanent, service-user, calling (3) or called (7) AE title not
-            # recognised (PS3.8 Table 9-21)
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03 if "calling" in bad_titles else 0x07)
-            event.assoc.kill()
-            return
-        # The requestor's AE title is only filled in after negotiation: read the request.
-        calling_ae = str(requestor.primitive.calling_ae_title).strip()
-        address = requestor.address
-        if not self.settings.peer_allowed(calling_ae, address):
-            log.warning(
-                "rejected association from unknown peer %s at %s (not in peers)",
-                calling_ae,
-                address,
+            return "AE title field is not an AE title"
+        allowed = self.settings.peer_allowed(
+            state.calling_ae, state.address, state.over_tls, state.subject
+        )
+        if allowed:
+            return None
+        near = [
+            p
+            for p in self.settings.peers
+            if p.allows_title_and_address(state.calling_ae, state.address)
+        ]
+        if not near:
+            why = "unknown peer (not in peers)"
+        elif not state.over_tls:
+            why = "its peers entry admits it over DICOM TLS only"
+        else:
+            wanted = "; ".join(p.certificate_subject or "" for p in near if p.certificate_subject)
+            why = (
+                f"client certificate subject {tls.format_subject(state.subject)!s} does "
+                f"not match its peers entry ({wanted})"
             )
-            # rejected-permanent, service-user, calling AE title not recognised
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-            # As pynetdicom does for its own rejections: let the DUL flush the A-ASSOCIATE-RJ
-            # before the server closes the socket (else the peer sees an abort).
-            event.assoc.kill()
+        log.warning(
+            "rejected association from %s at %s over %s: %s",
+            state.calling_ae,
+            state.address,
+            "DICOM TLS" if state.over_tls else "plain DICOM",
+            why,
+        )
+        return why
 
-    def _named_peer(self, field: bytes, address: str) -> str | None:
-        """The ``peers`` entry title (not ``*``) that ``field`` spells in one of
-        ``_TITLE_ENCODINGS`` and that allows ``address``; None if there is none."""
-        wanted = field.strip(b" ")
+    def _named_peer(self, field_bytes: bytes, state: _OpenAssociation) -> str | None:
+        """The ``peers`` entry title (not ``*``) that ``field_bytes`` spells in one of
+        ``_TITLE_ENCODINGS`` and that admits this association; None if there is none."""
+        wanted = field_bytes.strip(b" ")
         for peer in self.settings.peers:
             if peer.ae_title == "*" or peer.ae_title.isascii():
                 continue
@@ -310,7 +525,9 @@ class StorageSCP:
                     spelled = peer.ae_title.encode(encoding)
                 except UnicodeEncodeError:
                     continue
-                if spelled == wanted and peer.allows(peer.ae_title, address):
+                if spelled == wanted and peer.allows(
+                    peer.ae_title, state.address, state.over_tls, state.subject
+                ):
                     return peer.ae_title
         return None
 
@@ -342,10 +559,11 @@ class StorageSCP:
             return Status.OUT_OF_RESOURCES
         self.tracker.touch(id(assoc), header.series_uid)
         with self._lock:
-            count, studies, patients = self._received.get(id(assoc), (0, set(), set()))
-            studies.add(header.study_uid)
-            patients.add(header.patient_name or "")
-            self._received[id(assoc)] = (count + 1, studies, patients)
+            state = self._open.get(id(assoc))
+            if state is not None:
+                state.instances += 1
+                state.studies.add(header.study_uid)
+                state.patients.add(header.patient_name or "")
         origin = Origin(
             calling_ae=self._calling_ae(assoc),
             called_ae=assoc.acceptor.ae_title.strip(),
@@ -367,20 +585,49 @@ class StorageSCP:
             self.on_stored(header.series_uid)
         return Status.SUCCESS
 
-    def _on_closed(self, event: evt.Event) -> None:
-        self.tracker.release(id(event.assoc))
+    def _on_accepted(self, event: evt.Event) -> None:
         with self._lock:
-            received = self._received.pop(id(event.assoc), None)
-            self._bad_ae_titles.pop(id(event.assoc), None)
-            admitted = self._admitted_titles.pop(id(event.assoc), None)
-        if received is not None:
-            count, studies, patients = received
-            who = f" patients={sorted(patients)}" if self.settings.log_patient_names else ""
-            log.info(
-                "association from %s@%s closed: %d instances, studies %s%s",
-                admitted or event.assoc.requestor.ae_title.strip(),
-                event.assoc.requestor.address,
-                count,
-                ", ".join(sorted(studies)),
-                who,
-            )
+            state = self._open.get(id(event.assoc))
+            if state is not None:
+                state.accepted = True
+
+    def _on_closed(self, event: evt.Event) -> None:
+        """EVT_RELEASED, EVT_ABORTED or EVT_CONN_CLOSE, in either order: an accepted
+        association is reported when it is released or aborted (pynetdicom triggers one
+        of them), one that was not accepted when its connection closes."""
+        assoc = event.assoc
+        self.tracker.release(id(assoc))
+        self.slots.give_back(assoc)
+        ended = {evt.EVT_RELEASED: "released", evt.EVT_ABORTED: "aborted"}.get(event.event)
+        with self._lock:
+            state = self._open.get(id(assoc))
+            if state is None:  # already reported
+                self._bad_ae_titles.pop(id(assoc), None)
+                return
+            if ended is None and state.accepted:
+                return  # the connection closed first; released or aborted follows
+            del self._open[id(assoc)]
+        self._closed(state, ended or "closed")
+
+    def _closed(self, state: _OpenAssociation, ended: str) -> None:
+        """Report one association that ended: the log line and ``on_closed``."""
+        with self._lock:
+            self._bad_ae_titles.pop(id(state.assoc), None)
+            admitted = self._admitted_titles.pop(id(state.assoc), None)
+        facts = state.facts(admitted or state.calling_ae, ended)
+        who = (
+            f" patients={sorted(state.patients)}"
+            if self.settings.log_patient_names and state.patients
+            else ""
+        )
+        log.info("%s%s", facts.describe(), who)
+        # The audit trail of issue 16 records `facts` here (one call, no patient data).
+        if self.on_closed is not None:
+            self.on_closed(facts)
+
+    def _reap(self) -> list[_OpenAssociation]:
+        """Associations whose thread ended without a close event pynetdicom reports
+        (e.g. its DUL thread stopped): taken off the books here."""
+        with self._lock:
+            gone = [k for k, st in self._open.items() if not st.assoc.is_alive()]
+            return [self._open.pop(k) for k in gone]

@@ -35,17 +35,89 @@ def _check_ae_title(value: str) -> str:
     return text
 
 
+# RFC 4514 short names of the subject attributes a peers entry may name, and the long
+# names Python's ssl module reports them with (``SSLSocket.getpeercert()``).
+SUBJECT_ATTRIBUTES = {
+    "CN": "commonName",
+    "O": "organizationName",
+    "OU": "organizationalUnitName",
+    "C": "countryName",
+    "ST": "stateOrProvinceName",
+    "L": "localityName",
+    "DC": "domainComponent",
+    "serialNumber": "serialNumber",
+    "emailAddress": "emailAddress",
+}
+_SUBJECT_KEYS = {k.lower(): k for k in SUBJECT_ATTRIBUTES}
+
+
+def parse_subject(text: str) -> tuple[tuple[str, str], ...]:
+    """``'CN=CT1, O=Hospital'`` -> ``(('CN', 'CT1'), ('O', 'Hospital'))``.
+
+    Attribute names are case-insensitive (RFC 4514 section 2.3), values are compared
+    exactly; a comma inside a value is written ``\\,``. Raises ValueError naming an
+    unknown attribute or a part without ``=``.
+    """
+    parts, current, escaped = [], "", False
+    for char in text:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    pairs = []
+    for part in parts:
+        name, sep, value = part.partition("=")
+        key = _SUBJECT_KEYS.get(name.strip().lower())
+        if not sep or not value.strip():
+            raise ValueError(f"certificate subject part {part.strip()!r} is not NAME=value")
+        if key is None:
+            raise ValueError(
+                f"certificate subject attribute {name.strip()!r} is not one of "
+                f"{', '.join(SUBJECT_ATTRIBUTES)}"
+            )
+        pairs.append((key, value.strip()))
+    return tuple(pairs)
+
+
 class Peer(StrictModel):
     """A remote AE allowed to associate with this node (default deny)."""
 
     ae_title: str = Field(description="Calling AE title, or '*' for any AE title from host.")
     host: str = Field(description="Source IP address or network (CIDR) the peer connects from.")
     port: int | None = Field(None, ge=1, le=65535, description="The peer's own SCP port.")
+    require_tls: bool = Field(
+        False,
+        description="Admit this peer only over DICOM TLS (the `tls` listener), with or "
+        "without a client certificate.",
+    )
+    certificate_subject: str | None = Field(
+        None,
+        description="Admit this peer only over DICOM TLS with a client certificate that "
+        "the node verified (tls.client_certificate optional or required) and whose "
+        "subject has every attribute listed here, e.g. 'CN=CT1, O=Hospital' (RFC 4514 "
+        "names: CN, O, OU, C, ST, L, DC, serialNumber, emailAddress; ',' inside a value "
+        "written '\\,').",
+    )
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
         return v.strip() if v.strip() == "*" else _check_ae_title(v)
+
+    @field_validator("certificate_subject")
+    @classmethod
+    def _subject(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        parse_subject(v)  # raises ValueError naming the bad attribute
+        return v.strip()
 
     @field_validator("host")
     @classmethod
@@ -53,13 +125,88 @@ class Peer(StrictModel):
         ipaddress.ip_network(v.strip(), strict=False)  # raises ValueError on a bad address
         return v.strip()
 
-    def allows(self, calling_ae: str, address: str) -> bool:
+    def allows(
+        self,
+        calling_ae: str,
+        address: str,
+        over_tls: bool = False,
+        subject: tuple[tuple[str, str], ...] | None = None,
+    ) -> bool:
+        """Whether this entry admits ``calling_ae`` from ``address``; ``over_tls``: the
+        association came over DICOM TLS, ``subject``: the verified client certificate's
+        subject as (short name, value) pairs (None: no verified certificate)."""
+        if not self.allows_title_and_address(calling_ae, address):
+            return False
+        if (self.require_tls or self.certificate_subject) and not over_tls:
+            return False
+        if self.certificate_subject:
+            return subject is not None and set(parse_subject(self.certificate_subject)) <= set(
+                subject
+            )
+        return True
+
+    def allows_title_and_address(self, calling_ae: str, address: str) -> bool:
+        """The AE title and address part of ``allows`` (no TLS requirement)."""
         if self.ae_title != "*" and self.ae_title != calling_ae.strip():
             return False
         try:
             return ipaddress.ip_address(address) in ipaddress.ip_network(self.host, strict=False)
         except ValueError:
             return False
+
+
+TlsVersion = Literal["1.2", "1.3"]
+# TLS 1.2 suites: forward secrecy and AEAD only (the BCP 195 / RFC 9325 set DCMTK's default
+# profile also offers); TLS 1.3 suites are all AEAD and left at OpenSSL's defaults.
+MODERN_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+
+
+def _existing_file(v: Path | None) -> Path | None:
+    if v is not None and not Path(v).is_file():
+        raise ValueError(f"file {v} does not exist")
+    return v
+
+
+class DestinationTls(StrictModel):
+    """DICOM TLS to one destination (PS3.15 B.1, the TLS Secure Transport Connection
+    Profile): the destination's certificate is verified against ``ca_bundle``; the node
+    presents ``certificate`` when the destination asks for one (mutual TLS)."""
+
+    ca_bundle: Path | None = Field(
+        None,
+        description="PEM file of the CAs (or self-signed certificates) trusted to sign the "
+        "destination's certificate; empty: the system's trust store.",
+    )
+    certificate: Path | None = Field(
+        None,
+        description="PEM certificate (chain) the node presents as TLS client; empty: none "
+        "(destinations that require one refuse the node).",
+    )
+    private_key: Path | None = Field(None, description="PEM private key of `certificate`.")
+    server_name: str | None = Field(
+        None,
+        description="Name (DNS or IP) the destination's certificate must carry in "
+        "subjectAltName; empty: its `host`.",
+    )
+    verify_hostname: bool = Field(
+        True,
+        description="false: accept any certificate the CA signed, whatever name it carries "
+        "(for PACS certificates issued without the PACS's address).",
+    )
+    min_version: TlsVersion = Field("1.2", description="Lowest TLS version offered.")
+    ciphers: str = Field(
+        MODERN_TLS12_CIPHERS, description="OpenSSL cipher list for TLS 1.2 connections."
+    )
+
+    _files = field_validator("ca_bundle", "certificate", "private_key")(
+        classmethod(lambda cls, v: _existing_file(v))
+    )
+
+    @model_validator(mode="after")
+    def _key_with_certificate(self) -> DestinationTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
 
 
 class Destination(StrictModel):
@@ -98,7 +245,88 @@ class Destination(StrictModel):
         "mode; a pipeline can ask for review too (rules file, `review`).",
     )
 
+    tls: DestinationTls | None = Field(
+        None,
+        description="DICOM TLS for this destination (sends, storage commitment requests "
+        "and C-ECHOs); empty: plain DICOM.",
+    )
+
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class ListenerTls(StrictModel):
+    """The DICOM TLS listener (PS3.15 B.1; IHE ATNA Secure Node): its own port beside, or
+    instead of, the plain DICOM port."""
+
+    enabled: bool = Field(False, description="Serve DICOM TLS on `port`.")
+    port: int = Field(
+        2762, ge=1, le=65535, description="DICOM TLS port (2762 is IANA's dicom-tls)."
+    )
+    serve_plain: bool = Field(
+        True, description="Also serve plain DICOM on the top-level `port`; false: TLS only."
+    )
+    certificate: Path | None = Field(
+        None, description="PEM certificate (chain) of the node, shown to every peer."
+    )
+    private_key: Path | None = Field(None, description="PEM private key of `certificate`.")
+    ca_bundle: Path | None = Field(
+        None, description="PEM file of the CAs trusted to sign peers' client certificates."
+    )
+    client_certificate: Literal["none", "optional", "required"] = Field(
+        "required",
+        description="'required' (mutual TLS, IHE ATNA): a peer without a certificate "
+        "`ca_bundle` verifies is refused in the handshake; 'optional': verified when "
+        "presented (peers entries with certificate_subject need one); 'none': not asked for.",
+    )
+    min_version: TlsVersion = Field("1.2", description="Lowest TLS version accepted.")
+    ciphers: str = Field(
+        MODERN_TLS12_CIPHERS, description="OpenSSL cipher list for TLS 1.2 connections."
+    )
+
+    _files = field_validator("certificate", "private_key", "ca_bundle")(
+        classmethod(lambda cls, v: _existing_file(v))
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> ListenerTls:
+        if not self.enabled:
+            return self
+        missing = [k for k in ("certificate", "private_key") if getattr(self, k) is None]
+        if self.client_certificate != "none" and self.ca_bundle is None:
+            missing.append("ca_bundle")
+        if missing:
+            raise ValueError(f"enabled TLS needs {', '.join(missing)}")
+        return self
+
+
+class ListenerSettings(StrictModel):
+    """Limits of the DICOM listener against hostile or broken peers (plain and TLS ports
+    together; PS3.8 9.1.5 for the ARTIM timer)."""
+
+    max_associations: int = Field(
+        64,
+        ge=1,
+        description="Associations at once; the next request gets A-ASSOCIATE-RJ "
+        "rejected-transient, local-limit-exceeded (PS3.8 9.3.4), senders retry later.",
+    )
+    max_connections: int = Field(
+        256,
+        ge=1,
+        description="TCP connections at once, counting those still negotiating; a "
+        "connection over it is closed at once (nothing read, nothing answered).",
+    )
+    artim_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection must complete its TLS handshake and then its "
+        "A-ASSOCIATE-RQ within this time each, else it is closed (ARTIM).",
+    )
+    idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="An association silent this long, or stalled this long in the middle "
+        "of a PDU, is aborted.",
+    )
 
 
 class HealthSettings(StrictModel):
@@ -128,11 +356,94 @@ class HealthSettings(StrictModel):
 
 
 class WebSettings(StrictModel):
-    """The admin web app's listener (pages, JSON API, path API, health, metrics)."""
+    """The admin web app's listener (pages, JSON API, path API, health, metrics) and its
+    logins: how long a session lives and the password policy (README: Security)."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port (tests).")
+    session_max_age_s: float = Field(
+        12 * 3600.0,
+        gt=0,
+        description="A login ends this long after it began, however active (log in again).",
+    )
+    session_idle_s: float = Field(
+        1800.0,
+        gt=0,
+        description="A login ends after this long without activity by the user; a page "
+        "refreshing itself is no activity.",
+    )
+    password_min_length: int = Field(
+        12,
+        ge=8,
+        le=128,
+        description="Fewest characters of a password (set by `user add`, `user "
+        "reset-password`, the Users page or a user changing their own).",
+    )
+
+    @model_validator(mode="after")
+    def _idle_within_lifetime(self) -> WebSettings:
+        if self.session_idle_s > self.session_max_age_s:
+            raise ValueError("session_idle_s must not exceed session_max_age_s")
+        return self
+
+
+class PathApiSettings(StrictModel):
+    """Where the HTTP path API (``POST /inference/<pipeline>``) may read images."""
+
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Absolute folders whose files and sub-folders the path API may read, "
+        "besides data_dir. Empty: only files under data_dir. A path outside them answers "
+        "403 whether or not it exists.",
+    )
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _absolute(cls, v: list[Path]) -> list[Path]:
+        for root in v:
+            if not Path(root).is_absolute():
+                raise ValueError(f"allowed root {root} must be an absolute path")
+        return [Path(root) for root in v]
+
+
+class SyslogSettings(StrictModel):
+    """An RFC 5424 syslog collector the audit trail is forwarded to, record by record."""
+
+    host: str = Field(description="The collector's host name or address.")
+    port: int = Field(
+        6514, ge=1, le=65535, description="514 for udp and tcp, 6514 for tls (RFC 5425)."
+    )
+    protocol: Literal["udp", "tcp", "tls"] = Field(
+        "tls",
+        description="'tls' (RFC 5425, octet-counted frames over TLS), 'tcp' (RFC 6587 "
+        "octet counting) or 'udp' (RFC 5426, one record per datagram; may be lost).",
+    )
+    ca_bundle: Path | None = Field(
+        None,
+        description="tls: PEM file of the CAs trusted to sign the collector's certificate "
+        "(empty: the system's trust store).",
+    )
+    facility: int = Field(
+        10, ge=0, le=23, description="Syslog facility (10: security/authorization)."
+    )
+    app_name: str = Field("dicom-node", description="APP-NAME field of every message.")
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"file {v} does not exist")
+        return v
+
+
+class AuditSettings(StrictModel):
+    """The audit trail (``dicom_node.audit``): always kept in the database; optionally
+    forwarded to a syslog collector."""
+
+    syslog: SyslogSettings | None = Field(
+        None, description="Forward every audit record to this collector; empty: do not."
+    )
 
 
 class WorkerSettings(StrictModel):
@@ -243,7 +554,15 @@ class NodeSettings(BaseSettings):
         True, description="fsync each instance before success (off only with a BBU cache)."
     )
     quiet_period_s: float = Field(5.0, ge=0)
-    max_pdu_size: int = Field(0, ge=0, description="0 = unlimited (fastest).")
+    max_pdu_size: int = Field(
+        1_048_576,
+        ge=0,
+        description="Largest P-DATA PDU we accept (the Maximum Length we negotiate); a PDU "
+        "declaring more is refused with an A-ABORT before it is read. 0 = unlimited, "
+        "which leaves memory per connection unbounded.",
+    )
+    tls: ListenerTls = Field(default_factory=ListenerTls)
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_patient_names: bool = False
     time_zone: str | None = Field(
@@ -253,6 +572,8 @@ class NodeSettings(BaseSettings):
     )
     health: HealthSettings = Field(default_factory=HealthSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    path_api: PathApiSettings = Field(default_factory=PathApiSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
 
@@ -310,8 +631,15 @@ class NodeSettings(BaseSettings):
         """The destinations every result goes to, with their SEG preferences."""
         return [self.destination(name) for name in self.result_destination_names()]
 
-    def peer_allowed(self, calling_ae: str, address: str) -> bool:
-        return any(p.allows(calling_ae, address) for p in self.peers)
+    def peer_allowed(
+        self,
+        calling_ae: str,
+        address: str,
+        over_tls: bool = False,
+        subject: tuple[tuple[str, str], ...] | None = None,
+    ) -> bool:
+        """Whether a ``peers`` entry admits this association (see ``Peer.allows``)."""
+        return any(p.allows(calling_ae, address, over_tls, subject) for p in self.peers)
 
     @classmethod
     def settings_customise_sources(
@@ -335,6 +663,33 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown key"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
+
+
+_TLS_FILE_KEYS = ("certificate", "private_key", "ca_bundle")
+
+
+def _resolve_tls_paths(data: dict[str, Any], base: Path) -> None:
+    """TLS files named in the settings file are relative to the file too."""
+    sections = [data.get("tls")]
+    if isinstance(data.get("destinations"), list):
+        sections += [d.get("tls") for d in data["destinations"] if isinstance(d, dict)]
+    for section in sections:
+        if not isinstance(section, dict):
+            continue
+        for key in _TLS_FILE_KEYS:
+            value = section.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                section[key] = str(base / value)
+
+
+def _resolve_audit_paths(data: dict[str, Any], base: Path) -> None:
+    """The syslog collector's CA bundle named in the settings file is relative to it."""
+    audit = data.get("audit")
+    syslog = audit.get("syslog") if isinstance(audit, dict) else None
+    if isinstance(syslog, dict):
+        value = syslog.get("ca_bundle")
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            syslog["ca_bundle"] = str(base / value)
 
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> NodeSettings:
@@ -362,6 +717,8 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> NodeSetti
         for key in ("data_dir", "rules_file", "models_file"):  # relative to the file
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str(base / data[key])
+        _resolve_tls_paths(data, base)
+        _resolve_audit_paths(data, base)
     data.update(overrides)
     try:
         return NodeSettings(**data)

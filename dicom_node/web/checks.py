@@ -48,6 +48,51 @@ class Checks:
         }
 
 
+# Less free space than this cannot hold one more CT image (a 512 x 512 slice is 0.5 MiB):
+# the spool is full whatever min_free_bytes says (with min_free_bytes 0, 0 bytes free used
+# to pass as "ok" while every C-STORE was refused).
+SPOOL_FULL_BELOW_BYTES = 1 << 20
+
+
+def spool_state(free_bytes: int, min_free_bytes: int) -> str:
+    """``full`` (no room for an image), ``below watermark`` (the spool refuses every
+    instance: ``dicom_node.spool.Spool.check_space`` needs free - size >= min_free_bytes)
+    or ``ok``."""
+    if free_bytes < SPOOL_FULL_BELOW_BYTES:
+        return "full"
+    if free_bytes <= min_free_bytes:
+        return "below watermark"
+    return "ok"
+
+
+def _check_spool(node: ServiceView, details: dict[str, Any]) -> str | None:
+    """The spool's disk state into ``details``; the reason when C-STOREs are refused."""
+    spool_dir, watermark = node.settings.spool_dir, node.settings.min_free_bytes
+    try:
+        usage = shutil.disk_usage(spool_dir)
+    except OSError as exc:
+        details["spool"] = f"error: {exc.strerror or type(exc).__name__}"
+        return f"spool {spool_dir} cannot be read: {exc.strerror or exc}"
+    state = spool_state(usage.free, watermark)
+    details.update(
+        spool=state,
+        spool_free_bytes=usage.free,
+        spool_total_bytes=usage.total,
+        spool_min_free_bytes=watermark,
+    )
+    if state == "full":
+        return (
+            f"spool disk full: {usage.free} B free of {usage.total} B; every C-STORE is "
+            "refused (0xA700 Out of Resources)"
+        )
+    if state == "below watermark":
+        return (
+            f"spool free space {usage.free} B is at or below min_free_bytes ({watermark} B); "
+            "every C-STORE is refused (0xA700 Out of Resources)"
+        )
+    return None
+
+
 def run_checks(node: ServiceView) -> Checks:
     """Check the receive path and the destinations (never raises)."""
     details: dict[str, Any] = {}
@@ -61,11 +106,9 @@ def run_checks(node: ServiceView) -> Checks:
     except Exception as exc:  # report, don't raise
         details["database"] = f"error: {type(exc).__name__}"
         reasons.append(f"database: {type(exc).__name__}")
-    free = shutil.disk_usage(node.settings.spool_dir).free
-    details["spool_free_bytes"] = free
-    details["spool"] = "ok" if free >= node.settings.min_free_bytes else "below watermark"
-    if details["spool"] != "ok":
-        reasons.append(f"spool free space {free} B is below min_free_bytes")
+    spool_reason = _check_spool(node, details)
+    if spool_reason is not None:
+        reasons.append(spool_reason)
     details["scp_listening"] = node.listening()
     if not details["scp_listening"]:
         reasons.append("the DICOM listener is not listening")

@@ -1,0 +1,436 @@
+"""The DICOM listener's transport under pynetdicom: connection limits, TLS handshakes,
+ARTIM and idle timeouts, and PDU lengths checked before a PDU is read.
+
+What pynetdicom 3.0.4's own server (``AE.start_server``) does, measured with hostile
+peers, and what this module does instead (``dicom_node.scp`` uses it for the plain and the
+TLS port alike):
+
+- Every TCP connection starts an association thread at once, and pynetdicom's
+  association limit (``AE.maximum_associations``, default 10) counts those threads: ten
+  connections that send nothing lock every sender out ("Local Limit Exceeded"). Here
+  ``GuardedServer`` counts connections (``listener.max_connections``, negotiating ones
+  included) and closes one over that number at once; the association limit
+  (``listener.max_associations``, ``AssociationSlots``) counts only requests the
+  listener has decided to accept, and is answered with an A-ASSOCIATE-RJ by the
+  listener's ``EVT_REQUESTED`` handler.
+- The DUL thread reads a PDU with a blocking ``recv`` of the length the header declares,
+  without a timeout: a peer that sends half an A-ASSOCIATE-RQ holds its connection (and
+  slot) until it closes, and a header declaring 4 GiB makes the node buffer whatever
+  follows, whatever Maximum Length was negotiated. Here ``PduReader`` takes over each
+  connection's ``AssociationSocket.recv`` (the one place the DUL reads from: a 6-byte
+  header, then the body): the A-ASSOCIATE-RQ must be complete ``listener.artim_timeout_s``
+  after the connection opened (the ARTIM timer, PS3.8 9.1.5; pynetdicom's own ARTIM
+  timer, set to the same value, closes connections that send nothing at all); later a
+  read that waits ``listener.idle_timeout_s`` for the next bytes closes the connection;
+  and a declared length above the limit is refused from the header alone: at most
+  ``ASSOCIATE_RQ_MAX_BYTES`` for every PDU but P-DATA-TF, and at most the Maximum Length
+  the node negotiated (``max_pdu_size``, PS3.8 D.1) for P-DATA-TF. The peer gets an
+  A-ABORT (service provider, invalid-PDU-parameter-value, PS3.8 9.3.8) and the
+  connection is closed; the DUL sees the transport close.
+- With TLS, pynetdicom wraps accepted sockets in the accept loop, so one client that
+  never completes its handshake stops the whole listener. Here the handshake runs in the
+  connection's own thread, within ``listener.artim_timeout_s``, and a failure is logged
+  with the peer and the reason in words (``dicom_node.tls.explain``).
+
+Memory per connection is thereby bounded by one PDU while it is read: at most
+``ASSOCIATE_RQ_MAX_BYTES`` until an association is accepted, at most ``max_pdu_size``
+(plus the DICOM message being assembled from the PDUs, as large as the instance a
+peer admitted by ``peers`` sends) after. ``max_pdu_size: 0`` (unlimited) lifts the P-DATA
+bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
+
+from dicom_node.tls import explain
+from kernel.settings import ListenerSettings
+
+log = logging.getLogger("dicom_node.listener")
+
+# PS3.8 9.3.1: PDU types, and P-DATA-TF, the only one whose length the Maximum Length
+# negotiation (PS3.8 D.1) bounds.
+PDU_TYPES = frozenset(range(0x01, 0x08))
+A_ASSOCIATE_RQ_TYPE, P_DATA_TF_TYPE = 0x01, 0x04
+# Room for any A-ASSOCIATE-RQ a real peer sends: 128 presentation contexts (the most
+# PS3.8 9.3.2.2 context IDs allow) of 20 transfer syntaxes with 64-character UIDs are
+# about 190 KiB, user identity and extended negotiation items included.
+ASSOCIATE_RQ_MAX_BYTES = 256 * 1024
+# The DUL thread of every connection polls its socket and queues in a loop that sleeps
+# 1 ms when idle: 30 connections that send nothing kept one CPU core 84 % busy (measured
+# on the 2-core test machine). Until a connection's A-ASSOCIATE-RQ has arrived its DUL
+# sleeps this long instead: the request is answered at most this much later, and 256
+# silent connections cost a few percent of a core.
+NEGOTIATING_POLL_S = 0.02
+# How much one recv() asks the kernel for (pynetdicom's own loop reads 4 KiB at a time).
+_CHUNK_BYTES = 64 * 1024
+# A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value).
+_ABORT_SOURCE_PROVIDER, _ABORT_INVALID_PARAMETER = 0x02, 0x06
+# At most one "connection limit reached" line per this many seconds (a flood is one line).
+_REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+def _peer(address: Any) -> str:
+    try:
+        return f"{address[0]}:{address[1]}"
+    except (TypeError, IndexError):
+        return str(address)
+
+
+class AssociationSlots:
+    """The ``listener.max_associations`` limit: a slot per association the listener
+    decided to accept, taken in ``EVT_REQUESTED`` and given back when it closes (or, should
+    pynetdicom end one without a close event, when its thread is found ended)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[int, Any] = {}  # id -> the Association (a thread)
+        self._lock = threading.Lock()
+
+    def take(self, assoc: Any) -> bool:
+        """Take a slot for ``assoc``; False when all are taken."""
+        with self._lock:
+            if id(assoc) in self._held:
+                return True
+            if len(self._held) >= self.limit:
+                for key in [k for k, a in self._held.items() if not a.is_alive()]:
+                    del self._held[key]
+            if len(self._held) >= self.limit:
+                return False
+            self._held[id(assoc)] = assoc
+            return True
+
+    def give_back(self, assoc: Any) -> None:
+        with self._lock:
+            self._held.pop(id(assoc), None)
+
+    @property
+    def in_use(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+
+class PduReader:
+    """Reads the PDUs of one connection for its DUL within the limits (module docstring).
+
+    Installed as the connection's ``AssociationSocket.recv``; the DUL asks for a 6-byte
+    header, then for the body the header declared. Nothing but the DUL thread calls it.
+    """
+
+    def __init__(self, assoc: Any, limits: ListenerSettings, max_pdu_bytes: int, peer: str):
+        self.assoc = assoc
+        self.limits = limits
+        self.max_pdu_bytes = max_pdu_bytes
+        self.peer = peer
+        self.deadline = time.monotonic() + limits.artim_timeout_s
+        self.requested = False  # the A-ASSOCIATE-RQ has been read
+        self.refused: str | None = None
+        self._body: tuple[int, int] | None = None  # (type, length) of the header just read
+
+    def install(self) -> None:
+        self.assoc.dul.socket.recv = self.recv
+        self.assoc.bind(evt.EVT_CONN_CLOSE, self._on_conn_close)
+        # Until its request is read, the connection's DUL polls at NEGOTIATING_POLL_S
+        # instead of pynetdicom's 1 ms (see the constant); then at pynetdicom's pace.
+        self._poll_s = self.assoc.dul._run_loop_delay
+        self.assoc.dul._run_loop_delay = NEGOTIATING_POLL_S
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        """The connection closed before its request arrived: end the association thread
+        now. pynetdicom's acceptor thread waits for the request on the DUL's queue for
+        the whole ARTIM time even when the connection is gone; an empty item is what it
+        gets when that wait times out, so it stops the same way, at once. Without this a
+        peer that connects and closes again keeps a thread (and a place under
+        ``max_connections``) for ``artim_timeout_s``."""
+        if not self.requested:
+            self.assoc.dul.to_user_queue.put(None)
+
+    def limit_for(self, pdu_type: int) -> int:
+        """The largest length a PDU of ``pdu_type`` may declare now (0: no limit)."""
+        if pdu_type == P_DATA_TF_TYPE and self.requested:
+            return self.max_pdu_bytes
+        return ASSOCIATE_RQ_MAX_BYTES
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self.refused is not None:
+            return bytearray()
+        body, self._body = self._body, None
+        data = self._read(nr_bytes)
+        if body is None:
+            if len(data) == 6 and data[0] in PDU_TYPES:
+                pdu_type, _, length = struct.unpack(">BBL", data)
+                limit = self.limit_for(pdu_type)
+                if limit and length > limit:
+                    self._refuse(pdu_type, length, limit)
+                else:
+                    self._body = (pdu_type, length)
+        elif body[0] == A_ASSOCIATE_RQ_TYPE and len(data) == body[1]:
+            self.requested = True
+            self.assoc.dul._run_loop_delay = self._poll_s
+        return data
+
+    def _read(self, nr_bytes: int) -> bytearray:
+        buf = bytearray()
+        while len(buf) < nr_bytes:
+            sock = self.assoc.dul.socket.socket
+            if sock is None:
+                return buf
+            timeout = (
+                self.limits.idle_timeout_s if self.requested else self.deadline - time.monotonic()
+            )
+            try:
+                if timeout <= 0:
+                    raise TimeoutError
+                sock.settimeout(timeout)
+                chunk = sock.recv(min(_CHUNK_BYTES, nr_bytes - len(buf)))
+            except TimeoutError:
+                self._expired(len(buf), nr_bytes)
+                return buf
+            except (OSError, ValueError):
+                return buf  # reset or closed: the DUL sees a short read (connection closed)
+            if not chunk:
+                return buf
+            buf += chunk
+        return buf
+
+    def _expired(self, got: int, wanted: int) -> None:
+        if self.requested:
+            self.refused = (
+                f"stalled {self.limits.idle_timeout_s:g} s in the middle of a PDU "
+                f"({got} of {wanted} bytes read; listener.idle_timeout_s)"
+            )
+        else:
+            self.refused = (
+                f"no complete A-ASSOCIATE-RQ within {self.limits.artim_timeout_s:g} s of "
+                "connecting (ARTIM timer, PS3.8 9.1.5; listener.artim_timeout_s)"
+            )
+        log.warning("closed the DICOM connection from %s: %s", self.peer, self.refused)
+        self._close()
+
+    def _refuse(self, pdu_type: int, length: int, limit: int) -> None:
+        what = (
+            "the Maximum Length negotiated (max_pdu_size)"
+            if pdu_type == P_DATA_TF_TYPE and self.requested
+            else "the limit for this PDU before an association is accepted"
+            if not self.requested
+            else "the limit for a PDU other than P-DATA-TF"
+        )
+        self.refused = (
+            f"PDU type 0x{pdu_type:02X} declares {length} bytes, more than {limit} "
+            f"({what}, PS3.8 9.3.1); refused before reading it"
+        )
+        log.warning(
+            "aborted the DICOM connection from %s: %s; sent A-ABORT", self.peer, self.refused
+        )
+        abort = A_ABORT_RQ()
+        abort.source = _ABORT_SOURCE_PROVIDER
+        abort.reason_diagnostic = _ABORT_INVALID_PARAMETER
+        sock = self.assoc.dul.socket.socket
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                sock.settimeout(1.0)
+                sock.sendall(abort.encode())
+        self._close()
+
+    def _close(self) -> None:
+        sock = self.assoc.dul.socket.socket
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class SharedContexts(list):
+    """The listener's supported presentation contexts, shared by every association.
+
+    pynetdicom's request handler deep-copies the server's contexts into each new
+    association (``RequestHandler._create_association``): with every storage SOP class
+    and 13 transfer syntaxes that is ~90 ms of CPU and ~0.5 MiB per connection, before a
+    single byte was read, which is what a connection flood costs the node. Negotiation
+    (``presentation.negotiate_as_acceptor``) only reads them and builds new result
+    contexts, so one copy serves all: ``deepcopy`` returns the list itself.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedContexts:
+        return self
+
+
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with a ``PduReader`` on every connection."""
+
+    server: GuardedServer
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        PduReader(
+            assoc, self.server.limits, self.server.max_pdu_bytes, _peer(self.client_address)
+        ).install()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        self.server.handed_over()  # from here on counted as a running association
+        assoc.start()
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """A pynetdicom association server with the limits of the module docstring.
+
+    ``tls_context``: serve DICOM TLS with this context (handshake in the connection's
+    thread); None: plain DICOM. ``name`` appears in log lines ("DICOM", "DICOM TLS").
+    """
+
+    daemon_threads = True
+    # The kernel's queue of connections not yet accepted (socketserver's default is 5:
+    # a burst of six connections had the seventh's SYN dropped and retried a second
+    # later).
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        ae: Any,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[Any],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        limits: ListenerSettings,
+        max_pdu_bytes: int,
+        tls_context: ssl.SSLContext | None = None,
+        name: str = "DICOM",
+    ) -> None:
+        self.limits = limits
+        self.max_pdu_bytes = max_pdu_bytes
+        self.tls_context = tls_context or ssl_context
+        self.name = name
+        self._negotiating = 0  # accepted, association thread not started yet
+        self._count_lock = threading.Lock()
+        self._local = threading.local()
+        self._refused_since_log = 0
+        self._last_refusal_log = 0.0
+        self.connections_refused = 0
+        # pynetdicom's own wrapping (in the accept loop) stays off: see _handshake.
+        super().__init__(
+            ae,
+            address,
+            ae_title,
+            SharedContexts(contexts),
+            None,
+            evt_handlers=evt_handlers,
+            request_handler=GuardedRequestHandler,
+        )
+
+    def open_connections(self) -> int:
+        """Connections open now: negotiating ones and running associations."""
+        with self._count_lock:
+            negotiating = self._negotiating
+        return negotiating + len(self.active_associations)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """In the accept loop: refuse a connection over ``max_connections``, else hand it
+        to its own thread."""
+        if self.open_connections() >= self.limits.max_connections:
+            self.connections_refused += 1
+            self._log_refusal(client_address)
+            self.shutdown_request(request)
+            return
+        with self._count_lock:
+            self._negotiating += 1
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            with self._count_lock:
+                self._negotiating -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        self._local.negotiating = True
+        try:
+            if self.tls_context is not None:
+                request = self._handshake(request, client_address)
+                if request is None:
+                    return
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        finally:
+            self.handed_over()
+
+    def handed_over(self) -> None:
+        """This thread's connection is no longer negotiating: it became an association
+        (counted as a running thread from now on) or it is gone. Counted once."""
+        if getattr(self._local, "negotiating", False):
+            self._local.negotiating = False
+            with self._count_lock:
+                self._negotiating -= 1
+
+    def _handshake(self, request: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
+        assert self.tls_context is not None
+        request.settimeout(self.limits.artim_timeout_s)
+        try:
+            tls = self.tls_context.wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "refused the DICOM TLS connection from %s: TLS handshake failed: %s",
+                _peer(client_address),
+                explain(exc),
+            )
+            self.shutdown_request(request)
+            return None
+        tls.settimeout(None)
+        return tls
+
+    def _log_refusal(self, client_address: Any) -> None:
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log < _REFUSAL_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "%s listener: %d connections open (listener.max_connections); closed %d new "
+            "connection(s) at once, latest from %s",
+            self.name,
+            self.limits.max_connections,
+            self._refused_since_log,
+            _peer(client_address),
+        )
+        self._refused_since_log = 0
+        self._last_refusal_log = now
+
+
+def start_server(
+    ae: Any,
+    address: tuple[str, int],
+    evt_handlers: list[Any],
+    limits: ListenerSettings,
+    max_pdu_bytes: int,
+    tls_context: ssl.SSLContext | None = None,
+) -> GuardedServer:
+    """Listen on ``address`` in a background thread (as ``AE.start_server(block=False)``
+    does, with ``GuardedServer``). Stop it with ``server.shutdown()``."""
+    name = "DICOM TLS" if tls_context is not None else "DICOM"
+    server = ae.make_server(
+        address,
+        evt_handlers=evt_handlers,
+        server_class=GuardedServer,
+        limits=limits,
+        max_pdu_bytes=max_pdu_bytes,
+        tls_context=tls_context,
+        name=name,
+    )
+    thread = threading.Thread(
+        target=make_target(server.serve_forever), name=f"{name} listener", daemon=True
+    )
+    thread.start()
+    # AssociationServer.shutdown() takes itself off this list, as for start_server's.
+    ae._servers.append(server)
+    return server
