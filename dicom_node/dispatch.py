@@ -91,6 +91,8 @@ class Dispatcher:
         self.calling_ae = calling_ae
         self.batch_size = batch_size
         self.wake = threading.Event()
+        for name, dest in destinations.items():  # unusable TLS files stop the start
+            tls.client_tls_args(dest.tls, dest.host, f"destinations.{name}.tls")
 
     def reset_interrupted(self) -> None:
         """Rows left ``sending`` by a stopped node are simply pending again."""
@@ -152,7 +154,7 @@ class Dispatcher:
         tls_args, why = None, None
         if datasets:
             try:
-                tls_args = tls.client_tls_args(dest.tls, dest.host, f"destination {name}")
+                tls_args = tls.client_tls_args(dest.tls, dest.host, f"destinations.{name}.tls")
                 assoc = ae.associate(
                     dest.host,
                     dest.port,

@@ -9,7 +9,8 @@ TLS port alike):
   association limit (``AE.maximum_associations``, default 10) counts those threads: ten
   connections that send nothing lock every sender out ("Local Limit Exceeded"). Here
   ``GuardedServer`` counts connections (``listener.max_connections``, negotiating ones
-  included) and closes one over that number at once; the association limit
+  included, the plain and the TLS port together) and closes one over that number at
+  once; the association limit
   (``listener.max_associations``, ``AssociationSlots``) counts only requests the
   listener has decided to accept, and is answered with an A-ASSOCIATE-RJ by the
   listener's ``EVT_REQUESTED`` handler.
@@ -330,10 +331,16 @@ class GuardedServer(ThreadedAssociationServer):
         )
 
     def open_connections(self) -> int:
-        """Connections open now: negotiating ones and running associations."""
-        with self._count_lock:
-            negotiating = self._negotiating
-        return negotiating + len(self.active_associations)
+        """Connections open now on every port of this AE (plain and TLS together):
+        negotiating ones and running association threads."""
+        servers = [s for s in self.ae._servers if isinstance(s, GuardedServer)]
+        if self not in servers:
+            servers.append(self)
+        negotiating = 0
+        for server in servers:
+            with server._count_lock:
+                negotiating += server._negotiating
+        return negotiating + sum(a.is_acceptor for a in self.ae.active_associations)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """In the accept loop: refuse a connection over ``max_connections``, else hand it

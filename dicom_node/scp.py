@@ -295,11 +295,13 @@ class StorageSCP:
         # negotiate roles at all.
         self.ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         self.ae.require_called_aet = settings.require_called_ae
+        # Read the TLS files now, so that a node with unusable ones stops before it starts.
+        self._tls_context = tls.server_context(settings.tls) if settings.tls.enabled else None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        """Listen; raises ``tls.TlsSetupError`` when the TLS files cannot be used and
-        OSError when a port cannot be bound (nothing is left listening then)."""
+        """Listen; raises OSError when a port cannot be bound (nothing is left listening
+        then). The constructor raises ``tls.TlsSetupError`` for unusable TLS files."""
         handlers = [
             (evt.EVT_CONN_OPEN, self._screen_ae_titles),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -312,7 +314,7 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         s = self.settings
-        tls_context = tls.server_context(s.tls) if s.tls.enabled else None
+        tls_context = self._tls_context
         try:
             if s.tls.serve_plain or not s.tls.enabled:
                 self._servers["plain"] = listener.start_server(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from kernel.settings import SUBJECT_ATTRIBUTES, DestinationTls, ListenerTls
+from kernel.settings import SUBJECT_ATTRIBUTES, ConfigError, DestinationTls, ListenerTls
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _SHORT_NAMES = {long: short for short, long in SUBJECT_ATTRIBUTES.items()}
@@ -51,8 +51,9 @@ _REASONS = {
 }
 
 
-class TlsSetupError(Exception):
-    """A TLS certificate, key or CA file cannot be used; the message names the file."""
+class TlsSetupError(ConfigError):
+    """A TLS certificate, key or CA file cannot be used; the message names the settings
+    key and the file (``dicom-node serve`` stops with it, as for any invalid setting)."""
 
 
 def _base_context(purpose: ssl.Purpose, min_version: str, ciphers: str) -> ssl.SSLContext:

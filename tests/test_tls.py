@@ -342,8 +342,14 @@ def test_tls_only_listener_and_settings_errors(pki, tmp_path):
         "enabled": True, "certificate": pki.node.cert, "private_key": pki.ct1.key,
         "ca_bundle": pki.ca, "port": free_port(),
     })  # fmt: skip
-    with pytest.raises(TlsSetupError, match="does not belong to the certificate"):
-        StorageSCP(mismatched, None, None, None).start()
+    with pytest.raises(TlsSetupError, match="tls: cannot use certificate .*does not belong"):
+        StorageSCP(mismatched, None, None, None)
+    with pytest.raises(TlsSetupError, match=r"destinations\.pacs\.tls: cannot use certificate"):
+        bad_client = DestinationTls(
+            ca_bundle=pki.ca, certificate=pki.ct1.cert, private_key=pki.node.key
+        )
+        dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1, tls=bad_client)
+        Dispatcher(None, {"pacs": dest}, DispatchSettings(), "DICOM_NODE")
     # Relative paths in the settings file are relative to the file.
     (tmp_path / "certs").mkdir()
     for name, source in (("node.pem", pki.node.cert), ("node.key", pki.node.key)):
