@@ -6,7 +6,7 @@ storescu, and checks the bytes on the wire, the log and the node's memory.
 The bound the hostile test asserts: while 50 silent connections, 20 half-sent
 A-ASSOCIATE-RQs and a 4 GiB PDU header (followed by up to 300 MiB) hit the listener and
 8 storescu senders store their series, the node's resident memory grows by less than
-``MEMORY_BOUND_MIB`` (measured: ~13 MiB; before the fix the 4 GiB header alone grew it by
+``MEMORY_BOUND_MIB`` (measured: 7 to 13 MiB; before the fix the 4 GiB header alone grew it by
 300 MB).
 """
 
@@ -40,7 +40,7 @@ from tests.dicom_factory import ct_series
 from tests.scp_helpers import associate
 
 MEMORY_BOUND_MIB = 48
-ARTIM_S = 3.0
+ARTIM_S = 4.0
 A_ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
 
 
@@ -165,7 +165,8 @@ def test_hostile_connections_leave_room_for_eight_real_senders(listener, tmp_pat
         senders_s = time.monotonic() - started
         pusher.join(timeout=30)
 
-    # Every sender got through while the hostile connections were still open.
+    # Every sender got through while the hostile connections were still open (the
+    # listener closes them ARTIM_S after they opened).
     assert senders_s < ARTIM_S, f"senders took {senders_s:.1f} s, longer than ARTIM"
     assert [r.returncode for r in results] == [0] * 8, [r.stderr[-300:] for r in results]
     assert node.instances() == 40
