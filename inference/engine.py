@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from inference.crop import crop_volume, label_box, paste
 from inference.labels import SegmentLabel
 from inference.model_cache import ModelCache
-from inference.nnunet_runner import NnUNetRunner
 from inference.orientation import (
     StackGeometryError,
     plane_spacing_mm,
@@ -36,7 +34,10 @@ from inference.results import pipeline_version
 from inference.volume import Volume, resample_to
 from kernel.catalog import PipelineSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only where models run: the node process imports this module
+    import torch
+
+    from inference.nnunet_runner import NnUNetRunner
     from inference.totalseg_runner import TotalSegEnsemble
 
 log = logging.getLogger("inference.engine")
@@ -301,4 +302,6 @@ def _make_runner(spec: ModelSpec, device: torch.device) -> NnUNetRunner | TotalS
         from inference.totalseg_runner import TotalSegEnsemble
 
         return TotalSegEnsemble(spec, device)
+    from inference.nnunet_runner import NnUNetRunner
+
     return NnUNetRunner(spec, device)

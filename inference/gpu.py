@@ -2,11 +2,19 @@
 
 The probe is a plain function (device -> free MiB, or None when the device has no
 GPU memory to manage) so tests can inject one; on a CPU admission is a no-op.
+
+Both run in the node process, which never imports torch (it may not even be installed
+there: the ``dicom-node`` image has none): CUDA devices are counted by a short child
+process that imports torch, and free memory comes from NVML or ``nvidia-smi``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 
 from db.models import Job
@@ -18,27 +26,65 @@ log = logging.getLogger("inference.gpu")
 FreeMemoryProbe = Callable[[str], "int | None"]
 
 
-def worker_devices(device: str, devices: list[str]) -> list[str]:
+class WorkerUnavailableError(RuntimeError):
+    """Workers are asked for where they cannot run (no torch here); says what to do."""
+
+
+# Run in a child process: the CUDA devices torch sees (CUDA_VISIBLE_DEVICES applies).
+_COUNT_CUDA = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+
+
+def torch_installed() -> bool:
+    """Whether torch can be imported here, found without importing it."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def worker_devices(device: str, devices: list[str], timeout_s: float = 120.0) -> list[str]:
     """The devices that get one worker each: ``devices`` if given, else ``device``.
 
-    ``auto`` is every CUDA GPU, or the CPU when there is none.
+    ``auto`` is every CUDA GPU, or the CPU when there is none, as torch counts them in a
+    child process (this process does not import torch). Raises
+    ``WorkerUnavailableError`` when torch is not installed (the node image), saying how
+    to run the node without local workers.
     """
+    if not torch_installed():
+        raise WorkerUnavailableError(
+            "worker.enabled is true but torch is not installed here (the dicom-node image "
+            "has no model runtime): set worker.enabled: false "
+            "(DICOM_NODE_WORKER__ENABLED=false) or worker.broker_url for Celery workers, "
+            "or run the dicom-node-worker image"
+        )
     if devices:
         return list(devices)
     if device != "auto":
         return [device]
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _COUNT_CUDA],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=True,
+        )
+        count = int(proc.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise WorkerUnavailableError(
+            f"device auto: counting CUDA devices with torch failed: {detail.strip()[-500:]}"
+        ) from None
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
 
 def free_memory_mb(device: str) -> int | None:
-    """Free memory of a CUDA device in MiB (NVML if present, else torch); None on a CPU.
+    """Free memory of a CUDA device in MiB (NVML if present, else ``nvidia-smi``); None on
+    a CPU, or when neither can tell (the job is then admitted, and warned about).
 
-    NVML sees memory used by every process (other workers, other programs), torch's
-    ``mem_get_info`` does too (it asks the driver); NVML is tried first as it does not
-    create a CUDA context in the calling process.
+    Both see memory used by every process (other workers, other programs) and neither
+    creates a CUDA context or imports torch in the calling process (the node's). The index
+    is the one NVML uses, which is torch's when CUDA_VISIBLE_DEVICES is not set.
     """
     if not device.startswith("cuda"):
         return None
@@ -49,11 +95,23 @@ def free_memory_mb(device: str) -> int | None:
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free // 2**20)
-    except Exception:  # no NVML: ask torch
-        import torch
-
-        free, _total = torch.cuda.mem_get_info(index)
-        return int(free // 2**20)
+    except Exception:  # no NVML bindings or library: ask nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        try:
+            proc = subprocess.run(
+                [smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits", f"-i={index}"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            )
+            return int(proc.stdout.strip().splitlines()[0])
+        except (subprocess.SubprocessError, ValueError, IndexError):
+            pass
+    log.warning("free memory of %s unknown (no NVML, no nvidia-smi): not checked", device)
+    return None
 
 
 class Admission:

@@ -2,19 +2,30 @@
 
 Initialised once (network + weights on the device) and called per job with an
 in-memory array through ``predict_single_npy_array``: no files, no process pools.
+
+The weights are loaded here, not by nnU-Net's ``initialize_from_trained_model_folder``
+(which calls ``torch.load(weights_only=False)`` and so runs whatever a checkpoint names):
+each fold's file is read once, checked against its sha256 pin and loaded with
+``weights_only=True`` (``inference.checkpoints.load_checkpoint``); the network is then
+built from plans.json by the trainer class the checkpoint names, as nnU-Net builds it.
+This module imports torch: only worker processes import it (never the node process).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
+import json
 import logging
 import threading
 import time
+import warnings
 
 import numpy as np
 import torch
 
+from inference.checkpoints import CheckpointError, load_checkpoint
 from inference.registry import ModelSpec
 
 log = logging.getLogger("inference.nnunet")
@@ -51,9 +62,7 @@ class NnUNetRunner:
                 verbose_preprocessing=False,
                 allow_tqdm=False,
             )
-        self.predictor.initialize_from_trained_model_folder(
-            str(spec.model_folder), use_folds=tuple(spec.folds), checkpoint_name=spec.checkpoint
-        )
+        initialize_safely(self.predictor, spec)
         if device.type == "cpu" and _is_3d(self.predictor.network):
             # oneDNN's 3D convolutions run ~1.8x faster in channels-last layout on a CPU;
             # the weights nnU-Net loads per fold are copied into this layout, and the
@@ -103,3 +112,94 @@ class NnUNetRunner:
 
 def _is_3d(network: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Conv3d) for m in network.modules())
+
+
+def _trainer_class(trainer_name: str) -> type:
+    """The nnU-Net trainer class a checkpoint names (it builds the network)."""
+    try:  # nnU-Net >= 2.6
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+        found = recursive_find_trainer_class_by_name(trainer_name)
+    except ImportError:
+        from os.path import join
+
+        import nnunetv2
+        from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+        found = recursive_find_python_class(
+            join(nnunetv2.__path__[0], "training", "nnUNetTrainer"),
+            trainer_name,
+            "nnunetv2.training.nnUNetTrainer",
+        )
+    except RuntimeError:  # nnU-Net raises when no trainer has the name
+        found = None
+    if found is None:
+        raise CheckpointError(f"trainer {trainer_name!r} is not an installed nnU-Net trainer")
+    return found
+
+
+def initialize_safely(predictor: object, spec: ModelSpec) -> None:
+    """Set up ``predictor`` (an ``nnUNetPredictor``) with the model's network and the
+    weights of each fold, as ``initialize_from_trained_model_folder`` does, but loading
+    every checkpoint with ``weights_only=True`` after checking its sha256 pin.
+
+    Raises ``CheckpointError`` naming the model and the file (changed file, unpinned
+    nnunet checkpoint, a checkpoint naming code, an unknown trainer).
+    """
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    where = f"model {spec.id!r}"
+    folder = spec.model_folder
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    plans_manager = PlansManager(json.loads((folder / "plans.json").read_text()))
+    parameters = []
+    for i, path in enumerate(spec.checkpoint_files()):
+        expected = spec.pinned_sha256(path)
+        if expected is None and spec.kind == "nnunet":
+            raise CheckpointError(f"{where}: checkpoint {path} has no sha256 pin in models.yaml")
+        checkpoint = load_checkpoint(path, expected, where)
+        if i == 0:
+            trainer_name = str(checkpoint["trainer_name"])
+            configuration_name = str(checkpoint["init_args"]["configuration"])
+            mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes")
+        parameters.append(checkpoint["network_weights"])
+    configuration_manager = plans_manager.get_configuration(configuration_name)
+    num_input_channels = determine_num_input_channels(
+        plans_manager, configuration_manager, dataset_json
+    )
+    num_output_channels = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    try:
+        trainer_class = _trainer_class(trainer_name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc} ({spec.checkpoint_files()[0]})") from None
+    build = trainer_class.build_network_architecture
+    if "plans_manager" in inspect.signature(build).parameters:
+        network = build(
+            plans_manager,
+            configuration_manager,
+            num_input_channels,
+            num_output_channels,
+            enable_deep_supervision=False,
+        )
+    else:  # the signature of nnU-Net < 2.6
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            network = build(
+                configuration_manager.network_arch_class_name,
+                configuration_manager.network_arch_init_kwargs,
+                configuration_manager.network_arch_init_kwargs_req_import,
+                num_input_channels,
+                num_output_channels,
+                enable_deep_supervision=False,
+            )
+    network.load_state_dict(parameters[0])
+    predictor.manual_initialization(  # type: ignore[attr-defined]
+        network,
+        plans_manager,
+        configuration_manager,
+        parameters,
+        dataset_json,
+        trainer_name,
+        mirroring_axes,
+    )

@@ -1,9 +1,11 @@
 """The model registry (``models.yaml``): which trained models exist and what they output.
 
 Validated at start: a model whose folder is missing, whose labels disagree with the
-nnU-Net ``dataset.json`` or the checkpoint's output layer, or a TotalSegmentator task
+nnU-Net ``dataset.json`` or the checkpoint's output layer, whose checkpoint differs from
+its sha256 pin or names code to run (``inference.checkpoints``), or a TotalSegmentator task
 whose weights are not installed, fails with a message naming the model and the problem.
-Nothing here ever downloads weights.
+Nothing here imports torch or loads a model (the node process runs this at start; models
+load only in the worker, ``inference.nnunet_runner``), and nothing ever downloads weights.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from inference.checkpoints import SHA256_RE, CheckpointError, check_pin, read_checkpoint
 from inference.labels import Code, SegmentLabel
 from inference.orientation import check_orientation
 from kernel.settings import REPO_ROOT
@@ -113,6 +116,20 @@ class ModelSpec(StrictModel):
     # which TotalSegmentator feeds its models; no other value is allowed for it).
     orientation: str | None = None
     labels: dict[int, LabelSpec]
+    # sha256 of each checkpoint file, by its path relative to the model folder (nnunet:
+    # ``fold_0/checkpoint_final.pth``) or to TotalSegmentator's weights directory. Every
+    # checkpoint of an nnunet model must be pinned; a file that differs is refused.
+    sha256: dict[str, str] = Field(default_factory=dict)
+    # Resolved at validation: absolute checkpoint path -> pinned sha256 (what loaders check).
+    pins: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_hex(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k, digest in v.items() if not SHA256_RE.match(str(digest).lower())]
+        if bad:
+            raise ValueError(f"{bad}: a sha256 is 64 hexadecimal digits")
+        return {str(k): str(digest).lower() for k, digest in v.items()}
 
     @field_validator("orientation")
     @classmethod
@@ -136,6 +153,19 @@ class ModelSpec(StrictModel):
         if self.folder is None:
             raise RegistryError(f"model {self.id!r}: no folder resolved")
         return self.folder
+
+    def checkpoint_files(self) -> list[Path]:
+        """The checkpoint file of each fold in use, in ``folds`` order (nnU-Net's layout)."""
+        return [self.model_folder / f"fold_{fold}" / self.checkpoint for fold in self.folds]
+
+    def resolve_pins(self, base: Path) -> ModelSpec:
+        """A copy with ``pins`` keyed by absolute path (``sha256`` keys are below ``base``)."""
+        pins = {str((base / rel).resolve()): digest for rel, digest in self.sha256.items()}
+        return self.model_copy(update={"pins": pins})
+
+    def pinned_sha256(self, path: Path) -> str | None:
+        """The sha256 models.yaml pins for this checkpoint file (None: not pinned)."""
+        return self.pins.get(str(Path(path).resolve()))
 
     def label_ids(self) -> dict[str, int]:
         return {spec.name: value for value, spec in self.labels.items()}
@@ -179,8 +209,7 @@ def _check_model_folder(spec: ModelSpec) -> None:
     for name in ("dataset.json", "plans.json"):
         if not (spec.folder / name).is_file():
             raise RegistryError(f"{where}: {spec.folder / name} is missing")
-    for fold in spec.folds:
-        ckpt = spec.folder / f"fold_{fold}" / spec.checkpoint
+    for ckpt in spec.checkpoint_files():
         if not ckpt.is_file():
             raise RegistryError(f"{where}: checkpoint {ckpt} is missing")
     dataset = json.loads((spec.folder / "dataset.json").read_text())
@@ -196,9 +225,9 @@ def _check_model_folder(spec: ModelSpec) -> None:
             f"{where}: {len(spec.channels)} channels declared ({spec.channels}) but the model "
             f"takes {len(channels)}"
         )
+    _check_checkpoints(spec, base=spec.folder, require_pins=True)
     expected = len(nn_labels) + 1
-    for fold in spec.folds:
-        ckpt = spec.folder / f"fold_{fold}" / spec.checkpoint
+    for ckpt in spec.checkpoint_files():
         outputs = checkpoint_outputs(ckpt)
         if outputs is not None and outputs != expected:
             raise RegistryError(
@@ -207,28 +236,62 @@ def _check_model_folder(spec: ModelSpec) -> None:
             )
 
 
+def _check_checkpoints(spec: ModelSpec, base: Path, *, require_pins: bool) -> None:
+    """Each checkpoint in use against its sha256 pin (a pin of a file not in use is a
+    mistake too); ``require_pins``: an unpinned checkpoint is refused, naming its sha256."""
+    where = f"model {spec.id!r}"
+    in_use = {str(p.resolve()): p for p in spec.checkpoint_files()}
+    stray = [rel for rel in spec.sha256 if str((base / rel).resolve()) not in in_use]
+    if stray:
+        used = [
+            str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for p in in_use.values()
+        ]
+        raise RegistryError(
+            f"{where}: sha256 pins {stray}, which are not checkpoints in use (paths are "
+            f"relative to {base}; in use: {used})"
+        )
+    for ckpt in in_use.values():
+        expected = spec.pinned_sha256(ckpt)
+        try:
+            actual = check_pin(ckpt, expected, where)
+        except CheckpointError as exc:
+            raise RegistryError(str(exc)) from None
+        if expected is None and require_pins:
+            rel = ckpt.relative_to(base) if ckpt.is_relative_to(base) else ckpt
+            raise RegistryError(
+                f"{where}: checkpoint {ckpt} is not pinned: add `sha256: {{{rel}: {actual}}}` "
+                "to its entry in models.yaml once you have checked the file against its source"
+            )
+
+
 def checkpoint_outputs(ckpt: Path) -> int | None:
     """Number of classes the checkpoint's segmentation head predicts (None: unknown).
 
-    Memory-mapped, so checking a large production checkpoint at start stays cheap.
+    Read without torch and without running anything in the file
+    (``inference.checkpoints.read_checkpoint``): a checkpoint that names any global a
+    weights file does not need is refused here, in the node, as well as in the worker.
     """
-    import torch
-
     try:
-        data = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise RegistryError(f"checkpoint {ckpt} cannot be read: {exc}") from exc
-    weights = data.get("network_weights", {}) if isinstance(data, dict) else {}
-    heads = [v for k, v in weights.items() if "seg_layers" in k and k.endswith("weight")]
-    return int(heads[-1].shape[0]) if heads else None
+        return read_checkpoint(ckpt).segmentation_classes()
+    except CheckpointError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def _check_totalseg(spec: ModelSpec) -> ModelSpec:
-    from inference.totalseg_runner import resolve_task_folders
+    from inference.totalseg_runner import resolve_task_folders, weights_dir
 
     folders = resolve_task_folders(spec)  # raises RegistryError naming task and folder
     parts = folders if len(folders) > 1 else []
-    return spec.model_copy(update={"folder": folders[0], "parts": parts})
+    base = weights_dir()
+    spec = spec.model_copy(update={"folder": folders[0], "parts": parts}).resolve_pins(base)
+    # TotalSegmentator's weights are the operator's own installation: pins are checked
+    # when given (paths relative to the weights directory), not required.
+    for folder in folders:
+        part = spec.model_copy(update={"folder": folder})
+        _check_checkpoints(part, base, require_pins=False)
+        for ckpt in part.checkpoint_files():
+            checkpoint_outputs(ckpt)  # refuses a checkpoint that names code to run
+    return spec
 
 
 def load_registry(path: Path | None = None, *, check_folders: bool = True) -> ModelRegistry:
@@ -266,7 +329,10 @@ def load_registry(path: Path | None = None, *, check_folders: bool = True) -> Mo
                 )
             if check_folders:
                 spec = _check_totalseg(spec)
-        elif check_folders:
-            _check_model_folder(spec)
+        else:
+            if spec.folder is not None:
+                spec = spec.resolve_pins(spec.folder)
+            if check_folders:
+                _check_model_folder(spec)
         models[model_id] = spec
     return ModelRegistry(models, path)
