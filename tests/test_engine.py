@@ -32,7 +32,7 @@ from tests.test_engine_support import (
 CPU = torch.device("cpu")
 NNUNET_CLI = Path(__file__).resolve().parent.parent / ".venv/bin/nnUNetv2_predict_from_modelfolder"
 SHIPPED = sorted(load_registry(check_folders=False).models)  # models.yaml
-PHASES = {"totalseg": "P", "vessel": "AP", "ureter": "D", "tumor": "P"}
+PHASES = {"totalseg": "P", "vessel": "AP", "ureter": "D", "tumor": "P", "organs_6mm": "N"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -21,8 +21,8 @@ from inference.registry import load_registry
 
 SHIPPED = sorted(load_registry(check_folders=False).models)  # the models in models.yaml
 
-# Every label of every shipped stand-in must reach this on a held-out phantom.
-REQUIRED_DICE = 0.9
+# Every label of every shipped stand-in must reach its spec's ``required_dice`` (0.9; the
+# coarse 6 mm organ model 0.75) on a held-out phantom.
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 HELD_OUT_SEED = 11
@@ -82,6 +82,6 @@ def test_model_segments_a_held_out_phantom(name: str) -> None:
     low = {
         label: round(value, 3)
         for label, value in dice.items()
-        if value < REQUIRED_DICE
+        if value < spec.required_dice
     }
     assert not low, f"{name}: Dice below the bar for {low} (all: {dice})"
