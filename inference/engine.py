@@ -29,6 +29,7 @@ from inference.orientation import (
     stack_geometry,
 )
 from inference.postprocess import postprocess
+from inference.probability_maps import combine_probabilities, paste_probabilities, write_nifti
 from inference.registry import ModelRegistry, ModelSpec
 from inference.results import pipeline_version
 from inference.volume import Volume, resample_to
@@ -61,6 +62,10 @@ class PipelineResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     mask_path: Path | None = None
     crop_box: tuple[slice, slice, slice] | None = None
+    # float16 [1 + labels, z, y, x]: background, then one channel per entry of ``labels``
+    # (``PipelineSpec.probabilities``; see inference/probability_maps.py)
+    probabilities: np.ndarray | None = None
+    probabilities_path: Path | None = None
 
     @property
     def version(self) -> str:
@@ -133,8 +138,19 @@ class Engine:
 
     # --- models ---------------------------------------------------------------------
 
-    def predict(self, model_id: str, inputs: dict[str, Volume], box: Any = None) -> np.ndarray:
+    def predict(
+        self,
+        model_id: str,
+        inputs: dict[str, Volume],
+        box: Any = None,
+        *,
+        with_probabilities: bool = False,
+    ) -> Any:
         """One model's label map (its own label ids) in the reference input's geometry.
+
+        With ``with_probabilities`` (nnU-Net models only): ``(label_map, probabilities)``,
+        the class probabilities float16 [classes, z, y, x] (background first) on the same
+        voxels; outside a ``box`` the background has probability 1.
 
         Returns uint8 [z, y, x] in the reference volume's own array order (``array[z]`` is
         ``headers[z]``: the DICOM-SEG frames follow it), whatever order the model runs in.
@@ -170,6 +186,20 @@ class Engine:
         )
         turn = reorientation(ref.direction, spec.orientation)
         spacing_zyx = (plane_spacing_mm(ref), *ref.spacing_zyx[1:])
+        if with_probabilities:
+            if spec.kind != "nnunet":
+                raise PipelineInputError(
+                    f"model {model_id} ({spec.kind}) gives no class probabilities"
+                )
+            seg, probabilities = self.runner(model_id).predict(
+                turn.to_canonical(channels), turn.spacing(spacing_zyx), with_probabilities=True
+            )
+            seg, probabilities = turn.from_canonical(seg), turn.from_canonical(probabilities)
+            if box is None:
+                return seg, probabilities
+            return paste(seg, box, full_ref.shape), paste_probabilities(
+                probabilities, box, full_ref.shape
+            )
         seg = self.runner(model_id).predict(turn.to_canonical(channels), turn.spacing(spacing_zyx))
         seg = turn.from_canonical(seg)
         if spec.kind == "totalsegmentator":
@@ -205,11 +235,18 @@ class Engine:
         combined = np.zeros(reference.shape, np.uint8)
         labels: list[SegmentLabel] = []
         versions: dict[str, str] = {}
+        want_probabilities = bool(getattr(spec, "probabilities", None))
+        probability_maps: list[np.ndarray] = []  # per model [classes, z, y, x]
         for model in models:
             started = time.perf_counter()
             # Full-volume label maps are remembered: a crop model's organs (totalseg's
             # kidneys for tumor) and a pipeline running that model share one prediction.
-            if box is None:
+            if want_probabilities:
+                seg, probabilities = self.predict(
+                    model.id, inputs, box, with_probabilities=True
+                )
+                probability_maps.append(probabilities)
+            elif box is None:
                 seg = self.predict_cached(model.id, inputs)
             else:
                 seg = self.predict(model.id, inputs, box)
@@ -233,10 +270,17 @@ class Engine:
                     )
                 )
         result = PipelineResult(name, reference, combined, labels, versions, timings, crop_box=box)
+        if probability_maps:
+            result.probabilities = combine_probabilities(probability_maps, models)
         if mask_dir is not None and getattr(spec, "masks", None) == "nifti":
             from inference.nifti_io import write_mask
 
             result.mask_path = write_mask(reference, combined, Path(mask_dir) / f"{name}.nii.gz")
+        keep = "nifti" in getattr(spec, "probabilities", [])
+        if mask_dir is not None and result.probabilities is not None and keep:
+            result.probabilities_path = write_nifti(
+                reference, result.probabilities, Path(mask_dir) / f"{name}_probabilities.nii.gz"
+            )
         log.info("pipeline %s ran on %s: %s", name, reference.series_uid, timings)
         return result
 

@@ -144,10 +144,21 @@ class JobRunner:
         if left_out:
             summary["left_out"] = left_out
         empty = not bool(result.label_map.any())
+        outputs = self._outputs(empty)
+        if "fractional_seg" in spec.probabilities and not empty:
+            takes_seg = [
+                name
+                for kind in (ResultType.BINARY, ResultType.LABELMAP)
+                for name in outputs.get(kind, [])
+            ]
+            if takes_seg or not self.destinations():
+                outputs[ResultType.FRACTIONAL] = takes_seg
         segs = [
             self._write_seg(job, result, result_type, tuple(names), empty, identity)
-            for result_type, names in self._outputs(empty).items()
+            for result_type, names in outputs.items()
         ]
+        if result.probabilities_path is not None:
+            summary["probabilities_path"] = str(result.probabilities_path)
         if empty:
             summary["empty"] = True
             sent_to = sorted(n for seg in segs for n in seg.destinations)
@@ -243,6 +254,11 @@ class JobRunner:
             from inference.rtstruct_writer import write_rtstruct
 
             path = write_rtstruct(ref.headers, result.label_map, result.labels, **common)
+        elif result_type == ResultType.FRACTIONAL:
+            from inference.fractional_seg import write_fractional_seg
+
+            del common["allow_empty"]
+            path = write_fractional_seg(ref.headers, result.probabilities, result.labels, **common)
         else:
             path = write_seg(
                 ref.headers, result.label_map, result.labels, seg_type=result_type, **common

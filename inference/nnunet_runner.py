@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,14 +79,26 @@ class NnUNetRunner:
             time.perf_counter() - started,
         )
 
-    def predict(self, channels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
-        """Label map [z, y, x] (uint8) for input channels [c, z, y, x] in HU."""
+    def predict(
+        self,
+        channels: np.ndarray,
+        spacing_zyx: tuple[float, float, float],
+        *,
+        with_probabilities: bool = False,
+    ) -> Any:
+        """Label map [z, y, x] (uint8) for input channels [c, z, y, x] in HU.
+
+        With ``with_probabilities``: ``(label_map, probabilities)``, the class
+        probabilities float16 [classes, z, y, x] (background first) on the same grid; the
+        label map is their argmax, except that with ``min_confidence`` voxels whose winning
+        probability is lower are background.
+        """
         if channels.ndim != 4 or channels.shape[0] != len(self.spec.channels):
             raise ValueError(
                 f"model {self.spec.id} takes {len(self.spec.channels)} channels "
                 f"[c, z, y, x], got shape {channels.shape}"
             )
-        want_probabilities = self.spec.min_confidence is not None
+        want_probabilities = with_probabilities or self.spec.min_confidence is not None
         with self._lock, torch.inference_mode():
             out = self.predictor.predict_single_npy_array(
                 channels.astype(np.float32, copy=False),
@@ -98,8 +111,11 @@ class NnUNetRunner:
             return np.asarray(out, dtype=np.uint8)
         seg, probabilities = out
         seg = np.asarray(seg, dtype=np.uint8)
-        # Uncertain voxels become background: a low-confidence call is worse than none.
-        seg[np.max(probabilities, axis=0) < self.spec.min_confidence] = 0
+        if self.spec.min_confidence is not None:
+            # Uncertain voxels become background: a low-confidence call is worse than none.
+            seg[np.max(probabilities, axis=0) < self.spec.min_confidence] = 0
+        if with_probabilities:
+            return seg, np.asarray(probabilities, dtype=np.float16)
         return seg
 
     def close(self) -> None:

@@ -148,7 +148,7 @@ def build_seg(
 
     segment_map = _to_segment_numbers(label_map, [label.value for label in present])
     descriptions = [
-        _segment_description(number, label, algorithm)
+        segment_description(number, label, algorithm)
         for number, label in enumerate(present, start=1)
     ]
     seg = hd.seg.Segmentation(
@@ -177,7 +177,7 @@ def build_seg(
     charset = settle_output(seg, source, "Segmentation")
     if charset.transcoded and on_transcode is not None:
         on_transcode(charset)
-    _set_dimension_organization_uid(seg, derived_uid(sop_instance_uid, "DimensionOrganizationUID"))
+    set_dimension_organization_uid(seg, derived_uid(sop_instance_uid, "DimensionOrganizationUID"))
     logger.info(
         "seg: built %s for series %s: %d segments, %d frames, %.2f s",
         seg_type,
@@ -307,7 +307,7 @@ def _to_segment_numbers(label_map: np.ndarray, present_values: list[int]) -> np.
     return segment_map
 
 
-def _segment_description(
+def segment_description(
     number: int, label: SegmentLabel, algorithm: Algorithm
 ) -> hd.seg.SegmentDescription:
     # One identification sequence per segment: pydicom sequences must not be shared.
@@ -334,7 +334,7 @@ def _segment_description(
     return description
 
 
-def _set_dimension_organization_uid(seg: hd.seg.Segmentation, uid: str) -> None:
+def set_dimension_organization_uid(seg: hd.seg.Segmentation, uid: str) -> None:
     """Replace highdicom's random DimensionOrganizationUID so output UIDs are reproducible."""
     for item in seg.DimensionOrganizationSequence:
         item.DimensionOrganizationUID = uid

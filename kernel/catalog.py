@@ -62,6 +62,13 @@ class PipelineSpec(StrictModel):
     inputs: dict[str, list[PhaseCode]] = Field(
         default_factory=lambda: {"image": ["P", "A", "D"]}, min_length=1
     )
+    probabilities: list[Literal["nifti", "fractional_seg"]] = Field(
+        default_factory=list,
+        description="Also keep the models' class probabilities: 'nifti' writes a 4D NIfTI "
+        "(background, then each label) beside the masks, 'fractional_seg' sends a "
+        "FRACTIONAL DICOM-SEG to the destinations that take SEG (nnU-Net models only; see "
+        "inference/probability_maps.py for the threshold the label map uses).",
+    )
     review: Literal["none", "required"] = Field(
         "none",
         description="'required': every result of this pipeline is held until a reviewer "

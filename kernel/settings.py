@@ -253,6 +253,17 @@ class Destination(StrictModel):
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
+    @field_validator("result_type")
+    @classmethod
+    def _not_fractional(cls, v: ResultType) -> ResultType:
+        if v == ResultType.FRACTIONAL:
+            raise ValueError(
+                "FRACTIONAL is not a destination result_type: a pipeline with "
+                "`probabilities: [fractional_seg]` sends its FRACTIONAL SEG to every "
+                "destination that takes BINARY or LABELMAP SEG"
+            )
+        return v
+
 
 class ListenerTls(StrictModel):
     """The DICOM TLS listener (PS3.15 B.1; IHE ATNA Secure Node): its own port beside, or

@@ -107,6 +107,9 @@ class ResultType(StrEnum):
     BINARY = "BINARY"  # DICOM-SEG, one bit per pixel: every viewer reads it
     LABELMAP = "LABELMAP"  # Label Map Segmentation (RLE): small, needs a recent viewer
     RTSTRUCT = "RTSTRUCT"  # RT Structure Set contours, for systems without SEG
+    # The class probabilities as a FRACTIONAL SEG: made when a pipeline asks for it
+    # (``probabilities: [fractional_seg]``), never a destination's own result_type.
+    FRACTIONAL = "FRACTIONAL"
 
 
 class Phase(StrEnum):
