@@ -270,7 +270,8 @@ class Event(Base):
 
 
 class User(Base):
-    """A person who may use the web pages. role: viewer (read) or admin (read and act)."""
+    """A person who may use the web pages and API. role: viewer, reviewer, operator or
+    admin (``dicom_node.web.users.ROLES``). Written only by ``dicom_node.web.users``."""
 
     __tablename__ = "users"
 
@@ -283,10 +284,18 @@ class User(Base):
     # Consecutive failed logins; at the limit the account is locked until locked_until.
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None] = mapped_column()
+    # Disabled by an admin: no login, its tokens refused, its sessions ended. NULL: enabled.
+    disabled_at: Mapped[datetime | None] = mapped_column()
+    # When the password was last set (created, changed by the user, reset by an admin).
+    # NULL on rows from before migration 0006.
+    password_changed_at: Mapped[datetime | None] = mapped_column()
+    # When an admin last lifted a lockout: login attempts before it no longer count.
+    unlocked_at: Mapped[datetime | None] = mapped_column()
 
 
 class ApiToken(Base):
-    """A bearer token for the JSON API; only its SHA-256 is stored."""
+    """A bearer token for the JSON API; only its SHA-256 is stored. Revoking deletes it
+    (the audit log keeps who made and revoked it)."""
 
     __tablename__ = "api_tokens"
 
@@ -296,5 +305,73 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column()
+    # Who made it: an admin's username (web) or "cli:<OS user>@<host>". NULL before 0006.
+    created_by: Mapped[str | None] = mapped_column(String(128))
+    # After this the token is refused; NULL: it does not expire.
+    expires_at: Mapped[datetime | None] = mapped_column()
 
     user: Mapped[User] = relationship()
+
+
+class WebSession(Base):
+    """A browser login, kept on the server: the cookie holds a random id whose SHA-256 is
+    stored here. Logout, a password change or reset, disabling or deleting the user
+    delete the row, which ends the session at once. Written only by
+    ``dicom_node.web.users``."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Last request that counted as activity (page refreshes by script do not).
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # created_at + web.session_max_age_s: the session ends then whatever the activity.
+    expires_at: Mapped[datetime] = mapped_column()
+    client_address: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditRecord(Base):
+    """The audit trail: who did or looked at what, when, from where, with what outcome.
+
+    Append-only: the database refuses UPDATE and DELETE on this table (triggers of
+    migration 0006). Written only by ``dicom_node.audit``. ``patient_name`` only when
+    ``log_patient_names`` is on.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_actor_at", "actor", "at"),
+        Index("ix_audit_log_action_at", "action", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # A username, a calling AE title, or "system".
+    actor: Mapped[str] = mapped_column(String(128))
+    # session | token | cli | dicom | system | anonymous (a failed login's claimed name)
+    actor_kind: Mapped[str] = mapped_column(String(16))
+    # The client's IP address, "<ip>:<port>" of a DICOM peer, or "cli:<OS user>@<host>".
+    source: Mapped[str | None] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(48))
+    # success | failure | denied
+    outcome: Mapped[str] = mapped_column(String(16))
+    object_type: Mapped[str | None] = mapped_column(String(32))
+    object_id: Mapped[str | None] = mapped_column(String(256))
+    study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    detail: Mapped[dict[str, Any] | None] = mapped_column()
+
+
+class AuditForwarding(Base):
+    """How far the audit trail has been forwarded (to the syslog collector): the last
+    ``audit_log.id`` the collector accepted. Written only by ``dicom_node.audit``."""
+
+    __tablename__ = "audit_forwarding"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_id: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

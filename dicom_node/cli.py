@@ -1,4 +1,10 @@
-"""The ``dicom-node`` command line."""
+"""The ``dicom-node`` command line.
+
+The commands run on the node's host as an OS user and need no web role: whoever can read
+the settings file and reach the database may manage users and tokens there (README
+"Security"). User and token changes made here go into the audit trail as
+``cli:<OS user>`` from ``cli:<OS user>@<host>``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,12 @@ from dicom_node.web.users import ROLES
 from inference.registry import RegistryError
 from kernel.settings import ConfigError, load_settings
 
+ROLE_HELP = (
+    "viewer: sees everything but patient IDs, acts on nothing; reviewer: also approves or "
+    "rejects results held for review; operator: also retries, cancels, resends, C-ECHOes "
+    "and uses the path API, sees patient IDs; admin: all of that, and users, tokens, "
+    "settings and the audit trail"
+)
 # The synthetic study's field of view: the same ~400 mm at every matrix size (0.78 mm
 # pixels at 512), so the phantom's body and its kidneys stay in the image whatever --rows
 # is; --rows changes the pixel size.
@@ -180,8 +192,8 @@ def _user_db(args: argparse.Namespace):
 
 
 def _read_password(args: argparse.Namespace) -> str:
-    """The new user's password: one line of stdin (``--password-stdin``) or typed twice
-    at the terminal. Raises ``CliError`` without a terminal, or when the two differ."""
+    """The (new) password: one line of stdin (``--password-stdin``) or typed twice at the
+    terminal. Raises ``CliError`` without a terminal, or when the two differ."""
     import getpass
 
     if args.password_stdin:
@@ -204,19 +216,91 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
+def _min_password(args: argparse.Namespace) -> int:
+    return load_settings(args.config).web.password_min_length
+
+
+def _audited(db, action: str, object_type: str, object_id: str | int, problem=None, **detail):
+    """One audit record of a CLI change (``cli:<OS user>`` from this host)."""
+    from dicom_node import audit
+
+    audit.record(
+        db,
+        action,
+        audit.cli_actor(),
+        outcome=audit.Outcome.FAILURE if problem else audit.Outcome.SUCCESS,
+        object_type=object_type,
+        object_id=object_id,
+        detail={**detail, "problem": problem} if problem else detail or None,
+    )
+
+
 def _user_add(args: argparse.Namespace) -> int:
     from dicom_node.web.users import UserError, add_user
 
     db = _user_db(args)  # first: a wrong database is refused before a password is asked
     try:
         password = _read_password(args)
-        add_user(db, args.name, password, args.role)
+        add_user(db, args.name, password, args.role, _min_password(args))
     except UserError as exc:
+        _audited(db, "user_created", "user", args.name, str(exc), role=args.role)
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
+    else:
+        _audited(db, "user_created", "user", args.name, role=args.role)
     finally:
         db.dispose()
     print(f"user {args.name} ({args.role}) created in {_safe_url(db.url)}")
+    return 0
+
+
+def _user_change(args: argparse.Namespace) -> int:
+    """disable | enable | delete | unlock | reset-password | role: one change to a user,
+    recorded in the audit trail (refused ones too)."""
+    from dicom_node.web import users
+
+    action = args.user_command
+    db = _user_db(args)
+    audit_action = {
+        "disable": "user_disabled",
+        "enable": "user_enabled",
+        "delete": "user_deleted",
+        "unlock": "user_unlocked",
+        "reset-password": "password_reset",
+        "role": "user_role_changed",
+    }[action]
+    detail: dict[str, object] = {}
+    try:
+        if action == "disable":
+            changed = users.set_disabled(db, args.name, True)
+            message = "disabled; its sessions ended" if changed else "was already disabled"
+        elif action == "enable":
+            changed = users.set_disabled(db, args.name, False)
+            message = "enabled" if changed else "was already enabled"
+        elif action == "delete":
+            tokens = users.delete_user(db, args.name)
+            message = f"deleted with {tokens} token(s)"
+            detail["tokens_revoked"] = tokens
+        elif action == "unlock":
+            message = "unlocked" if users.unlock(db, args.name) else "was not locked"
+        elif action == "reset-password":
+            password = _read_password(args)
+            ended = users.reset_password(db, args.name, password, _min_password(args))
+            message = f"has a new password; {ended} session(s) ended"
+            detail["sessions_ended"] = ended
+        else:
+            old = users.set_role(db, args.name, args.role)
+            message = f"is now {args.role} (was {old})"
+            detail.update(role=args.role, was=old)
+    except users.UserError as exc:
+        if not isinstance(exc, users.NotFoundError):
+            _audited(db, audit_action, "user", args.name, str(exc))
+        db.dispose()
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    _audited(db, audit_action, "user", args.name, **detail)
+    db.dispose()
+    print(f"user {args.name} {message}")
     return 0
 
 
@@ -227,28 +311,132 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def _when(value) -> str:
+    return value.isoformat(timespec="seconds") if value else "never"
+
+
 def _user_list(args: argparse.Namespace) -> int:
+    """One line per user: name, role, state, last login, password set, sessions, tokens
+    (tab-separated)."""
     from dicom_node.web.users import list_users
 
     db = _user_db(args)
-    for name, role, last in list_users(db):
-        print(f"{name}\t{role}\tlast login {last}")
+    for u in list_users(db):
+        print(
+            f"{u.username}\t{u.role}\t{u.state}\tlast login {_when(u.last_login_at)}\t"
+            f"password set {_when(u.password_changed_at)}\t{u.sessions} session(s)\t"
+            f"{u.tokens} token(s)"
+        )
     db.dispose()
     return 0
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    from dicom_node.web.users import UserError, create_token
+    from datetime import timedelta
+
+    from db.models import utcnow
+    from dicom_node import audit
+    from dicom_node.web.users import UserError, create_token, list_tokens
+
+    db = _user_db(args)
+    expires = utcnow() + timedelta(days=args.expires_days) if args.expires_days else None
+    try:
+        if args.expires_days is not None and not 1 <= args.expires_days <= 3650:
+            raise UserError("--expires-days must be 1-3650")
+        token = create_token(db, args.user, args.name, audit.cli_actor().name, expires)
+    except UserError as exc:
+        _audited(db, "token_created", "token", args.name, str(exc), user=args.user)
+        db.dispose()
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    created = list_tokens(db, args.user)[-1]
+    _audited(
+        db,
+        "token_created",
+        "token",
+        created.id,
+        user=args.user,
+        name=args.name,
+        expires_at=expires.isoformat() if expires else None,
+    )
+    db.dispose()
+    print(token)  # shown once; only its hash is stored
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    """One line per token: id, name, user (role), made by, created, last used, expiry."""
+    from dicom_node.web.users import list_tokens
+
+    db = _user_db(args)
+    for t in list_tokens(db, args.user):
+        expiry = (
+            (_when(t.expires_at) + (" (expired)" if t.expired else ""))
+            if t.expires_at
+            else ("no expiry")
+        )
+        print(
+            f"{t.id}\t{t.name}\t{t.username} ({t.role})\tmade by {t.created_by or '?'}\t"
+            f"created {_when(t.created_at)}\tlast used {_when(t.last_used_at)}\t"
+            f"expires {expiry}"
+        )
+    db.dispose()
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from dicom_node.web.users import UserError, revoke_token
 
     db = _user_db(args)
     try:
-        token = create_token(db, args.user, args.name)
+        info = revoke_token(db, args.id)
     except UserError as exc:
+        db.dispose()
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
+    _audited(db, "token_revoked", "token", args.id, user=info.username, name=info.name)
+    db.dispose()
+    print(f"token {args.id} ({info.name!r} of {info.username}) revoked")
+    return 0
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    """The audit trail (filtered) as JSON lines, oldest first, to stdout or ``--output``."""
+    from datetime import UTC, datetime
+
+    from dicom_node import audit
+
+    def moment(text: str | None) -> datetime | None:
+        if not text:
+            return None
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise CliError(f"{text!r} is not an ISO 8601 time (e.g. 2025-03-01T00:00)") from None
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    query = audit.Query(
+        actor=args.actor,
+        action=args.action,
+        study_uid=args.study_uid,
+        patient_id=args.patient_id,
+        since=moment(args.since),
+        until=moment(args.until),
+    )
+    db = _user_db(args)
+    count = 0
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for line in audit.export_lines(db, query):
+            out.write(line)
+            count += 1
     finally:
-        db.dispose()
-    print(token)  # shown once; only its hash is stored
+        if args.output:
+            out.close()
+    _audited(db, "audit_exported", "audit", args.output or "stdout", records=count)
+    db.dispose()
+    if args.output:
+        print(f"{count} audit records written to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -347,24 +535,56 @@ def build_parser() -> argparse.ArgumentParser:
     usub = p.add_subparsers(dest="user_command", required=True)
     add = usub.add_parser("add", help="create a user; the password is prompted for")
     add.add_argument("name")
-    add.add_argument(
-        "--role",
-        choices=list(ROLES),
-        default="viewer",
-        help="viewer: sees everything, acts on nothing; reviewer: also approves or rejects "
-        "results held for review; admin: also acts on jobs, sends and destinations",
-    )
+    add.add_argument("--role", choices=list(ROLES), default="viewer", help=ROLE_HELP)
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     add.set_defaults(func=_user_add)
-    ls = usub.add_parser("list", help="list users and their roles")
+    ls = usub.add_parser("list", help="list users: role, state, last login, sessions, tokens")
     ls.set_defaults(func=_user_list)
+    for name, text in (
+        ("disable", "no login, tokens refused, sessions ended at once"),
+        ("enable", "allow a disabled user again"),
+        ("delete", "delete a user with their tokens and sessions"),
+        ("unlock", "lift a lockout after wrong passwords"),
+        ("reset-password", "set a new password (prompted); ends the user's sessions"),
+        ("role", "change a user's role"),
+    ):
+        cmd = usub.add_parser(name, help=text)
+        cmd.add_argument("name")
+        if name == "reset-password":
+            cmd.add_argument(
+                "--password-stdin", action="store_true", help="read the password from stdin"
+            )
+        if name == "role":
+            cmd.add_argument("role", choices=list(ROLES), help=ROLE_HELP)
+        cmd.set_defaults(func=_user_change)
 
     p = sub.add_parser("token", help="API tokens for the JSON API")
     tsub = p.add_subparsers(dest="token_command", required=True)
     create = tsub.add_parser("create", help="create a token and print it once")
     create.add_argument("name", help="what the token is for, e.g. prometheus")
     create.add_argument("--user", required=True, help="the user the token acts as")
+    create.add_argument(
+        "--expires-days", type=int, default=None, help="refused after this many days"
+    )
     create.set_defaults(func=_token_create)
+    tls_ = tsub.add_parser("list", help="tokens: id, name, user, creator, last use, expiry")
+    tls_.add_argument("--user", help="only this user's tokens")
+    tls_.set_defaults(func=_token_list)
+    revoke = tsub.add_parser("revoke", help="delete a token (refused from now on)")
+    revoke.add_argument("id", type=int, help="the token's id (token list)")
+    revoke.set_defaults(func=_token_revoke)
+
+    p = sub.add_parser("audit", help="the audit trail")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+    export = asub.add_parser("export", help="write audit records as JSON lines, oldest first")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    export.add_argument("--since", help="ISO 8601 time, inclusive (no zone: UTC)")
+    export.add_argument("--until", help="ISO 8601 time, exclusive (no zone: UTC)")
+    export.add_argument("--actor", help="only this user, AE title or cli:<OS user>")
+    export.add_argument("--action", help="only this action, e.g. study_viewed")
+    export.add_argument("--study-uid", help="only records about this study")
+    export.add_argument("--patient-id", help="only records about this patient")
+    export.set_defaults(func=_audit_export)
     return parser
 
 

@@ -1,4 +1,6 @@
-"""The rules in force, reloaded when the file changes; a broken file keeps the old rules."""
+"""The rules in force, reloaded when the file changes; a broken file keeps the old rules.
+
+Every reload, good or broken, is an event and an audit record (file and its SHA-256)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 
 from db.models import utcnow
 from db.session import Database
+from dicom_node import audit
 from dicom_node.rules import RulesError, RuleSet, load_rules
 from kernel.events import add_event
 from kernel.vocabulary import EventKind, EventLevel
@@ -71,6 +74,7 @@ class RulesHolder:
                         f"previous rules stay in force: {exc}",
                         level=EventLevel.ERROR,
                     )
+                self._audit(audit.Outcome.FAILURE, str(exc))
             return
         self._rules = rules
         self.last_reload = ReloadStatus(utcnow(), True, f"reloaded {self.path}")
@@ -78,3 +82,16 @@ class RulesHolder:
         if self.db is not None:
             with self.db.session() as s:
                 add_event(s, EventKind.RULES_RELOADED, f"rules reloaded from {self.path}")
+            self._audit(audit.Outcome.SUCCESS, None)
+
+    def _audit(self, outcome: audit.Outcome, problem: str | None) -> None:
+        assert self.db is not None
+        audit.record(
+            self.db,
+            audit.Action.RULES_RELOADED,
+            audit.SYSTEM,
+            outcome=outcome,
+            object_type="rules_file",
+            object_id=str(self.path),
+            detail={"sha256": audit.file_digest(self.path), "problem": problem},
+        )

@@ -101,7 +101,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.status import Status
 
 from db.session import Database
-from dicom_node import listener, tls
+from dicom_node import audit, listener, tls
 from dicom_node.assembler import AssociationTracker
 from dicom_node.commitment import event_report_handler
 from dicom_node.instance import CorruptDatasetError, parse_header
@@ -623,7 +623,7 @@ class StorageSCP:
             else ""
         )
         log.info("%s%s", facts.describe(), who)
-        # The audit trail of issue 16 records `facts` here (one call, no patient data).
+        audit.association(self.db, facts, self.settings.log_patient_names)
         if self.on_closed is not None:
             self.on_closed(facts)
 

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from db.migrate import upgrade
 from db.models import Instance
 from db.session import Database
+from dicom_node import audit
 from dicom_node.assembler import Assembler, AssociationTracker
 from dicom_node.dispatch import Dispatcher
 from dicom_node.echo import EchoAnswer
@@ -34,6 +35,7 @@ from inference.gpu import Admission, worker_devices
 from inference.keeper import QueueKeeper
 from inference.model_spacing import target_spacing_mm
 from inference.registry import load_registry
+from inference.results import product_version
 from inference.supervisor import worker_name
 from inference.worker import LocalWorker
 from kernel.catalog import PipelineSpec
@@ -93,11 +95,33 @@ class Node:
         self._spawn("dispatcher", self.dispatcher.run_forever, self.stop_event)
         self.echo_loop = EchoLoop(self.db, s, self.dispatcher.wake.set)
         self._spawn("destination-echo", self.echo_loop.run_forever, self.stop_event)
+        self._start_audit()
         self._start_workers()
         if s.web.enabled:
             self._start_web()
         self.scp.start()
         return self
+
+    def _start_audit(self) -> None:
+        """Record this start (version, settings digest, rules file digest) in the audit
+        trail and, with ``audit.syslog``, forward the trail to the collector."""
+        s = self.settings
+        audit.record(
+            self.db,
+            audit.Action.NODE_STARTED,
+            audit.SYSTEM,
+            object_type="node",
+            object_id=s.ae_title,
+            detail={
+                "version": product_version(),
+                "settings_sha256": audit.settings_digest(s),
+                "rules_file": str(s.rules_file),
+                "rules_sha256": audit.file_digest(s.rules_file),
+            },
+        )
+        if s.audit.syslog is not None:
+            forwarder = audit.SyslogForwarder(self.db, s.audit.syslog)
+            self._spawn("audit-syslog", forwarder.run_forever, self.stop_event, daemon=True)
 
     def _start_workers(self) -> None:
         """Embedded: one worker thread (+ warm child) per device; Celery: publish only."""

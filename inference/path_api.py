@@ -8,8 +8,9 @@ instead of a DICOM-SEG. The worker calls ``run_path_job`` for jobs ``is_path_job
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,52 @@ class PathInputError(ValueError):
     """A path input is missing, not an image, or does not fit the pipeline (-> HTTP 4xx)."""
 
 
+class PathNotAllowedError(PathInputError):
+    """A path outside the folders the path API may read (-> HTTP 403). Said the same way
+    whether or not the path exists, so the API tells nothing about the rest of the disk."""
+
+
 def is_path_job(inputs: dict[str, Any]) -> bool:
     return any(isinstance(v, dict) and "path" in v for v in inputs.values())
 
 
-def check_path(role: str, raw: object) -> Path:
-    """The input path of one role, checked to exist and be a NIfTI file or a folder."""
+def _under(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def within_roots(role: str, raw: str, roots: Sequence[Path]) -> Path:
+    """``raw`` (absolute) with every symbolic link resolved, when it lies under one of
+    ``roots`` both as written (``..`` folded) and resolved; raises
+    ``PathNotAllowedError`` otherwise, before anything about the path itself is looked
+    at, so a path outside answers the same whether it exists or not."""
+    refused = PathNotAllowedError(
+        f"input {role}: {raw} is not under a folder the path API may read "
+        "(data_dir and path_api.allowed_roots)"
+    )
+    written = Path(os.path.normpath(raw))
+    resolved_roots = [Path(os.path.realpath(r)) for r in roots]
+    as_written = [Path(os.path.normpath(r)) for r in roots] + resolved_roots
+    if not any(_under(written, r) for r in as_written):
+        raise refused
+    resolved = Path(os.path.realpath(written))  # a link inside may point outside
+    if not any(_under(resolved, r) for r in resolved_roots):
+        raise refused
+    return resolved
+
+
+def check_path(role: str, raw: object, roots: Sequence[Path] | None = None) -> Path:
+    """The input path of one role, checked to lie under ``roots`` (None: anywhere; the
+    web API always gives them), to exist and be a NIfTI file or a folder. Returns the
+    path with symbolic links resolved."""
     if not isinstance(raw, str) or not raw.strip():
         raise PathInputError(f"input {role}: a path string is required")
-    path = Path(raw).expanduser()
+    if "\x00" in raw or len(raw) > 4096:
+        raise PathInputError(f"input {role}: not a usable path")
+    path = Path(raw)
     if not path.is_absolute():
         raise PathInputError(f"input {role}: {raw!r} must be an absolute path")
+    if roots is not None:
+        path = within_roots(role, raw, roots)
     if not path.exists():
         raise PathInputError(f"input {role}: {path} does not exist")
     if path.is_file() and not is_nifti(path):
@@ -84,11 +120,15 @@ def load_input(
     return engine.volume(key, load) if engine is not None else load()
 
 
-def path_inputs(spec: PipelineSpec, body: dict[str, Any]) -> dict[str, dict[str, str]]:
+def path_inputs(
+    spec: PipelineSpec, body: dict[str, Any], roots: Sequence[Path] | None = None
+) -> dict[str, dict[str, str]]:
     """Request fields -> job inputs: ``image_path`` for a one-input pipeline, else
     ``image_<ROLE>_path`` per role (``image_A_path``, ``image_P_path``, ``image_D_path``).
 
     A one-input pipeline also accepts ``image_<ROLE>_path`` (the ureter's ``image_D_path``).
+    With ``roots`` every path must lie under one of them (``PathNotAllowedError``); the
+    job gets the paths with symbolic links resolved.
     """
     roles = list(spec.inputs)
     inputs: dict[str, dict[str, str]] = {}
@@ -102,7 +142,7 @@ def path_inputs(spec: PipelineSpec, body: dict[str, Any]) -> dict[str, dict[str,
                 f"this pipeline takes {len(roles)} image(s) ({', '.join(roles)}): "
                 f"{wanted} is missing"
             )
-        inputs[role] = {"path": str(check_path(role, raw))}
+        inputs[role] = {"path": str(check_path(role, raw, roots))}
     extra = [k for k in body if k.endswith("_path") and k != "image_path" and k[6:-5] not in roles]
     if extra:
         raise PathInputError(f"unexpected inputs {extra}: this pipeline reads {roles}")

@@ -35,7 +35,9 @@ EXPECTED = {
 
 @pytest.fixture
 def api(tmp_path: Path, start_node):
-    node = start_node()  # the shipped models.yaml and routing_rules.yaml, local CPU worker
+    # the shipped models.yaml and routing_rules.yaml, local CPU worker; the path API may
+    # read the test's folder
+    node = start_node(path_api={"allowed_roots": [tmp_path]})
     token = make_users(node)
     with httpx.Client(
         base_url=f"http://127.0.0.1:{node.web_port}",
@@ -121,7 +123,9 @@ def test_path_jobs_take_the_worker_settings_and_an_expired_job_says_so(
     expired in the queue answers 410 instead of "running" for ever."""
     from inference import queue
 
-    node = start_node(worker={"enabled": False, "max_attempts": 5})
+    node = start_node(
+        worker={"enabled": False, "max_attempts": 5}, path_api={"allowed_roots": [tmp_path]}
+    )
     token = make_users(node)
     folder = tmp_path / "series"
     folder.mkdir()

@@ -297,7 +297,7 @@ def test_path_api_prone_and_turned_nifti_match_supine(tmp_path: Path, start_node
     """The issue's example on a running node: a head-first prone series (DICOM folder) and
     a feet-first decubitus series written as NIfTI, posted to /inference/totalseg, give
     masks in their own space that score as the supine series' mask, kidneys not swapped."""
-    node = start_node()
+    node = start_node(path_api={"allowed_roots": [tmp_path]})  # the path API reads here
     token = make_users(node)
     study = generate_study(tmp_path / "study", seed=SEED, phases="P", **GRID)
     files = study.by_phase("P").files

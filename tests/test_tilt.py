@@ -239,7 +239,7 @@ def test_path_api_tilted_series_and_sheared_nifti(tmp_path: Path, start_node) ->
     """On a running node: a 15 degree tilted DICOM folder and the same series as a sheared
     NIfTI, posted to /inference/totalseg, give masks whose voxels sit on the DICOM pixels
     and whose organs are the phantom's at those positions."""
-    node = start_node()
+    node = start_node(path_api={"allowed_roots": [tmp_path]})  # the path API reads here
     token = make_users(node)
     series = _tilted(tmp_path / "study", 15.0, **GRID).series[0]
     volume = load_series(series.files)

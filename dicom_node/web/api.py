@@ -2,29 +2,41 @@
 
 Actions answer JSON to API clients; an HTML form posting to them is redirected back to
 the page it came from (``next`` field), so pages and API share one implementation. Who
-may act: viewers nothing, reviewers approve or reject held results, admins the rest
-(``auth.require_<role>``).
+may act: viewers nothing, reviewers approve or reject held results, operators act on
+jobs, sends and destinations, admins all of it (``auth.require_<role>``). Every path and
+query parameter is validated (ids within 64-bit integers, UIDs as DICOM UIDs, limits
+bounded): a bad one answers 422, never a server error. Views of a study or result and
+every action go into the audit trail (``dicom_node.audit``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
-from pathlib import Path
-from typing import Any
+import time
+from pathlib import Path as FilePath
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from pydantic import Field, ValidationError
 from sqlalchemy import select
 
 from db.models import Result, Series, Study
-from dicom_node import image_evidence
+from dicom_node import audit, image_evidence
 from dicom_node.explain import collect_series, explain_study, pipeline_items, received_study_series
 from dicom_node.view import ServiceView
 from dicom_node.web import queries, viewer
-from dicom_node.web.auth import Principal, require_admin, require_reviewer, require_viewer
+from dicom_node.web.auth import (
+    Principal,
+    audit_record,
+    require_operator,
+    require_reviewer,
+    require_viewer,
+)
 from dicom_node.web.preview import PreviewError, SourceUnreadableError, preview_png, result_files
 from dicom_node.web.queries import as_utc
 from inference import queue as jobs
@@ -37,6 +49,27 @@ router = APIRouter(prefix="/api", tags=["api"])
 # Upload limits of the dry run (it reads headers only, but must not fill the disk).
 DRY_RUN_MAX_FILES = 2000
 DRY_RUN_MAX_BYTES = 2_000_000_000
+# Database ids are 64-bit signed integers; larger numbers cannot name a row.
+MAX_ID = 2**63 - 1
+# A DICOM UID as the node stores it (PS3.5 9.1: digits and dots, at most 64 characters).
+UID_PATTERN = r"^[0-9.]{1,64}$"
+RowId = Annotated[int, Path(ge=1, le=MAX_ID, description="a database id")]
+StudyUid = Annotated[str, Path(pattern=UID_PATTERN, description="Study Instance UID")]
+SeriesUidQuery = Annotated[
+    str, Query(pattern=r"^[0-9.]{0,64}$", description="Series Instance UID (or empty)")
+]
+Offset = Annotated[int, Query(ge=0, le=1_000_000, description="rows to skip")]
+SearchText = Annotated[str, Query(max_length=128)]
+StudyDate = Annotated[
+    str, Query(pattern=r"^(\d{8}|\d{4}-\d{2}-\d{2})?$", description="YYYYMMDD or YYYY-MM-DD")
+]
+StatusFilter = Annotated[
+    Literal["", *queries.STUDY_FILTERS],  # type: ignore[valid-type]
+    Query(description="a status, or in_progress"),
+]
+# How often slice downloads of one result by one user are audited (the viewer fetches a
+# slice per scroll step; one record per look is what the trail needs).
+SLICE_AUDIT_EVERY_S = 600.0
 
 
 def _node(request: Request) -> ServiceView:
@@ -47,7 +80,24 @@ def _viewer(request: Request, who: Principal | None) -> queries.Viewer:
     return request.app.state.viewer(who)
 
 
-async def _answer(request: Request, payload: dict[str, Any], status: int = 200) -> Response:
+async def _json_model(request: Request, model: type[StrictModel]) -> Any:
+    """The JSON body validated by ``model``; 422 naming the problem otherwise."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPException(422, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPException(422, "the body must be a JSON object")
+    try:
+        return model(**body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise HTTPException(422, problems) from None
+
+
+async def answer_action(request: Request, payload: dict[str, Any], status: int = 200) -> Response:
     """JSON for API clients; back to the page (with a message) for HTML forms."""
     if request.headers.get("content-type", "").startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -61,7 +111,7 @@ async def _answer(request: Request, payload: dict[str, Any], status: int = 200) 
     return JSONResponse(payload, status)
 
 
-async def _field(request: Request, name: str) -> str:
+async def body_field(request: Request, name: str) -> str:
     """A field of a JSON body or of a form ("" when absent)."""
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
@@ -89,31 +139,70 @@ def dashboard(request: Request, who: Principal = Depends(require_viewer)) -> dic
     return request.app.state.dashboard(who)
 
 
+def search_studies(
+    request: Request,
+    who: Principal,
+    *,
+    q: str,
+    date: str,
+    status: str,
+    limit: int,
+    offset: int,
+) -> dict[str, Any]:
+    """One page of the studies list; a search by text goes into the audit trail (it may
+    name a patient ID)."""
+    with _node(request).db.session() as s:
+        page = queries.studies(
+            s, _viewer(request, who), q=q, date=date, status=status, limit=limit, offset=offset
+        )
+    if q:
+        audit_record(
+            request,
+            who,
+            audit.Action.STUDIES_SEARCHED,
+            object_type="studies",
+            object_id=q,
+            detail={"date": date or None, "status": status or None, "found": len(page["items"])},
+        )
+    return page
+
+
 @router.get("/studies")
 def studies(
     request: Request,
-    q: str = "",
-    date: str = "",
-    status: str = "",
-    limit: int = 50,
-    offset: int = 0,
+    q: SearchText = "",
+    date: StudyDate = "",
+    status: StatusFilter = "",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Offset = 0,
     who: Principal = Depends(require_viewer),
 ) -> dict[str, Any]:
     """Studies, newest first, each with its status (``status``: a status value, or
     ``in_progress``, filters)."""
-    with _node(request).db.session() as s:
-        return queries.studies(
-            s, _viewer(request, who), q=q, date=date, status=status, limit=limit, offset=offset
-        )
+    return search_studies(request, who, q=q, date=date, status=status, limit=limit, offset=offset)
 
 
-@router.get("/studies/{study_uid}")
-def study(request: Request, study_uid: str, who: Principal = Depends(require_viewer)) -> Any:
+def study_viewed(request: Request, who: Principal, study_uid: str) -> dict[str, Any]:
+    """A study's detail for ``who``, recorded in the audit trail; 404 when unknown."""
     with _node(request).db.session() as s:
         detail = queries.study_detail(s, study_uid, _viewer(request, who))
     if detail is None:
         raise HTTPException(404, f"study {study_uid} is not known to this node")
+    audit_record(
+        request,
+        who,
+        audit.Action.STUDY_VIEWED,
+        object_type="study",
+        object_id=study_uid,
+        study_uid=study_uid,
+        detail={"via": "page" if getattr(request.state, "html_page", False) else "api"},
+    )
     return detail
+
+
+@router.get("/studies/{study_uid}")
+def study(request: Request, study_uid: StudyUid, who: Principal = Depends(require_viewer)) -> Any:
+    return study_viewed(request, who, study_uid)
 
 
 # -- results: preview, viewer, review ----------------------------------------------------
@@ -131,32 +220,58 @@ def _volume(request: Request, result_id: int) -> viewer.ResultVolume:
         raise HTTPException(404, str(exc)) from None
 
 
+def _result_audit(
+    request: Request, who: Principal, action: audit.Action, result_id: int, **detail: Any
+) -> None:
+    audit_record(
+        request,
+        who,
+        action,
+        object_type="result",
+        object_id=result_id,
+        study_uid=audit.study_of_result(_node(request).db, result_id),
+        detail=detail or None,
+    )
+
+
 @router.get("/results/{result_id}/preview.png", response_class=Response)
-def preview(request: Request, result_id: int, _: Principal = Depends(require_viewer)) -> Response:
+def preview(
+    request: Request, result_id: RowId, who: Principal = Depends(require_viewer)
+) -> Response:
     """The default viewer slice (the smallest label present where it is largest)."""
     node = _node(request)
     try:
         png = preview_png(
             node.db,
             result_id,
-            Path(node.settings.data_dir) / "previews",
+            FilePath(node.settings.data_dir) / "previews",
             request.app.state.volumes,
         )
     except SourceUnreadableError as exc:  # the result exists; its source cannot be shown
         raise HTTPException(409, str(exc)) from None
     except PreviewError as exc:
         raise HTTPException(404, str(exc)) from None
+    _result_audit(request, who, audit.Action.PREVIEW_DOWNLOADED, result_id)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 
 
 @router.get("/results/{result_id}")
-def result(request: Request, result_id: int, _: Principal = Depends(require_viewer)) -> Any:
+def result(request: Request, result_id: RowId, who: Principal = Depends(require_viewer)) -> Any:
     """A result for the viewer: study, source series, sends and review state, and (when
     the source can be read) the slices, the default slice and the legend with volumes."""
     with _node(request).db.session() as s:
         detail = queries.result_detail(s, result_id)
     if detail is None:
         raise HTTPException(404, f"result {result_id} does not exist")
+    audit_record(
+        request,
+        who,
+        audit.Action.RESULT_VIEWED,
+        object_type="result",
+        object_id=result_id,
+        study_uid=detail.get("study_uid"),
+        detail={"via": "page" if getattr(request.state, "html_page", False) else "api"},
+    )
     try:
         volume = _volume(request, result_id)
     except HTTPException as exc:
@@ -176,21 +291,52 @@ def result(request: Request, result_id: int, _: Principal = Depends(require_view
 @router.get("/results/{result_id}/slices/{z}.png", response_class=Response)
 def result_slice(
     request: Request,
-    result_id: int,
-    z: int,
+    result_id: RowId,
+    z: Annotated[int, Path(ge=0, le=100_000, description="slice index")],
     overlay: bool = True,
-    window: str = viewer.DEFAULT_WINDOW,
-    _: Principal = Depends(require_viewer),
+    window: Annotated[
+        Literal[*viewer.WINDOWS],  # type: ignore[valid-type]
+        Query(description="display window"),
+    ] = viewer.DEFAULT_WINDOW,
+    who: Principal = Depends(require_viewer),
 ) -> Response:
-    """Slice ``z`` of the source (0 = first along the slice normal) with the result."""
-    if window not in viewer.WINDOWS:
-        raise HTTPException(422, f"window must be one of {sorted(viewer.WINDOWS)}")
+    """Slice ``z`` of the source (0 = first along the slice normal) with the result.
+    Audited once per user and result every ``SLICE_AUDIT_EVERY_S``."""
     volume = _volume(request, result_id)
     try:
         png = viewer.render_slice(volume, z, overlay=overlay, window=window)
     except IndexError as exc:
         raise HTTPException(404, str(exc)) from None
+    seen = request.app.state.slice_views
+    key, now = (who.username, result_id), time.monotonic()
+    if key not in seen or now - seen[key] >= SLICE_AUDIT_EVERY_S:
+        if len(seen) > 10_000:  # forget looks older than the window
+            for old in [k for k, at in seen.items() if now - at >= SLICE_AUDIT_EVERY_S]:
+                del seen[old]
+        seen[key] = now
+        _result_audit(request, who, audit.Action.SLICES_VIEWED, result_id, first_slice=z)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+def _review_audit(
+    request: Request,
+    who: Principal,
+    action: audit.Action,
+    result_id: int,
+    problem: str | None,
+    sends: int = 0,
+    note: str | None = None,
+) -> None:
+    audit_record(
+        request,
+        who,
+        action,
+        outcome=audit.Outcome.FAILURE if problem else audit.Outcome.SUCCESS,
+        object_type="result",
+        object_id=result_id,
+        study_uid=audit.study_of_result(_node(request).db, result_id),
+        detail={"sends": sends, "note": note or None, "problem": problem},
+    )
 
 
 def _result_row(request: Request, result_id: int) -> tuple[str, str]:
@@ -203,12 +349,12 @@ def _result_row(request: Request, result_id: int) -> tuple[str, str]:
 
 @router.post("/results/{result_id}/approve")
 async def approve(
-    request: Request, result_id: int, who: Principal = Depends(require_reviewer)
+    request: Request, result_id: RowId, who: Principal = Depends(require_reviewer)
 ) -> Response:
     """Send a result held for review (all its held sends, or ``destination``'s)."""
     sop_uid, what = _result_row(request, result_id)
-    destination = await _field(request, "destination")
-    note = await _field(request, "note")
+    destination = await body_field(request, "destination")
+    note = await body_field(request, "note")
     try:
         count = outbox.approve(
             _node(request).db,
@@ -218,20 +364,24 @@ async def approve(
             [destination] if destination else None,
         )
     except outbox.ReviewError as exc:
+        _review_audit(request, who, audit.Action.RESULT_APPROVED, result_id, str(exc))
         raise HTTPException(409, str(exc)) from None
     _node(request).wake_dispatcher()
+    _review_audit(request, who, audit.Action.RESULT_APPROVED, result_id, None, count, note)
     log.info("user %s approved %s (%d sends)", who.username, what, count)
-    return await _answer(request, {"ok": True, "message": f"{what} approved: {count} send(s)"})
+    return await answer_action(
+        request, {"ok": True, "message": f"{what} approved: {count} send(s)"}
+    )
 
 
 @router.post("/results/{result_id}/reject")
 async def reject(
-    request: Request, result_id: int, who: Principal = Depends(require_reviewer)
+    request: Request, result_id: RowId, who: Principal = Depends(require_reviewer)
 ) -> Response:
     """Never send a result held for review; ``reason`` is required and recorded."""
     sop_uid, what = _result_row(request, result_id)
-    destination = await _field(request, "destination")
-    reason = await _field(request, "reason")
+    destination = await body_field(request, "destination")
+    reason = await body_field(request, "reason")
     try:
         count = outbox.reject(
             _node(request).db,
@@ -241,9 +391,11 @@ async def reject(
             [destination] if destination else None,
         )
     except outbox.ReviewError as exc:
+        _review_audit(request, who, audit.Action.RESULT_REJECTED, result_id, str(exc))
         raise HTTPException(409 if reason.strip() else 422, str(exc)) from None
+    _review_audit(request, who, audit.Action.RESULT_REJECTED, result_id, None, count, reason)
     log.info("user %s rejected %s (%d sends)", who.username, what, count)
-    return await _answer(
+    return await answer_action(
         request, {"ok": True, "message": f"{what} rejected ({count} send(s) not sent)"}
     )
 
@@ -258,37 +410,61 @@ def queue_status(request: Request, _: Principal = Depends(require_viewer)) -> di
 
 
 class PriorityBody(StrictModel):
-    priority: str
+    priority: str = Field(max_length=16)
 
 
 async def _priority_of(request: Request) -> str:
     if request.headers.get("content-type", "").startswith("application/json"):
-        return PriorityBody(**(await request.json())).priority
-    return str((await request.form()).get("priority", ""))
+        return (await _json_model(request, PriorityBody)).priority
+    return str(await body_field(request, "priority"))
+
+
+_JOB_ACTIONS = {
+    "retry": audit.Action.JOB_RETRIED,
+    "cancel": audit.Action.JOB_CANCELLED,
+    "priority": audit.Action.JOB_PRIORITY,
+}
 
 
 @router.post("/jobs/{job_id}/{action}")
 async def job_action(
-    request: Request, job_id: int, action: str, who: Principal = Depends(require_admin)
+    request: Request,
+    job_id: RowId,
+    action: Literal["retry", "cancel", "priority"],
+    who: Principal = Depends(require_operator),
 ) -> Response:
     """retry | cancel | priority (body: {"priority": "urgent" | "normal"})."""
     db = _node(request).db
+    priority = await _priority_of(request) if action == "priority" else None
+    study_uid = audit.study_of_job(db, job_id)
+
+    def trail(outcome: audit.Outcome, message: str) -> None:
+        audit_record(
+            request,
+            who,
+            _JOB_ACTIONS[action],
+            outcome=outcome,
+            object_type="job",
+            object_id=job_id,
+            study_uid=study_uid,
+            detail={"message": message, "priority": priority},
+        )
+
     try:
         if action == "retry":
             jobs.retry(db, job_id, by=who.username)
             message = f"job {job_id} queued again"
         elif action == "cancel":
             message = f"job {job_id} {jobs.cancel(db, job_id, by=who.username)}"
-        elif action == "priority":
-            priority = await _priority_of(request)
-            jobs.set_priority(db, job_id, priority, by=who.username)
-            message = f"job {job_id} is now {priority}"
         else:
-            raise HTTPException(404, f"unknown job action {action!r}")
+            jobs.set_priority(db, job_id, priority or "", by=who.username)
+            message = f"job {job_id} is now {priority}"
     except jobs.JobActionError as exc:
+        trail(audit.Outcome.FAILURE, str(exc))
         raise HTTPException(409, str(exc)) from None
+    trail(audit.Outcome.SUCCESS, message)
     log.info("user %s: %s", who.username, message)
-    return await _answer(request, {"ok": True, "message": message})
+    return await answer_action(request, {"ok": True, "message": message})
 
 
 # -- rules ---------------------------------------------------------------------------------
@@ -406,10 +582,12 @@ async def dry_run_request(request: Request, series_uid: str = "") -> dict[str, A
                     raise DryRunError(413, f"at most {DRY_RUN_MAX_BYTES} bytes")
                 uploads.append((upload.filename, data))
     else:
-        series_uid = series_uid or await _field(request, "series_uid")
+        series_uid = series_uid or await body_field(request, "series_uid")
     if uploads:
         return dry_run_files(node, uploads)
     if series_uid.strip():
+        if not re.fullmatch(UID_PATTERN, series_uid.strip()):
+            raise DryRunError(422, "series_uid must be a DICOM UID (digits and dots)")
         return dry_run_series(node, series_uid.strip())
     raise DryRunError(422, "upload DICOM files or give a received series UID")
 
@@ -417,8 +595,8 @@ async def dry_run_request(request: Request, series_uid: str = "") -> dict[str, A
 @router.post("/rules/dry-run")
 async def dry_run(
     request: Request,
-    series_uid: str = "",
-    _: Principal = Depends(require_viewer),
+    series_uid: SeriesUidQuery = "",
+    who: Principal = Depends(require_viewer),
 ) -> dict[str, Any]:
     """What the rules in force would do with uploaded files or a received series, and
     why: the live router's planning on the whole study (phases, each rule's first
@@ -426,16 +604,30 @@ async def dry_run(
 
     Changes nothing, so viewers may use it (it still needs the CSRF token).
     """
-    from dicom_node.web.auth import check_csrf
-
-    await check_csrf(request, request.state.principal)
     try:
-        return await dry_run_request(request, series_uid)
+        answer = await dry_run_request(request, series_uid)
     except DryRunError as exc:
         raise HTTPException(exc.status, str(exc)) from None
+    dry_run_audit(request, who, answer)
+    return answer
+
+
+def dry_run_audit(request: Request, who: Principal, answer: dict[str, Any]) -> None:
+    """A dry run on a received series shows that study: it goes into the audit trail."""
+    if answer.get("series_uid"):
+        audit_record(
+            request,
+            who,
+            audit.Action.DRY_RUN,
+            object_type="series",
+            object_id=answer["series_uid"],
+            study_uid=answer.get("study_uid"),
+        )
 
 
 # -- destinations --------------------------------------------------------------------------
+
+DestinationName = Annotated[str, Path(min_length=1, max_length=64)]
 
 
 @router.get("/destinations")
@@ -457,7 +649,7 @@ def _destination(request: Request, name: str) -> Any:
 
 @router.post("/destinations/{name}/echo")
 async def echo_destination(
-    request: Request, name: str, who: Principal = Depends(require_admin)
+    request: Request, name: DestinationName, who: Principal = Depends(require_operator)
 ) -> Response:
     """C-ECHO the destination now; the answer is kept with the periodic ones."""
     _destination(request, name)
@@ -466,41 +658,69 @@ async def echo_destination(
         raise HTTPException(503, "C-ECHO is not available in this node")
     answer = node.echo_destination(name, who.username)
     message = f"C-ECHO to {name}: " + ("success" if answer.ok else f"no answer ({answer.detail})")
-    return await _answer(request, {"ok": answer.ok, "message": message})
+    audit_record(
+        request,
+        who,
+        audit.Action.DESTINATION_ECHOED,
+        outcome=audit.Outcome.SUCCESS if answer.ok else audit.Outcome.FAILURE,
+        object_type="destination",
+        object_id=name,
+        detail={"answer": answer.detail if not answer.ok else "success"},
+    )
+    return await answer_action(request, {"ok": answer.ok, "message": message})
 
 
 class ResendBody(StrictModel):
-    dispatch_ids: list[int]
+    dispatch_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(max_length=10_000)
+
+
+def _resend(request: Request, who: Principal, ids: list[int], destination: str | None) -> int:
+    """Queue the sends again and record, per study, who resent which sends."""
+    node = _node(request)
+    count = outbox.resend(node.db, ids, by=who.username)
+    node.wake_dispatcher()
+    for study_uid, of_study in audit.studies_of_dispatches(node.db, ids).items():
+        audit_record(
+            request,
+            who,
+            audit.Action.SENDS_RESENT,
+            object_type="destination" if destination else "dispatches",
+            object_id=destination or ",".join(map(str, sorted(of_study)))[:256],
+            study_uid=study_uid,
+            detail={"dispatch_ids": sorted(of_study), "requeued_in_all": count},
+        )
+    return count
 
 
 @router.post("/destinations/{name}/resend")
 async def resend_failed(
-    request: Request, name: str, who: Principal = Depends(require_admin)
+    request: Request, name: DestinationName, who: Principal = Depends(require_operator)
 ) -> Response:
     """Queue every failed send to this destination again."""
     _destination(request, name)
-    node = _node(request)
-    with node.db.session() as s:
+    with _node(request).db.session() as s:
         ids = queries.failed_dispatch_ids(s, name)
-    count = outbox.resend(node.db, ids, by=who.username)
-    node.wake_dispatcher()
-    return await _answer(request, {"ok": True, "message": f"{count} sends to {name} re-queued"})
+    count = _resend(request, who, ids, name)
+    return await answer_action(
+        request, {"ok": True, "message": f"{count} sends to {name} re-queued"}
+    )
 
 
 @router.post("/dispatches/resend")
-async def resend(request: Request, who: Principal = Depends(require_admin)) -> Response:
+async def resend(request: Request, who: Principal = Depends(require_operator)) -> Response:
     """Queue chosen sends again (not those held for or rejected by a reviewer)."""
     if request.headers.get("content-type", "").startswith("application/json"):
-        ids = ResendBody(**(await request.json())).dispatch_ids
+        ids = (await _json_model(request, ResendBody)).dispatch_ids
     else:
-        ids = [int(v) for v in (await request.form()).getlist("dispatch_id")]
-    node = _node(request)
-    count = outbox.resend(node.db, ids, by=who.username)
-    node.wake_dispatcher()
+        raw = (await request.form()).getlist("dispatch_id")
+        if not all(isinstance(v, str) and v.isdigit() and 0 < int(v) <= MAX_ID for v in raw):
+            raise HTTPException(422, "dispatch_id must be positive whole numbers")
+        ids = [int(v) for v in raw]
+    count = _resend(request, who, ids, None)
     skipped = len(set(ids)) - count
     message = f"{count} sends re-queued" + (
         f"; {skipped} left alone (being sent, or waiting for / rejected by a reviewer)"
         if skipped > 0
         else ""
     )
-    return await _answer(request, {"ok": True, "message": message})
+    return await answer_action(request, {"ok": True, "message": message})

@@ -11,8 +11,8 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dicom_node.view import ServiceView
-from dicom_node.web import api, inference_api, pages, queries
-from dicom_node.web.auth import LoginLimiter, LoginRequired, Principal, SessionCodec, load_secret
+from dicom_node.web import admin_api, api, inference_api, pages, queries
+from dicom_node.web.auth import LoginLimiter, LoginRequired, Principal, check_routes
 from dicom_node.web.checks import run_checks
 from dicom_node.web.display import Clock, zone
 from dicom_node.web.metrics import make_registry
@@ -50,19 +50,20 @@ def create_app(service: ServiceView) -> FastAPI:
         redoc_url=None,
     )
     app.state.service = service
-    app.state.sessions = SessionCodec(load_secret(service.settings.data_dir))
     app.state.limiter = LoginLimiter()
+    app.state.slice_views = {}  # (user, result id) -> when its slices were last audited
     app.state.metrics = make_registry(service)
     app.state.clock = Clock(zone(service.settings))
     app.state.volumes = VolumeCache()  # the result viewer's last volumes
     node = service
 
     def viewer(who: Principal | None) -> queries.Viewer:
-        """What ``who`` may see, with the catalog in force and the node's clock."""
+        """What ``who`` may see (patient IDs: operators and admins), with the catalog in
+        force and the node's clock."""
         rules = node.rules.get() if node.rules is not None else None
         return queries.Viewer(
             settings=node.settings,
-            admin=bool(who and who.is_admin),
+            admin=bool(who and who.sees_patient_ids),
             pipelines=rules.pipelines if rules is not None else None,
             clock=app.state.clock.short,
         )
@@ -105,6 +106,8 @@ def create_app(service: ServiceView) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(api.router)
+    app.include_router(admin_api.router)
     app.include_router(inference_api.router)
     app.include_router(pages.router)
+    check_routes(app)  # every route declares its role, or is open by design
     return app

@@ -6,7 +6,10 @@
   setInterval(async function () {
     try {
       const r = await fetch(location.href, { headers: { "X-Partial": "1" }, credentials: "same-origin" });
-      if (r.ok && !r.redirected) main.innerHTML = await r.text();
+      // A session that ended (logout elsewhere, idle timeout) redirects to the login page:
+      // go there instead of showing stale data.
+      if (r.redirected && new URL(r.url).pathname === "/login") location.href = r.url;
+      else if (r.ok && !r.redirected) main.innerHTML = await r.text();
     } catch (e) { /* next tick tries again */ }
   }, every);
 })();
