@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import ssl
+import subprocess
 import threading
 from pathlib import Path
 
@@ -430,3 +431,36 @@ def test_syslog_over_tls_verifies_the_collector(sqlite_db, tmp_path):
         forwarder.close()
     finally:
         collector.close()
+
+
+def test_a_dicom_tls_association_is_audited_with_the_certificate_subject(tmp_path):
+    from tests.test_tls import TlsNode, _tool, tls_client
+    from tests.tls_helpers import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    node = TlsNode(tmp_path, pki)
+    try:
+        echo = subprocess.run(
+            [
+                _tool("echoscu"),
+                *tls_client(pki, "ct1"),
+                "-aet",
+                "CT_SCANNER",
+                "-aec",
+                "DICOM_NODE",
+                "127.0.0.1",
+                str(node.scp.tls_port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert echo.returncode == 0, echo.stderr
+        wait_until(lambda: audit_rows(node, action="dicom_association"), 10, "the record")
+        row = audit_rows(node, action="dicom_association")[0]
+        assert (row.actor, row.outcome, row.object_id) == ("CT_SCANNER", "success", "DICOM_NODE")
+        assert row.detail["transport"] == "TLS"
+        assert row.detail["tls_subject"] == "CN=CT1, O=Test Hospital"
+        assert row.detail["instances_stored"] == 0 and row.study_uid is None
+    finally:
+        node.stop()
