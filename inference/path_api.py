@@ -165,7 +165,15 @@ def run_path_job(
     except PipelineInputError as exc:
         raise PathInputError(str(exc)) from exc
     path = write_mask(result.reference, result.label_map, Path(mask_dir) / f"{pipeline}.nii.gz")
+    extra: dict[str, Any] = {}
+    if result.probabilities is not None and "nifti" in spec.probabilities:
+        from inference.probability_maps import write_nifti
+
+        target = Path(mask_dir) / f"{pipeline}_probabilities.nii.gz"
+        written = write_nifti(result.reference, result.probabilities, target)
+        extra["probabilities_path"] = str(written)
     return {
+        **extra,
         "mask_path": str(path),
         "labels": {lab.name: lab.value for lab in result.labels},
         "model_versions": result.model_versions,
