@@ -63,7 +63,7 @@ def create_app(service: ServiceView) -> FastAPI:
         rules = node.rules.get() if node.rules is not None else None
         return queries.Viewer(
             settings=node.settings,
-            admin=bool(who and who.sees_patient_ids),
+            sees_patient_ids=bool(who and who.sees_patient_ids),
             pipelines=rules.pipelines if rules is not None else None,
             clock=app.state.clock.short,
         )

@@ -1,7 +1,7 @@
 """What the pages and the JSON API show, as plain dicts (one source for both).
 
 Every function takes an open session and a ``Viewer`` (who looks: patient IDs only for
-admins, patient names never; the pipeline catalog; how reasons name times) and returns
+operators and admins, patient names never; the pipeline catalog; how reasons name times) and returns
 JSON-ready data. Statuses come from ``dicom_node.status``, destination health from
 ``dicom_node.health``: the pages, the API and the metrics say the same thing.
 """
@@ -68,7 +68,7 @@ class Viewer:
     """Who looks at the data, and with what: see the module docstring."""
 
     settings: NodeSettings
-    admin: bool = False
+    sees_patient_ids: bool = False  # operators and admins
     pipelines: Mapping[str, PipelineSpec] | None = None
     clock: Callable[[datetime], str] = statuses.utc_clock
 
@@ -229,7 +229,7 @@ def studies(
             Study.accession_number.like(like),
             Study.study_description.like(like),
         ]
-        if viewer.admin:
+        if viewer.sees_patient_ids:
             fields.append(Study.patient_id.like(like))
         query = query.where(or_(*fields))
     if date:
@@ -282,7 +282,7 @@ def studies(
                 "study_uid": st.study_uid,
                 "study_date": st.study_date,
                 "accession_number": st.accession_number,
-                "patient_id": st.patient_id if viewer.admin else None,
+                "patient_id": st.patient_id if viewer.sees_patient_ids else None,
                 "study_description": st.study_description,
                 "first_received_at": as_utc(st.first_received_at),
                 "last_received_at": as_utc(st.last_received_at),
@@ -358,7 +358,7 @@ def study_detail(s: Session, study_uid: str, viewer: Viewer) -> dict[str, Any] |
         "heading": study_heading(
             st.accession_number, st.study_description, st.study_date, st.study_uid
         ),
-        "patient_id": st.patient_id if viewer.admin else None,
+        "patient_id": st.patient_id if viewer.sees_patient_ids else None,
         "accession_number": st.accession_number,
         "study_date": st.study_date,
         "study_description": st.study_description,
