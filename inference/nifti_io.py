@@ -20,13 +20,17 @@ own positions.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from inference.orientation import is_orthogonal, stack_geometry, tilt_deg
 from inference.volume import SeriesReadError, Volume
+
+# nibabel and SimpleITK are imported where files are read or written, not here: the node
+# process imports this module (the path API checks request paths) and runs without them.
+if TYPE_CHECKING:
+    import nibabel as nib
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -44,6 +48,8 @@ def read_nifti(path: Path, series_uid: str = "") -> Volume:
     a file, or orthogonalises it when a qform is present too. Raises ``SeriesReadError``
     naming the file when it cannot be read as one 3D scalar image.
     """
+    import SimpleITK as sitk
+
     sheared = _sheared_nifti(path)
     if sheared is not None:
         return _read_sheared(path, sheared, series_uid)
@@ -60,6 +66,8 @@ def _sheared_nifti(path: Path) -> nib.Nifti1Image | None:
     """The file opened by nibabel (header only) when NIfTI readers place it by a sheared
     sform (sform_code > 0, axes not orthogonal); None otherwise, or when nibabel cannot
     open it (SimpleITK then reads it, or says why not)."""
+    import nibabel as nib
+
     try:
         image = nib.load(str(path))
     except Exception:  # noqa: BLE001 - not NIfTI to nibabel: SimpleITK's error is clearer
@@ -115,6 +123,9 @@ def affine_ras(placed: Volume) -> np.ndarray:
 def _save(placed: Volume, array: np.ndarray, path: Path, *, compress: bool) -> None:
     """``array`` [z, y, x] on ``placed``'s grid: SimpleITK for an orthogonal grid, nibabel
     with a sheared sform and no qform otherwise (module docstring)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
     if is_orthogonal(placed.direction):
         sitk.WriteImage(placed.to_sitk(array), str(path), useCompression=compress)
         return

@@ -29,11 +29,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
-from scipy import ndimage
 
 from inference.model_spacing import target_spacing_mm
 from inference.volume import Volume
+
+# SimpleITK and SciPy are imported where the measuring is done, not here: the node process
+# imports this module for PHASE_EVIDENCE_JOB and runs without them (the worker measures).
 
 # The job the router queues for a series whose tags are weak (jobs.pipeline).
 PHASE_EVIDENCE_JOB = "@phase-evidence"
@@ -52,6 +53,8 @@ class EvidenceError(ValueError):
 def _coarse(volume: Volume, spacing_mm: float, *, at_least: bool = False) -> Volume:
     """``volume`` resampled (linear) to ``spacing_mm`` over the same extent and direction;
     with ``at_least`` only the axes finer than ``spacing_mm`` are resampled."""
+    import SimpleITK as sitk
+
     image = volume.to_sitk()
     old = np.array(image.GetSpacing())
     new = np.maximum(old, spacing_mm) if at_least else np.full(3, spacing_mm)
@@ -76,6 +79,8 @@ def _coarse(volume: Volume, spacing_mm: float, *, at_least: bool = False) -> Vol
 
 def _to_grid(labels: np.ndarray, coarse: Volume, volume: Volume) -> np.ndarray:
     """A coarse label map brought onto ``volume``'s grid (nearest neighbour)."""
+    import SimpleITK as sitk
+
     image = coarse.to_sitk(labels.astype(np.uint8))
     out = sitk.Resample(
         image, volume.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
@@ -94,12 +99,16 @@ def _ball(radius_mm: float, spacing_zyx: Sequence[float]) -> np.ndarray:
 def _inside(mask: np.ndarray, depth_mm: float, spacing_zyx: Sequence[float]) -> np.ndarray:
     """Voxels of ``mask`` at least ``depth_mm`` from its surface (the mask if that is empty
     or too small)."""
+    from scipy import ndimage
+
     eroded = ndimage.binary_erosion(mask, _ball(depth_mm, spacing_zyx))
     return eroded if eroded.sum() >= _MIN_VOXELS else mask
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
     """The largest connected component of ``mask`` with its holes filled slice by slice."""
+    from scipy import ndimage
+
     components, count = ndimage.label(mask)
     if count == 0:
         return mask
@@ -126,6 +135,8 @@ def measure(
     Raises ``EvidenceError`` when the model has no aorta label or finds no aorta (without
     it no phase can be read from the image).
     """
+    from scipy import ndimage
+
     started = time.perf_counter()
     spec = engine.registry.get(model_id)
     ids = spec.label_ids()

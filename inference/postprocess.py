@@ -6,7 +6,6 @@ Runs on the label map in the reference geometry, so volumes in ml are physical v
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from inference.registry import PostProcessSpec
 
@@ -15,6 +14,8 @@ def clean_label(
     mask: np.ndarray, spec: PostProcessSpec, spacing_zyx: tuple[float, float, float]
 ) -> np.ndarray:
     """The cleaned boolean mask of one label."""
+    from scipy import ndimage  # here, not at the top: the node process imports the engine
+
     if not mask.any():
         return mask
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0

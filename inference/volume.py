@@ -15,13 +15,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 
 from inference.pixels import PixelDataError, check_files
 from inference.stacks import POSITION_TOLERANCE_MM, choose, slice_info
+
+# SimpleITK is imported where images are decoded or resampled, not here: the node process
+# (receive, route, web) imports this module for its types and errors and runs without it.
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 class SeriesReadError(ValueError):
@@ -61,6 +66,8 @@ class Volume:
 
     def to_sitk(self, array: np.ndarray | None = None) -> sitk.Image:
         """This geometry around ``array`` (default: the image itself)."""
+        import SimpleITK as sitk
+
         img = sitk.GetImageFromArray(self.array if array is None else array)
         img.SetSpacing(tuple(reversed(self.spacing_zyx)))
         img.SetOrigin(self.origin_lps)
@@ -69,6 +76,8 @@ class Volume:
 
     @classmethod
     def from_sitk(cls, img: sitk.Image, **extra: object) -> Volume:
+        import SimpleITK as sitk
+
         return cls(
             array=sitk.GetArrayFromImage(img).astype(np.float32, copy=False),
             spacing_zyx=tuple(reversed(img.GetSpacing())),  # type: ignore[arg-type]
@@ -155,6 +164,8 @@ def load_series(files: Sequence[str | Path], series_uid: str = "") -> Volume:
     kept = set(sorted_files)
     others = [str(f) for f in files if str(f) not in kept]
     _check_pixels(others, [None] * len(others), False)
+    import SimpleITK as sitk
+
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sorted_files)
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -194,6 +205,8 @@ def _undecodable(files: Sequence[str], headers: Sequence[pydicom.Dataset], exc: 
     The series reader's error names no file; each file is decoded alone to find them
     (only on this error path).
     """
+    import SimpleITK as sitk
+
     failed: list[str] = []
     for path, header in zip(files, headers, strict=True):
         reader = sitk.ImageFileReader()
@@ -230,6 +243,8 @@ def _check_decoded(img: sitk.Image, headers: Sequence[pydicom.Dataset]) -> None:
 
 def resample_to(moving: Volume, reference: Volume, default_hu: float = -1024.0) -> np.ndarray:
     """``moving`` resampled (linear) into ``reference``'s grid; returns the array."""
+    import SimpleITK as sitk
+
     out = sitk.Resample(
         moving.to_sitk(),
         reference.to_sitk(),
