@@ -375,3 +375,48 @@ class AuditForwarding(Base):
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     last_id: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RetrieveRequest(Base):
+    """A study asked for from a configured source (C-MOVE / C-GET / WADO-RS), with its
+    progress. Written only by ``dicom_node.retrieve``.
+
+    state: see ``kernel.vocabulary.RetrieveState`` (requested -> querying -> retrieving ->
+    received, or failed with ``reason``). The query is one of ``study_uid``,
+    ``accession_number``, or ``patient_id`` with an optional ``date_from`` / ``date_to``;
+    ``study_uid`` is filled in once the source named the study. ``pipelines``: the
+    pipelines to run on it (null: the routing rules choose).
+    """
+
+    __tablename__ = "retrieve_requests"
+    __table_args__ = (Index("ix_retrieve_requests_state_id", "state", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    date_from: Mapped[str | None] = mapped_column(String(8))  # YYYYMMDD
+    date_to: Mapped[str | None] = mapped_column(String(8))
+    pipelines: Mapped[list[Any] | None] = mapped_column()
+    state: Mapped[str] = mapped_column(String(16), default="requested")
+    # C-MOVE, C-GET or WADO-RS, once the retrieval started.
+    method: Mapped[str | None] = mapped_column(String(16))
+    # Why it failed (or what to know about it), in words naming the study and the source.
+    reason: Mapped[str | None] = mapped_column(Text)
+    # Instances the source said the study has (C-FIND / QIDO-RS, or the C-MOVE counts),
+    # received by the node so far, and failed (sub-operations the source reported failed,
+    # instances the node refused).
+    instances_expected: Mapped[int | None] = mapped_column(Integer)
+    instances_received: Mapped[int] = mapped_column(Integer, default=0)
+    instances_failed: Mapped[int] = mapped_column(Integer, default=0)
+    # A username, or "cli:<OS user>@<host>".
+    requested_by: Mapped[str] = mapped_column(String(128))
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+    # How often the node began it (a node stopped mid-retrieval begins it again).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # What the source answered (final status, series found), for the status page.
+    detail: Mapped[dict[str, Any] | None] = mapped_column()
