@@ -11,10 +11,11 @@ import ipaddress
 import os
 import zoneinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kernel.strict import StrictModel
@@ -263,6 +264,95 @@ class Destination(StrictModel):
                 "destination that takes BINARY or LABELMAP SEG"
             )
         return v
+
+
+class DimseSource(StrictModel):
+    """A PACS the node may query (C-FIND) and retrieve studies from (C-MOVE or C-GET),
+    Study Root Query/Retrieve Information Model (PS3.4 C.6.2)."""
+
+    kind: Literal["dimse"]
+    name: str = Field(description="Name used by retrieve requests (web form, API, CLI).")
+    ae_title: str = Field(description="The source's AE title.")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(
+        None, description="AE title we present to the source (default: our ae_title)."
+    )
+    retrieve: Literal["move", "get"] = Field(
+        "move",
+        description="'move': C-MOVE to `move_destination` (the source must know that AE "
+        "title with our host and port, and be in `peers`: it stores on a new "
+        "association); 'get': C-GET (the source stores on our own association; no "
+        "registration needed, where the source supports it).",
+    )
+    move_destination: str | None = Field(
+        None,
+        description="AE title the source knows this node by, the C-MOVE destination "
+        "(default: our ae_title).",
+    )
+    timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Association and network timeout; also the longest wait for the "
+        "next C-FIND / C-MOVE / C-GET response.",
+    )
+
+    _ae = field_validator("ae_title", "calling_ae_title", "move_destination")(
+        classmethod(lambda cls, v: v if v is None else _check_ae_title(v))
+    )
+
+
+class DicomwebAuth(StrictModel):
+    """How the node authenticates to a DICOMweb source."""
+
+    type: Literal["basic", "bearer"] = Field(
+        description="'basic' (username, password; RFC 7617) or 'bearer' (token; RFC 6750)."
+    )
+    username: str | None = None
+    password: SecretStr | None = Field(None, description="basic: never shown or logged.")
+    token: SecretStr | None = Field(None, description="bearer: never shown or logged.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> DicomwebAuth:
+        if self.type == "basic" and (self.username is None or self.password is None):
+            raise ValueError("basic auth needs username and password")
+        if self.type == "bearer" and self.token is None:
+            raise ValueError("bearer auth needs token")
+        return self
+
+
+class DicomwebSource(StrictModel):
+    """A DICOMweb server the node may query (QIDO-RS) and retrieve studies from (WADO-RS),
+    PS3.18 10.4 and 10.6."""
+
+    kind: Literal["dicomweb"]
+    name: str = Field(description="Name used by retrieve requests (web form, API, CLI).")
+    url: str = Field(
+        description="Base URL of the DICOMweb service (the part before /studies), e.g. "
+        "https://pacs.example/dicom-web."
+    )
+    auth: DicomwebAuth | None = Field(None, description="Credentials; empty: none.")
+    ca_bundle: Path | None = Field(
+        None,
+        description="https: PEM file of the CAs trusted to sign the server's certificate "
+        "(empty: the system's trust store).",
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, description="Connect and read timeout of each HTTP request."
+    )
+
+    _files = field_validator("ca_bundle")(classmethod(lambda cls, v: _existing_file(v)))
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"url {v!r} must be an http:// or https:// URL")
+        return v.strip().rstrip("/")
+
+
+Source = Annotated[DimseSource | DicomwebSource, Field(discriminator="kind")]
 
 
 class ListenerTls(StrictModel):
@@ -556,6 +646,10 @@ class NodeSettings(BaseSettings):
     result_destinations: list[str] | None = Field(
         None, description="Destinations every result goes to (default: all destinations)."
     )
+    sources: list[Source] = Field(
+        default_factory=list,
+        description="PACS and DICOMweb servers studies may be retrieved from on request.",
+    )
     rules_file: Path = REPO_ROOT / "routing_rules.yaml"
     models_file: Path = REPO_ROOT / "models.yaml"
     min_free_bytes: int = Field(
@@ -612,6 +706,10 @@ class NodeSettings(BaseSettings):
         unknown = set(self.result_destinations or []) - set(names)
         if unknown:
             raise ValueError(f"result_destinations names unknown destinations: {sorted(unknown)}")
+        sources = [x.name for x in self.sources]
+        repeated = {n for n in sources if sources.count(n) > 1}
+        if repeated:
+            raise ValueError(f"source names must be unique, repeated: {sorted(repeated)}")
         return self
 
     # -- derived -----------------------------------------------------------------
@@ -632,6 +730,14 @@ class NodeSettings(BaseSettings):
             if dest.name == name:
                 return dest
         raise KeyError(f"unknown destination {name!r}")
+
+    def source(self, name: str) -> DimseSource | DicomwebSource:
+        """The source named ``name``; KeyError naming the configured ones otherwise."""
+        for source in self.sources:
+            if source.name == name:
+                return source
+        known = ", ".join(s.name for s in self.sources) or "none configured"
+        raise KeyError(f"unknown source {name!r} (sources: {known})")
 
     def result_destination_names(self) -> list[str]:
         if self.result_destinations is not None:
@@ -691,6 +797,11 @@ def _resolve_tls_paths(data: dict[str, Any], base: Path) -> None:
             value = section.get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 section[key] = str(base / value)
+    if isinstance(data.get("sources"), list):  # a DICOMweb source's CA bundle too
+        for source in data["sources"]:
+            value = source.get("ca_bundle") if isinstance(source, dict) else None
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                source["ca_bundle"] = str(base / value)
 
 
 def _resolve_audit_paths(data: dict[str, Any], base: Path) -> None:
