@@ -69,5 +69,7 @@ class LocalWorker:
             self.current_job = None
         return True
 
-    def shutdown(self) -> None:
-        self.supervisor.close()
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop the child; a job still running gets ``grace_s`` before it is killed (the
+        node requeues it)."""
+        self.supervisor.close(grace_s)

@@ -112,7 +112,8 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     nodes: list[Node] = []
 
     def _start(**overrides: Any) -> Node:
-        node = Node(node_settings(tmp_path, **overrides), stop_grace_s=10).start()
+        # A job still running at the end of a test is abandoned after 3 s (then requeued).
+        node = Node(node_settings(tmp_path, **overrides), stop_grace_s=3).start()
         nodes.append(node)
         return node
 
