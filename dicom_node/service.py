@@ -51,7 +51,8 @@ class Node:
     ``RegistryError`` / ``RulesError`` naming the problem), re-indexes spooled files the
     database missed, requeues jobs and sends a previous run left unfinished, and starts
     the loops: assembler + settle check, dispatcher, destination C-ECHO, one worker per
-    device (or Celery publishing), queue keeper, web app and last the DICOM listener.
+    device (or Celery publishing), queue keeper, web app, the gRPC path API (when
+    `grpc.enabled`; bound before any loop starts) and last the DICOM listener.
     """
 
     def __init__(self, settings: NodeSettings, stop_grace_s: float = 60.0) -> None:
@@ -61,6 +62,8 @@ class Node:
         self.threads: list[threading.Thread] = []
         self.web_server = None
         self.web_port: int | None = None
+        self.grpc_server = None  # dicom_node.grpc_api.server.GrpcServer when grpc.enabled
+        self.grpc_port: int | None = None
         self.workers: list[LocalWorker] = []
 
     # -- start -------------------------------------------------------------------------
@@ -91,6 +94,11 @@ class Node:
         )
         self.dispatcher.reset_interrupted()
         self.scp = StorageSCP(s, self.db, self.spool, self.tracker)
+        if s.grpc.enabled:  # bound here: a port in use stops the start before any loop runs
+            from dicom_node.grpc_api.server import GrpcServer
+
+            self.grpc_server = GrpcServer(s)
+            self.grpc_port = self.grpc_server.port
         self._spawn("assembler", self._assembler_loop)
         self._spawn("dispatcher", self.dispatcher.run_forever, self.stop_event)
         self.echo_loop = EchoLoop(self.db, s, self.dispatcher.wake.set)
@@ -99,6 +107,8 @@ class Node:
         self._start_workers()
         if s.web.enabled:
             self._start_web()
+        if self.grpc_server is not None:
+            self.grpc_server.start(self.view())
         self.scp.start()
         return self
 
@@ -257,6 +267,8 @@ class Node:
         self.dispatcher.wake.set()
         if self.web_server is not None:
             self.web_server.should_exit = True
+        if self.grpc_server is not None:
+            self.grpc_server.stop()
         deadline = time.monotonic() + self.stop_grace_s
         for t in self.threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))

@@ -508,6 +508,32 @@ class PathApiSettings(StrictModel):
         return [Path(root) for root in v]
 
 
+class GrpcSettings(StrictModel):
+    """The path API over gRPC (``dicom_node.grpc_api``, README "gRPC"): the same calls,
+    checks, roles and audit records as the HTTP path API. Off by default."""
+
+    enabled: bool = Field(False, description="Serve the gRPC path API on `host`:`port`.")
+    host: str = Field(
+        "127.0.0.1", description="Bind address; 0.0.0.0 or [::] serves other machines."
+    )
+    port: int = Field(
+        50051, ge=0, le=65535, description="gRPC port (50051 by custom); 0 picks a free one."
+    )
+    max_concurrent_calls: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Calls served at once (a call waiting for its mask and a status stream "
+        "each hold one); more are refused with RESOURCE_EXHAUSTED.",
+    )
+    tls: bool = Field(
+        False,
+        description="Serve TLS with the node's certificate and key (`tls.certificate`, "
+        "`tls.private_key`, the DICOM TLS listener's); false: plaintext HTTP/2, for "
+        "127.0.0.1 or a TLS-terminating proxy only (tokens cross the network).",
+    )
+
+
 class SyslogSettings(StrictModel):
     """An RFC 5424 syslog collector the audit trail is forwarded to, record by record."""
 
@@ -678,6 +704,7 @@ class NodeSettings(BaseSettings):
     health: HealthSettings = Field(default_factory=HealthSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     path_api: PathApiSettings = Field(default_factory=PathApiSettings)
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
@@ -710,6 +737,16 @@ class NodeSettings(BaseSettings):
         repeated = {n for n in sources if sources.count(n) > 1}
         if repeated:
             raise ValueError(f"source names must be unique, repeated: {sorted(repeated)}")
+        return self
+
+    @model_validator(mode="after")
+    def _grpc_tls_has_a_certificate(self) -> NodeSettings:
+        if self.grpc.enabled and self.grpc.tls:
+            missing = [k for k in ("certificate", "private_key") if getattr(self.tls, k) is None]
+            if missing:
+                raise ValueError(
+                    f"grpc.tls serves the node's certificate: set tls.{' and tls.'.join(missing)}"
+                )
         return self
 
     # -- derived -----------------------------------------------------------------

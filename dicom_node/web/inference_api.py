@@ -10,37 +10,55 @@ Only operators and admins may use it, and it reads only under ``data_dir`` and
 ``path_api.allowed_roots``: a path outside them answers 403 with the same words whether
 it exists or not (no file-system oracle). Queued jobs and refused paths go into the
 audit trail.
+
+The request handling itself lives in ``dicom_node.path_requests``, shared with the gRPC
+service (``dicom_node.grpc_api``); this module maps its answers to HTTP.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 
-from db.models import Job
-from dicom_node import audit, records
+from dicom_node import path_requests
+from dicom_node.path_requests import Caller, PathRequestError, Problem
 from dicom_node.view import ServiceView
-from dicom_node.web.auth import Principal, audit_record, require_operator, require_viewer
-from inference import queue as jobs
-from inference.path_api import PathInputError, PathNotAllowedError, is_path_job, path_inputs
+from dicom_node.web.auth import Principal, client_address, require_operator, require_viewer
 from kernel.vocabulary import JobState
 
 router = APIRouter(tags=["inference"])
-POLL_S = 0.2
+
+# HTTP status of each path API refusal (the gRPC service maps the same problems).
+HTTP_STATUS: dict[Problem, int] = {
+    Problem.UNAUTHENTICATED: 401,
+    Problem.ROLE_DENIED: 403,
+    Problem.PATH_DENIED: 403,
+    Problem.INVALID: 400,
+    Problem.NO_PIPELINE: 404,
+    Problem.NO_JOB: 404,
+    Problem.NOT_QUEUED: 409,
+    Problem.UNREADABLE: 422,
+    Problem.FAILED: 500,
+    Problem.NO_MASK: 500,
+    Problem.CANCELLED: 409,
+    Problem.EXPIRED: 410,
+}
 
 
 def _node(request: Request) -> ServiceView:
     return request.app.state.service
 
 
-def allowed_roots(node: ServiceView) -> list[FilePath]:
-    """The folders the path API may read: the data folder and ``path_api.allowed_roots``."""
-    return [FilePath(node.settings.data_dir).absolute(), *node.settings.path_api.allowed_roots]
+def _caller(request: Request, who: Principal) -> Caller:
+    return Caller(
+        who.username, who.role, who.via, client_address(request), who.token_name, who.token_id
+    )
+
+
+def _http(exc: PathRequestError) -> HTTPException:
+    return HTTPException(HTTP_STATUS[exc.problem], exc.message)
 
 
 @router.get("/models")
@@ -69,7 +87,9 @@ async def run_pipeline(
     pipeline: Annotated[str, Path(min_length=1, max_length=64)],
     request: Request,
     body: dict[str, Any] = Body(...),  # noqa: B008
-    wait_s: Annotated[float, Query(ge=0, le=3600, allow_inf_nan=False)] = 600.0,
+    wait_s: Annotated[
+        float, Query(ge=0, le=path_requests.MAX_WAIT_S, allow_inf_nan=False)
+    ] = path_requests.DEFAULT_WAIT_S,
     who: Principal = Depends(require_operator),
 ) -> Any:
     """Queue the pipeline on the given paths and answer the mask path when it is done.
@@ -77,85 +97,31 @@ async def run_pipeline(
     ``wait_s=0`` answers 202 with the job id at once (poll ``GET /inference/jobs/<id>``).
     """
     node = _node(request)
-    spec = node.rules.get().pipelines.get(pipeline)
-    if spec is None:
-        raise HTTPException(404, f"pipeline {pipeline!r} is not defined in the pipeline catalog")
+    caller = _caller(request, who)
     try:
-        inputs = path_inputs(spec, body, allowed_roots(node))
-    except PathNotAllowedError as exc:
-        audit_record(
-            request,
-            who,
-            audit.Action.PATH_JOB_QUEUED,
-            outcome=audit.Outcome.DENIED,
-            object_type="pipeline",
-            object_id=pipeline,
-            detail={"problem": str(exc)},
-        )
-        raise HTTPException(403, f"pipeline {pipeline}: {exc}") from None
-    except PathInputError as exc:
-        raise HTTPException(400, f"pipeline {pipeline}: {exc}") from None
-    with node.db.session() as s:
-        study = records.path_study(s, inputs)
-        job = jobs.enqueue(
-            s,
-            study,
-            pipeline,
-            inputs,
-            priority=spec.priority,
-            max_attempts=node.settings.worker.max_attempts,
-        )
-        if job is None:  # the same request is already queued: wait for that one
-            job = jobs.identical_job(s, study, pipeline, inputs)
-        job_id = job.id if job is not None else None
-    if job_id is None:
-        raise HTTPException(409, "the request could not be queued; retry")
-    audit_record(
-        request,
-        who,
-        audit.Action.PATH_JOB_QUEUED,
-        object_type="job",
-        object_id=job_id,
-        detail={"pipeline": pipeline, "paths": {r: v["path"] for r, v in inputs.items()}},
-    )
-    deadline = time.monotonic() + max(0.0, wait_s)
-    while True:
-        answer = _job_answer(node, job_id)
-        if answer is not None or time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(POLL_S)
-    return answer or JSONResponse({"job_id": job_id, "state": JobState.QUEUED}, status_code=202)
+        path_requests.authorise(node, caller, f"{request.method} {request.url.path}")
+        job_id = path_requests.submit(node, caller, pipeline, body)
+        answer = await path_requests.wait_for_async(node, job_id, wait_s)
+    except PathRequestError as exc:
+        raise _http(exc) from None
+    if not answer.finished:
+        return JSONResponse({"job_id": job_id, "state": JobState.QUEUED}, status_code=202)
+    return {"mask_path": answer.mask_path, "job_id": job_id}
 
 
 @router.get("/inference/jobs/{job_id}")
 def job_state(
     job_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
     request: Request,
-    _: Principal = Depends(require_operator),
+    who: Principal = Depends(require_operator),
 ) -> Any:
     """The mask path of a finished path API job; 202 while it is queued or running."""
-    answer = _job_answer(_node(request), job_id)
-    return answer or JSONResponse({"job_id": job_id, "state": JobState.RUNNING}, status_code=202)
-
-
-def _job_answer(node: ServiceView, job_id: int) -> Any:
-    """The final answer for a finished job, None while it is queued or running."""
-    with node.db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None or not is_path_job(job.inputs):
-            raise HTTPException(404, f"job {job_id} is not a path API job")
-        state, summary, error = job.state, job.summary or {}, job.last_error or ""
-    if state == JobState.DONE and "mask_path" in summary:
-        return {"mask_path": summary["mask_path"], "job_id": job_id}
-    if state == JobState.DONE:
-        raise HTTPException(500, f"job {job_id} finished without a mask")
-    if state == JobState.FAILED:
-        status = 422 if "PathInputError" in error or "SeriesReadError" in error else 500
-        raise HTTPException(status, f"job {job_id} failed: {error}")
-    if state == JobState.CANCELLED:
-        raise HTTPException(409, f"job {job_id} was cancelled")
-    if state == JobState.EXPIRED:
-        raise HTTPException(
-            410, f"job {job_id} expired: it waited longer than worker.max_queue_age_s"
-        )
-    return None
+    node = _node(request)
+    try:
+        path_requests.authorise(node, _caller(request, who), f"GET {request.url.path}")
+        answer = path_requests.job_answer(node, job_id)
+    except PathRequestError as exc:
+        raise _http(exc) from None
+    if not answer.finished:
+        return JSONResponse({"job_id": job_id, "state": JobState.RUNNING}, status_code=202)
+    return {"mask_path": answer.mask_path, "job_id": job_id}
