@@ -271,19 +271,19 @@ def _self_signed(folder: Path) -> tuple[Path, Path, Path]:
     return cert, key, other
 
 
-def test_tls_with_the_nodes_certificate_and_setup_errors(tmp_path: Path) -> None:
+def test_tls_with_the_nodes_certificate_a_stop_and_setup_errors(tmp_path: Path) -> None:
     cert, key, other_key = _self_signed(tmp_path / "pki")
     port = free_port()
     (tmp_path / "a").mkdir()
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    channel = grpc.secure_channel(f"localhost:{port}", credentials)
+    stub = pb2_grpc.PathInferenceStub(channel)
     with running_node(tmp_path / "a", **SHIPPED, tls={"certificate": cert, "private_key": key},
                       grpc={"enabled": True, "port": port, "tls": True}) as node:  # fmt: skip
         token = make_users(node)
         auth = (("authorization", f"Bearer {token}"),)
-        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
-        with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
-            stub = pb2_grpc.PathInferenceStub(channel)
-            code, details = _code(stub.GetJob, pb2.JobRequest(job_id=5), metadata=auth)
-            assert code == grpc.StatusCode.NOT_FOUND, details  # answered over TLS
+        code, details = _code(stub.GetJob, pb2.JobRequest(job_id=5), metadata=auth)
+        assert code == grpc.StatusCode.NOT_FOUND, details  # answered over TLS
         with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
             code, _ = _code(pb2_grpc.PathInferenceStub(plain).GetJob,
                             pb2.JobRequest(job_id=5), metadata=auth, timeout=5)  # fmt: skip
@@ -294,6 +294,20 @@ def test_tls_with_the_nodes_certificate_and_setup_errors(tmp_path: Path) -> None
         with pytest.raises(GrpcSetupError, match=f"cannot listen on 127.0.0.1:{port} "
                            r"\(grpc.host, grpc.port\): the port is in use"):  # fmt: skip
             GrpcServer(taken)
+        # A job under data_dir that no worker runs, watched while the node stops.
+        folder = Path(node.settings.data_dir) / "incoming"
+        folder.mkdir()
+        (folder / "1.dcm").write_bytes(b"\0" * 132 + b"DICM")
+        job = stub.Tumor(pb2.TumorRequest(image_path=str(folder), wait_s=0), metadata=auth)
+        stream = stub.WatchJob(pb2.JobRequest(job_id=job.job_id), metadata=auth, timeout=30)
+        assert next(stream).state == "queued"
+    with pytest.raises(grpc.RpcError) as ended:  # the node stopped: UNAVAILABLE, not a hang
+        next(stream)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert ended.value.details() == (
+        f"the node is stopping; watch job {job.job_id} again after its restart"
+    )
+    channel.close()
     with pytest.raises(ConfigError, match="grpc.tls serves the node's certificate: set "
                        "tls.certificate and tls.private_key"):  # fmt: skip
         load_settings(None, grpc={"enabled": True, "tls": True})
