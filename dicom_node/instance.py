@@ -77,6 +77,34 @@ def _check_complete(ds: pydicom.Dataset) -> None:
             )
 
 
+# The text elements ``parse_header`` reads: only these are decoded (decoding every text
+# element of a CT header costs ~0.2 ms per instance on the receive path).
+_TEXT_TAGS = tuple(
+    pydicom.datadict.tag_for_keyword(k)
+    for k in (
+        "SpecificCharacterSet",
+        "StudyDate",
+        "AccessionNumber",
+        "Modality",
+        "StudyDescription",
+        "SeriesDescription",
+        "PatientName",
+        "PatientID",
+    )
+)
+
+
+def _decoded_text(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The text elements of ``_TEXT_TAGS``, decoded (``inference.charsets``) in a dataset
+    of their own: the same values decoding all of ``ds`` gives them."""
+    text = pydicom.Dataset()
+    for tag in _TEXT_TAGS:
+        if tag in ds:
+            text[tag] = ds.get_item(tag)
+    decode_dataset(text, recursive=False)
+    return text
+
+
 def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHeader:
     """Parse an encoded DICOM file (preamble + meta + dataset) without decoding pixels.
 
@@ -88,7 +116,7 @@ def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHe
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         _check_complete(ds)
-        decode_dataset(ds, recursive=False)  # text as its Specific Character Set says
+        text = _decoded_text(ds)  # as its Specific Character Set says
         tsuid = str(ds.file_meta.TransferSyntaxUID)
         uids, problems = {}, []
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
@@ -102,15 +130,15 @@ def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHe
             sop_uid=uids["SOPInstanceUID"],
             sop_class_uid=uids["SOPClassUID"],
             transfer_syntax_uid=tsuid,
-            modality=_text(ds, "Modality"),
+            modality=_text(text, "Modality"),
             instance_number=_int(ds, "InstanceNumber"),
             series_number=_int(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription"),
-            patient_id=_text(ds, "PatientID"),
-            patient_name=_text(ds, "PatientName"),
-            accession_number=_text(ds, "AccessionNumber"),
-            study_date=_text(ds, "StudyDate"),
-            study_description=_text(ds, "StudyDescription"),
+            series_description=_text(text, "SeriesDescription"),
+            patient_id=_text(text, "PatientID"),
+            patient_name=_text(text, "PatientName"),
+            accession_number=_text(text, "AccessionNumber"),
+            study_date=_text(text, "StudyDate"),
+            study_description=_text(text, "StudyDescription"),
             stack_key=stack.stack_key,
             slice_position_mm=stack.position_mm,
             acquisition_number=stack.acquisition,

@@ -33,6 +33,15 @@ TLS port alike):
   connection's own thread, within ``listener.artim_timeout_s``, and a failure is logged
   with the peer and the reason in words (``dicom_node.tls.explain``).
 
+- Both threads of an association poll: the DUL reader sleeps 1 ms whenever it found
+  nothing to do, and the association's reactor sleeps 1 ms on every turn, so every
+  request waits up to two sleeps before it is answered and each open association wakes
+  ~2,000 times a second. Here ``Wakeups`` makes both wait for their work instead: the
+  reader blocks in ``select`` on its socket and a wake-up pipe (written whenever another
+  thread queues something for it to send), the reactor on an event set whenever
+  something is queued for it (a DIMSE message, a release or abort indication); each
+  still looks round every ``READER_WAIT_S`` / ``REACTOR_WAIT_S`` for its timers.
+
 Memory per connection is thereby bounded by one PDU while it is read: at most
 ``ASSOCIATE_RQ_MAX_BYTES`` until an association is accepted, at most ``max_pdu_size``
 (plus the DICOM message being assembled from the PDUs, as large as the instance a
@@ -44,11 +53,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import queue
+import select
 import socket
 import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import evt
@@ -75,6 +88,11 @@ ASSOCIATE_RQ_MAX_BYTES = 256 * 1024
 # sleeps this long instead: the request is answered at most this much later, and 256
 # silent connections cost a few percent of a core.
 NEGOTIATING_POLL_S = 0.02
+# How long a connection's reader waits for data or a wake-up before it looks round its
+# loop (ARTIM timer, stop requests), and how long an association's reactor waits for a
+# message or an indication before it checks its timers (idle timeout) and its reader.
+READER_WAIT_S = 0.05
+REACTOR_WAIT_S = 0.05
 # How much one recv() asks the kernel for (pynetdicom's own loop reads 4 KiB at a time).
 _CHUNK_BYTES = 64 * 1024
 # A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value).
@@ -252,6 +270,136 @@ class PduReader:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+class _WakingQueue(queue.Queue):
+    """A ``queue.Queue`` that calls ``wake`` after every put."""
+
+    def __init__(self, wake: Callable[[], None], replaces: queue.Queue | None = None) -> None:
+        super().__init__()
+        self._wake = wake
+        if replaces is not None:  # e.g. the transport connection event already queued
+            self.queue.extend(replaces.queue)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _ReactorGate:
+    """Stands in for an association's ``_reactor_checkpoint`` (a ``threading.Event``).
+
+    pynetdicom's reactor calls ``wait()`` once per turn of its loop, right after a 1 ms
+    sleep; other threads ``clear()`` it to pause the reactor and ``set()`` it to let it
+    go on. Here ``wait()`` first waits up to ``REACTOR_WAIT_S`` for ``nudge()`` (there is
+    something for the reactor to look at), then honours a pause as before.
+    """
+
+    def __init__(self) -> None:
+        self._go = threading.Event()
+        self._go.set()
+        self._nudged = threading.Event()
+
+    def nudge(self) -> None:
+        self._nudged.set()
+
+    def set(self) -> None:
+        self._go.set()
+        self._nudged.set()
+
+    def clear(self) -> None:
+        self._go.clear()
+
+    def is_set(self) -> bool:
+        return self._go.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._nudged.wait(REACTOR_WAIT_S)
+        self._nudged.clear()
+        return self._go.wait(timeout)
+
+
+class Wakeups:
+    """Event-driven waiting for one connection's two threads (module docstring).
+
+    ``install`` (before the association thread starts) replaces the queues the reader
+    and the reactor poll with ones that wake their consumer, the reactor's checkpoint
+    with a ``_ReactorGate``, and the reader's transport check with one that first waits
+    in ``select`` for the socket or the wake-up pipe. The pipe is closed when the reader
+    thread ends; a wake-up after that is a no-op.
+    """
+
+    def __init__(self, assoc: Any) -> None:
+        self.assoc = assoc
+        self._lock = threading.Lock()
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._closed = False
+        self.gate = _ReactorGate()
+
+    def install(self) -> None:
+        assoc, dul = self.assoc, self.assoc.dul
+        dul.event_queue = _WakingQueue(self.wake_reader, dul.event_queue)
+        dul.to_provider_queue = _WakingQueue(self.wake_reader, dul.to_provider_queue)
+        dul.to_user_queue = _WakingQueue(self.gate.nudge, dul.to_user_queue)
+        assoc.dimse.msg_queue = _WakingQueue(self.gate.nudge, assoc.dimse.msg_queue)
+        assoc._reactor_checkpoint = self.gate
+        check = dul._is_transport_event
+        stop = dul.stop_dul
+
+        def transport_event() -> bool:
+            self._wait_for_reader()
+            return check()
+
+        def stop_dul() -> bool:
+            # pynetdicom sets the stop flag and waits for the reader to see it: let it
+            # see it now rather than at the end of its wait.
+            if dul.state_machine.current_state == "Sta1":
+                dul._kill_thread = True
+                self.wake_reader()
+            return stop()
+
+        def run() -> None:
+            try:
+                type(dul).run(dul)
+            finally:
+                self.close()
+
+        dul._is_transport_event = transport_event
+        dul.stop_dul = stop_dul
+        dul.run = run
+
+    def wake_reader(self) -> None:
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(OSError):  # full pipe: it is awake anyway
+                    os.write(self._write_fd, b"\0")
+
+    def _wait_for_reader(self) -> None:
+        dul = self.assoc.dul
+        if dul.event_queue.queue or dul.to_provider_queue.queue or dul._kill_thread:
+            return  # work is waiting: no reason to sleep
+        sock = dul.socket.socket if dul.socket is not None else None
+        if sock is None:
+            return  # pynetdicom's loop sleeps its own delay while the socket is gone
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes select cannot see
+        try:
+            ready, _, _ = select.select([sock, self._read_fd], [], [], READER_WAIT_S)
+        except (OSError, ValueError):
+            return  # closed under us: pynetdicom's own check reports it
+        if self._read_fd in ready:
+            with contextlib.suppress(OSError):
+                os.read(self._read_fd, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._read_fd)
+            os.close(self._write_fd)
+
+
 class SharedContexts(list):
     """The listener's supported presentation contexts, shared by every association.
 
@@ -274,9 +422,12 @@ class GuardedRequestHandler(RequestHandler):
 
     def handle(self) -> None:
         assoc = self._create_association()
+        if self.server.dimse_factory is not None:
+            assoc.dimse = self.server.dimse_factory(assoc)
         PduReader(
             assoc, self.server.limits, self.server.max_pdu_bytes, _peer(self.client_address)
         ).install()
+        Wakeups(assoc).install()
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         self.server.handed_over()  # from here on counted as a running association
         assoc.start()
@@ -287,6 +438,8 @@ class GuardedServer(ThreadedAssociationServer):
 
     ``tls_context``: serve DICOM TLS with this context (handshake in the connection's
     thread); None: plain DICOM. ``name`` appears in log lines ("DICOM", "DICOM TLS").
+    ``dimse_factory(assoc)``, when given, makes each association's DIMSE provider (e.g.
+    ``dicom_node.store_path.StoreDIMSE``) before its threads start.
     """
 
     daemon_threads = True
@@ -308,8 +461,10 @@ class GuardedServer(ThreadedAssociationServer):
         max_pdu_bytes: int,
         tls_context: ssl.SSLContext | None = None,
         name: str = "DICOM",
+        dimse_factory: Callable[[Any], Any] | None = None,
     ) -> None:
         self.limits = limits
+        self.dimse_factory = dimse_factory
         self.max_pdu_bytes = max_pdu_bytes
         self.tls_context = tls_context or ssl_context
         self.name = name
@@ -421,9 +576,11 @@ def start_server(
     limits: ListenerSettings,
     max_pdu_bytes: int,
     tls_context: ssl.SSLContext | None = None,
+    dimse_factory: Callable[[Any], Any] | None = None,
 ) -> GuardedServer:
     """Listen on ``address`` in a background thread (as ``AE.start_server(block=False)``
-    does, with ``GuardedServer``). Stop it with ``server.shutdown()``."""
+    does, with ``GuardedServer``). Stop it with ``server.shutdown()``.
+    ``dimse_factory``: see ``GuardedServer``."""
     name = "DICOM TLS" if tls_context is not None else "DICOM"
     server = ae.make_server(
         address,
@@ -433,6 +590,7 @@ def start_server(
         max_pdu_bytes=max_pdu_bytes,
         tls_context=tls_context,
         name=name,
+        dimse_factory=dimse_factory,
     )
     thread = threading.Thread(
         target=make_target(server.serve_forever), name=f"{name} listener", daemon=True

@@ -49,18 +49,27 @@ Association (PS3.8 7.1.1.9):
 
 C-ECHO (PS3.4 A.2.2): ``0x0000`` Success, always.
 
-C-STORE (PS3.4 B.2.3), answered only after the instance is durable on disk:
+C-STORE (PS3.4 B.2.3), answered only after the instance is durable on disk (served on
+the connection's reader thread by ``dicom_node.store_path``):
 
 - ``0x0000`` Success: written (fsync of file and folder) to
-  ``spool/<study>/<series>/<sop>.dcm`` and recorded; a re-sent SOP instance replaces the
-  earlier file and is recorded once;
+  ``spool/<study>/<series>/<sop>.dcm``; the spool file is the record of truth and its
+  database row follows within one batch of the recorder (``records.RecordQueue``; a file
+  whose row is lost in a crash is recorded by the start-up re-scan). A re-sent SOP
+  instance replaces the earlier file and is recorded once. When the sender releases the
+  association, the A-RELEASE-RP waits (up to ``RELEASE_FLUSH_S``) until every instance it
+  stored is recorded, so a sender that sees "released" finds them all in the database;
 - ``0xA700`` Refused: Out of Resources: free space below ``min_free_bytes`` or the disk
-  is full, the file could not be written, or the database could not record it (the file
-  stays; the start-up re-scan indexes it). Nothing the sender must change: retry later;
+  is full, the file could not be written, the database cannot say whether a series new
+  to the node belongs to another study, or more than ``MAX_RECORD_BACKLOG`` received
+  instances wait to be recorded (the database is behind). Nothing the sender must
+  change: retry later;
 - ``0xC000`` Error: Cannot Understand: the dataset cannot be parsed, is truncated, lacks
   or has invalid Study / Series / SOP Instance / SOP Class UIDs, or its SOP Instance UID
   differs from the request's, or its Series Instance UID already belongs to another study
-  (the file is removed; an event says so). A resend of the same bytes fails the same way.
+  (nothing is written; an event says so). A resend of the same bytes fails the same way.
+
+Failures carry an Error Comment (0000,0902) saying why.
 
 N-EVENT-REPORT (Storage Commitment Push Model, PS3.4 J.3.3): see
 ``dicom_node.commitment.event_report_handler``.
@@ -73,6 +82,7 @@ names only with ``log_patient_names``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import ssl
 import threading
@@ -97,17 +107,21 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.status import Status
 
+from db.models import utcnow
 from db.session import Database
 from dicom_node import audit, listener, tls
 from dicom_node.assembler import AssociationTracker
 from dicom_node.commitment import event_report_handler
 from dicom_node.instance import CorruptDatasetError, parse_header
-from dicom_node.records import InstanceRecorder, Origin, SeriesConflictError
+from dicom_node.records import Origin, Received, RecordQueue
 from dicom_node.spool import Spool, SpoolFullError
+from dicom_node.store_path import StoreAnswer, StoreDIMSE, StoreRequest, file_meta
 from kernel.settings import NodeSettings
+from kernel.uids import InvalidUIDError
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -157,6 +171,13 @@ def ae_title_problem(field: bytes) -> str | None:
         problems.append("has a backslash")
     return ", ".join(problems) or None
 
+
+# How long an A-RELEASE-RP waits for the association's instances to be recorded; after
+# that it goes anyway (they are durable; completeness waits for their rows regardless).
+RELEASE_FLUSH_S = 5.0
+# Received instances waiting for the database beyond which new ones are refused (0xA700):
+# the queue holds headers only (~2 KB each), so this bounds it to a few tens of MB.
+MAX_RECORD_BACKLOG = 20_000
 
 # Storage Service Class statuses (PS3.4 B.2.3) that pynetdicom's Status does not name:
 # registered with its own mechanism rather than kept as local copies.
@@ -216,6 +237,7 @@ class _OpenAssociation:
     port: int
     over_tls: bool
     subject: tuple[tuple[str, str], ...] | None
+    key: Any = None  # the association's key in the completeness tracker
     rejected: str | None = None
     accepted: bool = False
     instances: int = 0
@@ -249,6 +271,10 @@ class StorageSCP:
 
     ``on_stored(series_uid)`` is called after each stored instance (tests, benchmarks).
     ``on_closed(facts)`` after each association closes (tests; ``AssociationFacts``).
+    ``recorder``: the ``RecordQueue`` received instances go to (the node's); without one
+    the listener starts and stops its own.
+    ``carrier`` names this listener's associations in the completeness tracker (several
+    receiving processes feed one tracker).
     """
 
     def __init__(
@@ -259,6 +285,8 @@ class StorageSCP:
         tracker: AssociationTracker,
         on_stored: Callable[[str], None] | None = None,
         on_closed: Callable[[AssociationFacts], None] | None = None,
+        recorder: RecordQueue | None = None,
+        carrier: str = "scp",
     ) -> None:
         self.settings = settings
         self.db = db
@@ -266,7 +294,10 @@ class StorageSCP:
         self.tracker = tracker
         self.on_stored = on_stored
         self.on_closed = on_closed
-        self.recorder = InstanceRecorder(db)
+        self._own_recorder = recorder is None
+        self.recorder = recorder if recorder is not None else RecordQueue(db)
+        self.carrier = carrier
+        self._keys = itertools.count(1)
         self._servers: dict[str, listener.GuardedServer] = {}  # "plain" / "tls" -> server
         self._lock = threading.Lock()
         # Per requested association (id of the pynetdicom Association): what it did.
@@ -307,7 +338,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACSE_RECV, self._on_acse_received),
             (evt.EVT_N_EVENT_REPORT, event_report_handler(self.db)),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
@@ -315,10 +346,17 @@ class StorageSCP:
         ]
         s = self.settings
         tls_context = self._tls_context
+        if self._own_recorder:
+            self.recorder.start()
         try:
             if s.tls.serve_plain or not s.tls.enabled:
                 self._servers["plain"] = listener.start_server(
-                    self.ae, (s.bind_address, s.port), handlers, s.listener, s.max_pdu_size
+                    self.ae,
+                    (s.bind_address, s.port),
+                    handlers,
+                    s.listener,
+                    s.max_pdu_size,
+                    dimse_factory=self._dimse,
                 )
                 log.info("listening as %s on %s:%d (DICOM)", s.ae_title, *self.address("plain"))
             if tls_context is not None:
@@ -329,6 +367,7 @@ class StorageSCP:
                     s.listener,
                     s.max_pdu_size,
                     tls_context,
+                    dimse_factory=self._dimse,
                 )
                 log.info(
                     "listening as %s on %s:%d (DICOM TLS %s+, client certificate %s)",
@@ -342,10 +381,17 @@ class StorageSCP:
             raise
 
     def stop(self) -> None:
-        """Stop accepting; open associations are aborted (senders will retry)."""
+        """Stop accepting; open associations are aborted (senders will retry). A
+        listener's own recorder writes what it holds first."""
         for server in self._servers.values():
             server.shutdown()
         self._servers = {}
+        if self._own_recorder:
+            self.recorder.stop()
+
+    def _dimse(self, assoc: Any) -> StoreDIMSE:
+        """Each association's DIMSE provider: C-STORE on the fast path (``_store``)."""
+        return StoreDIMSE(assoc, self._store)
 
     @property
     def port(self) -> int:
@@ -423,6 +469,7 @@ class StorageSCP:
             port=int(requestor.port),
             over_tls=isinstance(raw_socket, ssl.SSLSocket),
             subject=tls.peer_subject(raw_socket),
+            key=(self.carrier, next(self._keys)),
         )
         with self._lock:
             self.associations_requested += 1
@@ -430,6 +477,7 @@ class StorageSCP:
             self._open[id(assoc)] = state
         reaped = self._reap()
         for gone in reaped:
+            self._release_series(gone)
             self._closed(gone, "closed")
         why = self._refusal(state, bad_titles)
         if why is not None:
@@ -542,50 +590,89 @@ class StorageSCP:
     def _on_echo(self, event: evt.Event) -> int:
         return Status.SUCCESS
 
-    def _on_store(self, event: evt.Event) -> int:
-        assoc = event.assoc
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
+    def _store(self, request: StoreRequest) -> StoreAnswer:
+        """One C-STORE (reader thread of its connection): check, spool, queue its record."""
+        assoc = request.assoc
+        sop_uid = request.sop_instance_uid
+        acceptor = assoc.acceptor
+        data = b"".join(
+            [
+                file_meta(
+                    request.sop_class_uid,
+                    sop_uid,
+                    request.transfer_syntax_uid,
+                    acceptor.implementation_class_uid,
+                    acceptor.implementation_version_name,
+                ),
+                *request.data,
+            ]
+        )
         try:
-            data = event.encoded_dataset()
             header = parse_header(data, expected_sop_uid=sop_uid)
         except CorruptDatasetError as exc:
             log.warning("refused instance %s from %s: %s", sop_uid, self._calling_ae(assoc), exc)
-            return Status.CANNOT_UNDERSTAND
+            return StoreAnswer(Status.CANNOT_UNDERSTAND, str(exc))
+        backlog = self.recorder.backlog()
+        if backlog > MAX_RECORD_BACKLOG:
+            log.error(
+                "out of resources, refused instance %s: %d received instances wait for the "
+                "database",
+                sop_uid,
+                backlog,
+            )
+            return StoreAnswer(Status.OUT_OF_RESOURCES, "database behind; retry later")
+        try:
+            owner = self.recorder.claim_series(header.study_uid, header.series_uid)
+        except Exception as exc:
+            log.error("out of resources, refused instance %s: database: %s", sop_uid, exc)
+            return StoreAnswer(Status.OUT_OF_RESOURCES, "database unavailable; retry later")
+        if owner is not None:
+            # Kept, it would be indexed into the other study's series at the next start.
+            message = self.recorder.refuse_conflict(
+                header.study_uid, header.series_uid, sop_uid, owner
+            )
+            log.warning("refused instance %s: %s", sop_uid, message)
+            return StoreAnswer(Status.CANNOT_UNDERSTAND, "series UID belongs to another study")
         try:
             path = self.spool.write(header.study_uid, header.series_uid, header.sop_uid, data)
         except SpoolFullError as exc:
             log.error("out of resources, refused instance %s: %s", sop_uid, exc)
-            return Status.OUT_OF_RESOURCES
+            return StoreAnswer(Status.OUT_OF_RESOURCES, "spool full")
+        except InvalidUIDError as exc:
+            log.warning("refused instance %s: %s", sop_uid, exc)
+            return StoreAnswer(Status.CANNOT_UNDERSTAND, str(exc))
         except OSError as exc:
             log.error("could not spool instance %s: %s", sop_uid, exc)
-            return Status.OUT_OF_RESOURCES
-        self.tracker.touch(id(assoc), header.series_uid)
+            return StoreAnswer(Status.OUT_OF_RESOURCES, "instance could not be written")
         with self._lock:
             state = self._open.get(id(assoc))
             if state is not None:
                 state.instances += 1
                 state.studies.add(header.study_uid)
                 state.patients.add(header.patient_name or "")
+        if state is not None:
+            self.tracker.touch(state.key, header.series_uid)
         origin = Origin(
             calling_ae=self._calling_ae(assoc),
-            called_ae=assoc.acceptor.ae_title.strip(),
+            called_ae=acceptor.ae_title.strip(),
             address=assoc.requestor.address,
         )
-        try:
-            self.recorder.record(header, str(path), len(data), origin)
-        except SeriesConflictError as exc:
-            # Kept, it would be indexed into the other study's series at the next start.
-            path.unlink(missing_ok=True)
-            log.warning("refused instance %s: %s", sop_uid, exc)
-            return Status.CANNOT_UNDERSTAND
-        except Exception:
-            # The file is durable; the start-up spool re-scan will index it. Tell the
-            # sender to try again so nothing depends on that alone.
-            log.exception("could not record instance %s in the database", sop_uid)
-            return Status.OUT_OF_RESOURCES
+        self.recorder.submit(Received(header, str(path), len(data), origin, utcnow()))
         if self.on_stored is not None:
             self.on_stored(header.series_uid)
-        return Status.SUCCESS
+        return StoreAnswer(Status.SUCCESS)
+
+    def _on_acse_received(self, event: evt.Event) -> None:
+        """An A-RELEASE-RQ is about to be answered: first let the recorder write what
+        this listener received (``RELEASE_FLUSH_S`` at most)."""
+        primitive = event.primitive
+        releasing = isinstance(primitive, A_RELEASE) and primitive.result is None
+        if releasing and not self.recorder.flush(RELEASE_FLUSH_S):
+            log.warning(
+                "association from %s released before its instances were recorded "
+                "(the database is behind); they are durable and recorded later",
+                self._calling_ae(event.assoc),
+            )
 
     def _on_accepted(self, event: evt.Event) -> None:
         with self._lock:
@@ -598,7 +685,6 @@ class StorageSCP:
         association is reported when it is released or aborted (pynetdicom triggers one
         of them), one that was not accepted when its connection closes."""
         assoc = event.assoc
-        self.tracker.release(id(assoc))
         self.slots.give_back(assoc)
         ended = {evt.EVT_RELEASED: "released", evt.EVT_ABORTED: "aborted"}.get(event.event)
         with self._lock:
@@ -609,7 +695,14 @@ class StorageSCP:
             if ended is None and state.accepted:
                 return  # the connection closed first; released or aborted follows
             del self._open[id(assoc)]
+        self._release_series(state)
         self._closed(state, ended or "closed")
+
+    def _release_series(self, state: _OpenAssociation) -> None:
+        """The association no longer holds its series open, once the instances it
+        stored are recorded (completeness must not run ahead of their rows)."""
+        key = state.key
+        self.recorder.after_recorded(lambda: self.tracker.release(key))
 
     def _closed(self, state: _OpenAssociation, ended: str) -> None:
         """Report one association that ended: the log line and ``on_closed``."""
