@@ -4,9 +4,9 @@
 #   ./run.sh demo    end-to-end demo on the embedded default
 #   ./run.sh test    the whole test suite (ruff, import-linter, pytest)
 #
-# As root it installs the Debian packages it needs (dcmtk, orthanc, dicom3tools,
-# python3-venv); otherwise it says which are missing. The virtualenv is .venv, with the
-# CPU build of torch installed first so no resolver swaps in a multi-GB CUDA build
+# As root it installs the Debian packages it needs (dcmtk, orthanc, orthanc-dicomweb,
+# dicom3tools, python3-venv); otherwise it says which are missing. The virtualenv is .venv,
+# with the CPU build of torch installed first so no resolver swaps in a multi-GB CUDA build
 # (set TORCH_INDEX_URL to take torch from another index, e.g. PyTorch's CPU index).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,6 +24,8 @@ missing_debian_packages() {
   local missing=()
   command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
   { command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]; } || missing+=(orthanc)
+  # Orthanc's DICOMweb plugin: the tests' QIDO-RS / WADO-RS source
+  [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
   command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3.11-venv)

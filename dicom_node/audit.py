@@ -82,6 +82,8 @@ class Action(StrEnum):
     NODE_STARTED = "node_started"
     RULES_RELOADED = "rules_reloaded"
     DICOM_ASSOCIATION = "dicom_association"
+    SOURCE_SEARCHED = "source_searched"
+    RETRIEVE_REQUESTED = "retrieve_requested"
 
 
 class Outcome(StrEnum):
@@ -136,17 +138,20 @@ def record(
     study_uid: str | None = None,
     detail: dict[str, Any] | None = None,
     patient_names: bool = False,
+    patient_id: str | None = None,
 ) -> None:
     """Append one audit record in its own transaction and log it (UIDs only).
 
     ``study_uid`` names the study the record is about; its patient ID (and, with
     ``patient_names`` = the ``log_patient_names`` setting, the patient name) is copied
-    from the studies table. Raises ``ValueError`` for an action or outcome outside the
+    from the studies table. ``patient_id`` names the patient where no study row does (a
+    source searched by patient ID). Raises ``ValueError`` for an action or outcome outside the
     vocabulary; database errors propagate (an action that cannot be audited fails).
     """
     action, outcome = Action(action), Outcome(outcome)
     with db.session() as s:
-        patient_id, patient_name = _subject(s, study_uid)
+        study_patient_id, patient_name = _subject(s, study_uid)
+        patient_id = study_patient_id or patient_id
         s.add(
             AuditRecord(
                 at=utcnow(),

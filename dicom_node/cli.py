@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from dicom_node import retrieve_cli
 from dicom_node.rules import RulesError
 from dicom_node.web.users import ROLES
 from inference.registry import RegistryError
@@ -585,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--study-uid", help="only records about this study")
     export.add_argument("--patient-id", help="only records about this patient")
     export.set_defaults(func=_audit_export)
+
+    retrieve_cli.add_parser(sub, _user_db)
     return parser
 
 

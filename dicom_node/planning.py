@@ -22,9 +22,9 @@ the study settles (``study_timeout_s``) and then runs with what is there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dicom_node.phases import PhaseResult
 from dicom_node.rules import RoutingDecision, RuleSet
@@ -129,11 +129,21 @@ def _float(value: Any) -> float | None:
 ImageLookup = Callable[[str], "dict[str, Any] | None"]
 
 
+class NamedPipelines(Protocol):
+    """Pipelines named for a whole study (a retrieve request,
+    ``dicom_node.retrieve.NamedPipelines``), replacing the rules' choice."""
+
+    pipelines: Sequence[str]
+
+    def describe(self) -> str: ...
+
+
 def plan_study(
     rules: RuleSet,
     study_series: dict[str, dict[str, Any]],
     target_spacing_mm: Callable[[str], float | None] | None = None,
     image: ImageLookup | None = None,
+    named: NamedPipelines | None = None,
 ) -> tuple[dict[str, SeriesPlan], dict[str, PipelinePlan]]:
     """Classify, decide and resolve pipelines for the complete series of one study.
 
@@ -144,6 +154,9 @@ def plan_study(
     image evidence of a series (see ``PhaseClassifier.classify_study``) or None when none
     was asked for yet; series that want it and have none are ``image_missing`` and wait,
     unknown, for it. Without ``image`` the phases come from the tags alone.
+    ``named``: pipelines a retrieve request named for this study; every series the rules
+    do not discard may feed them (still only through their input phases), and they
+    replace the pipelines the rules chose (forwards and discards stay the rules').
     """
     phases = rules.classifier.classify_study(study_series)
     missing: set[str] = set()
@@ -161,6 +174,9 @@ def plan_study(
     requested: list[str] = []
     for uid, attrs in study_series.items():
         decision = rules.decide(series_attributes(attrs, phases[uid]))
+        if named is not None and not decision.discard:
+            decision.pipelines = [p for p in named.pipelines if p in rules.pipelines]
+            decision.named_by = named.describe()
         series_plans[uid] = SeriesPlan(
             series_uid=uid,
             study_uid=str(attrs.get("StudyInstanceUID", "")),

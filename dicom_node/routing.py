@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Event, Instance, Job, Series, Study, utcnow
 from db.session import Database
-from dicom_node import image_evidence, records, series_attrs
+from dicom_node import image_evidence, records, retrieve, series_attrs
 from dicom_node.planning import PipelinePlan, SeriesPlan, plan_study
 from dicom_node.rules import RoutingDecision, RuleSet
 from dicom_node.series_attrs import InstanceRow
@@ -96,6 +96,7 @@ class Router:
             self._complete_series(s, study),
             self.target_spacing_mm,
             lambda uid: image_evidence.lookup_in(s, uid),
+            retrieve.named_pipelines(s, study.study_uid),
         )
         evidence = ruleset.spec.phases.image_evidence
         for plan in series_plans.values():

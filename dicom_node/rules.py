@@ -76,13 +76,22 @@ class RoutingDecision:
     discard: bool = False
     priority: str = "normal"
     rule_failures: list[tuple[str, str]] = field(default_factory=list)
+    # Set when a retrieve request named the pipelines of this study (they replace the
+    # rules' choice): the words the routing event starts with.
+    named_by: str | None = None
 
     @property
     def not_matched(self) -> list[str]:
         return [f"{rule}: {failure}" for rule, failure in self.rule_failures]
 
     def summary(self) -> str:
-        """One line for the event log: the matched rules' reasons, or why none matched."""
+        """One line for the event log: the matched rules' reasons, or why none matched
+        (after the retrieve request that named the pipelines, if one did)."""
+        if self.named_by:
+            return f"{self.named_by}; {self._rules_summary()}"
+        return self._rules_summary()
+
+    def _rules_summary(self) -> str:
         if self.matched_rules:
             return "; ".join(self.reasons)
         if not self.not_matched:

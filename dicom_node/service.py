@@ -18,13 +18,14 @@ from sqlalchemy import func, select
 from db.migrate import upgrade
 from db.models import Instance
 from db.session import Database
-from dicom_node import audit
+from dicom_node import audit, retrieve
 from dicom_node.assembler import Assembler, AssociationTracker
 from dicom_node.dispatch import Dispatcher
 from dicom_node.echo import EchoAnswer
 from dicom_node.health import EchoLoop, echo_destination
 from dicom_node.instance import CorruptDatasetError, parse_header
 from dicom_node.records import Origin, SeriesConflictError, record_instance
+from dicom_node.retriever import Retriever
 from dicom_node.routing import Router
 from dicom_node.rules_holder import RulesHolder
 from dicom_node.scp import StorageSCP
@@ -65,6 +66,7 @@ class Node:
         self.grpc_server = None  # dicom_node.grpc_api.server.GrpcServer when grpc.enabled
         self.grpc_port: int | None = None
         self.workers: list[LocalWorker] = []
+        self.retriever: Retriever | None = None
 
     # -- start -------------------------------------------------------------------------
     def start(self) -> Node:
@@ -110,7 +112,24 @@ class Node:
         if self.grpc_server is not None:
             self.grpc_server.start(self.view())
         self.scp.start()
+        self._start_retriever()
         return self
+
+    def _start_retriever(self) -> None:
+        """With ``sources``: the retrieval loop (``dicom_node.retriever``), after the
+        listener, which a C-MOVE stores to; requests a stop interrupted go again."""
+        if not self.settings.sources:
+            return
+        again = retrieve.requeue_interrupted(self.db)
+        if again:
+            log.warning("%d retrieve requests interrupted by the last stop are asked again", again)
+        self.retriever = Retriever(self.db, self.settings, self.spool, self.tracker)
+        self._spawn("retriever", self.retriever.run_forever, self.stop_event, daemon=True)
+
+    def wake_retriever(self) -> None:
+        """A new retrieve request: the loop looks now instead of at its next poll."""
+        if self.retriever is not None:
+            self.retriever.wake.set()
 
     def _start_audit(self) -> None:
         """Record this start (version, settings digest, rules file digest) in the audit
@@ -182,6 +201,7 @@ class Node:
             wake_dispatcher=self.dispatcher.wake.set,
             echo_destination=self.echo,
             target_spacing_mm=self.pipeline_spacing_mm,
+            wake_retriever=self.wake_retriever,
         )
 
     def echo(self, name: str, requested_by: str | None = None) -> EchoAnswer:

@@ -45,6 +45,8 @@ class ServiceView:
     target_spacing_mm
         Pipeline name -> the slice spacing its first model works at, as the live router
         prefers among candidate inputs (the rules page's dry run plans the same way).
+    wake_retriever
+        Ask the retrieval loop to look for new retrieve requests now. None: not available.
     """
 
     settings: NodeSettings
@@ -59,3 +61,4 @@ class ServiceView:
     wake_dispatcher: Callable[[], None]
     echo_destination: Callable[[str, str | None], EchoAnswer] | None = None
     target_spacing_mm: Callable[[str], float | None] | None = None
+    wake_retriever: Callable[[], None] | None = None

@@ -94,6 +94,31 @@ class DestinationState(StrEnum):
     UNKNOWN = "unknown"
 
 
+class RetrieveState(StrEnum):
+    """Where a retrieve request (``retrieve_requests.state``) stands; moved only by
+    ``dicom_node.retrieve``.
+
+    REQUESTED: waits for the node's retrieval loop. QUERYING: the source is asked which
+    study it is (C-FIND / QIDO-RS). RETRIEVING: instances are coming (C-MOVE, C-GET,
+    WADO-RS). RECEIVED: the source finished and every instance it sent was stored; routing
+    takes it from there. FAILED: with the reason (unknown study, refused move, source
+    unreachable, instances that failed).
+    """
+
+    REQUESTED = "requested"
+    QUERYING = "querying"
+    RETRIEVING = "retrieving"
+    RECEIVED = "received"
+    FAILED = "failed"
+
+
+ACTIVE_RETRIEVE_STATES = (
+    RetrieveState.REQUESTED,
+    RetrieveState.QUERYING,
+    RetrieveState.RETRIEVING,
+)
+
+
 class OutboxKind(StrEnum):
     """What an outbox row carries: a RESULT the node made, or a FORWARDed original."""
 
@@ -173,6 +198,8 @@ class EventKind(StrEnum):
     SENT, SEND_RETRY, SEND_FAILED, RESEND, COMMITTED, COMMIT_FAILED. Destinations:
     DESTINATION_DOWN (sends or the periodic C-ECHO stopped getting answers),
     DESTINATION_UP (it answers again). Rules file: RULES_RELOADED, RULES_RELOAD_FAILED.
+    Retrieval: RETRIEVE_STARTED (a source sends a study asked for), RETRIEVE_RECEIVED,
+    RETRIEVE_FAILED (with the reason).
     """
 
     STUDY_RECEIVED = "study_received"
@@ -216,6 +243,9 @@ class EventKind(StrEnum):
     DESTINATION_UP = "destination_up"
     RULES_RELOADED = "rules_reloaded"
     RULES_RELOAD_FAILED = "rules_reload_failed"
+    RETRIEVE_STARTED = "retrieve_started"
+    RETRIEVE_RECEIVED = "retrieve_received"
+    RETRIEVE_FAILED = "retrieve_failed"
 
 
 class DeliveryStatus(StrEnum):

@@ -29,6 +29,7 @@ SAMPLES = {
     "name": "no-such-destination",
     "username": "no-such-user",
     "pipeline": "no-such-pipeline",
+    "retrieve_id": "987654",
 }
 ACTIONS = {"/api/jobs/{job_id}/{action}": "retry", "/api/users/{username}/{action}": "unlock"}
 

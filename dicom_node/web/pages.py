@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from dicom_node import audit
+from dicom_node import audit, sources
 from dicom_node.web import admin_api, api, queries, users
 from dicom_node.web.auth import (
     COOKIE,
@@ -185,6 +185,9 @@ def studies_page(
         date=date,
         status=status,
         statuses=queries.STUDY_FILTERS,
+        retrieve_sources=[
+            sources.source_dict(x) for x in request.app.state.service.settings.sources
+        ],
     )
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Dispatch, Event, Instance, Job, Result, Series, Study
 from dicom_node import health as destination_health
+from dicom_node import retrieve
 from dicom_node import status as statuses
 from dicom_node.web import timeline
 from dicom_node.web.display import study_heading
@@ -382,6 +383,9 @@ def study_detail(s: Session, study_uid: str, viewer: Viewer) -> dict[str, Any] |
             for d, state_, n, err in forwards
         ],
         "events": [event_dict(e, names) for e in events],
+        "retrievals": [
+            retrieve.as_dict(r, viewer.sees_patient_ids) for r in retrieve.of_study(s, study_uid)
+        ],
     }
 
 
