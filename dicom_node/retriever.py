@@ -123,6 +123,8 @@ class Retriever:
             )
             return RetrieveState.FAILED
         study = found[0]
+        if stop.is_set():  # the listener a C-MOVE stores to is closing: next start
+            return None
         carrier = object()  # the retrieval's id in the completeness tracker
         try:
             return self._retrieve(row, client, study, id(carrier), stop)
