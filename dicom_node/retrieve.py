@@ -396,11 +396,12 @@ class NamedPipelines:
 
 
 def named_pipelines(s: Session, study_uid: str) -> NamedPipelines | None:
-    """The pipelines the study's latest retrieve request names, or None (no request, or
-    it left the choice to the routing rules)."""
+    """The pipelines the study's latest retrieval names, or None (never retrieved, or the
+    choice left to the routing rules). Only requests that began retrieving count: one
+    that failed before (study not found, source down) brought nothing to route."""
     row = s.execute(
         select(RetrieveRequest.id, RetrieveRequest.pipelines)
-        .where(RetrieveRequest.study_uid == study_uid)
+        .where(RetrieveRequest.study_uid == study_uid, RetrieveRequest.method.is_not(None))
         .order_by(RetrieveRequest.id.desc())
         .limit(1)
     ).first()

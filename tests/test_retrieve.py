@@ -343,3 +343,23 @@ def test_a_request_interrupted_by_a_stop_is_asked_again(db):
         assert s.get(RetrieveRequest, request_id).state == RetrieveState.REQUESTED
         named = retrieve.named_pipelines(s, "1.2.3")
     assert named is None
+
+
+def test_only_a_retrieval_that_began_names_the_pipelines_of_its_study(db):
+    uid = "1.2.826.0.1.3680043.10.543.1"
+    failed = retrieve.create(db, "pacs", retrieve.parse_query(study_uid=uid), ["tumor"], "ada")
+    retrieve.claim_next(db)
+    retrieve.fail(db, failed, "source pacs: no association")
+    with db.session() as s:
+        assert retrieve.named_pipelines(s, uid) is None  # nothing came of it
+    began = retrieve.create(db, "pacs", retrieve.parse_query(study_uid=uid), ["vessel"], "ada")
+    retrieve.claim_next(db)
+    retrieve.start_retrieving(
+        db, began, study_uid=uid, method="C-MOVE", expected=3, detail={}, message="moving"
+    )
+    with db.session() as s:
+        named = retrieve.named_pipelines(s, uid)
+    assert (named.request_id, named.pipelines) == (began, ("vessel",))
+    assert named.describe() == (
+        f"retrieve request #{began} names pipelines vessel (instead of the rules' choice)"
+    )
