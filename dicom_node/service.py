@@ -76,6 +76,9 @@ class Node:
         self.db = Database(s.db_url)
         self.spool = Spool(s.spool_dir, s.min_free_bytes, fsync=s.spool_fsync)
         self.registry = load_registry(s.models_file)
+        # Before any loop runs: embedded workers asked for where torch is missing (the
+        # dicom-node image) stop the start here, as a settings error, naming the fix.
+        self.worker_devices = self._worker_devices()
         self.rules = RulesHolder(
             s.rules_file,
             self.db,
@@ -152,6 +155,14 @@ class Node:
             forwarder = audit.SyslogForwarder(self.db, s.audit.syslog)
             self._spawn("audit-syslog", forwarder.run_forever, self.stop_event, daemon=True)
 
+    def _worker_devices(self) -> list[str]:
+        """The devices of embedded workers (none with Celery or ``worker.enabled: false``);
+        counted without importing torch here (``inference.gpu.worker_devices``)."""
+        w = self.settings.worker
+        if w.broker_url or not w.enabled:
+            return []
+        return worker_devices(w.device, w.devices)
+
     def _start_workers(self) -> None:
         """Embedded: one worker thread (+ warm child) per device; Celery: publish only."""
         w = self.settings.worker
@@ -162,7 +173,7 @@ class Node:
             self.celery = make_app(self.settings)
             publish = publisher(self.celery, w.celery_queue)
         elif w.enabled:
-            for device in worker_devices(w.device, w.devices):
+            for device in self.worker_devices:
                 admission = Admission(device, self.pipeline, self.registry)
                 worker = LocalWorker(self.db, self.settings, device, admission)
                 self.workers.append(worker)

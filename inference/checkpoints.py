@@ -20,6 +20,7 @@ Three defences, each on its own:
 
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import collections
 import hashlib
@@ -161,6 +162,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 2 (torch.save's) writes Python 2 names (__builtin__.set): read them as
+        # the default find_class does.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = _safe_global(f"{module}.{name}")
         if found is None:
             raise CheckpointError(

@@ -20,14 +20,16 @@ from collections.abc import Callable
 from db.models import Job
 from inference.registry import ModelRegistry
 from kernel.catalog import PipelineSpec
+from kernel.settings import ConfigError
 
 log = logging.getLogger("inference.gpu")
 
 FreeMemoryProbe = Callable[[str], "int | None"]
 
 
-class WorkerUnavailableError(RuntimeError):
-    """Workers are asked for where they cannot run (no torch here); says what to do."""
+class WorkerUnavailableError(ConfigError):
+    """Workers are asked for where they cannot run (no torch here); says what to do. A
+    settings error: the command line prints it and exits, like any invalid setting."""
 
 
 # Run in a child process: the CUDA devices torch sees (CUDA_VISIBLE_DEVICES applies).
@@ -110,8 +112,13 @@ def free_memory_mb(device: str) -> int | None:
             return int(proc.stdout.strip().splitlines()[0])
         except (subprocess.SubprocessError, ValueError, IndexError):
             pass
-    log.warning("free memory of %s unknown (no NVML, no nvidia-smi): not checked", device)
+    if device not in _UNKNOWN_MEMORY:
+        _UNKNOWN_MEMORY.add(device)
+        log.warning("free memory of %s unknown (no NVML, no nvidia-smi): not checked", device)
     return None
+
+
+_UNKNOWN_MEMORY: set[str] = set()  # devices already warned about
 
 
 class Admission:

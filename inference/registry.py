@@ -225,6 +225,7 @@ def _check_model_folder(spec: ModelSpec) -> None:
             f"{where}: {len(spec.channels)} channels declared ({spec.channels}) but the model "
             f"takes {len(channels)}"
         )
+    _check_plans_classes(spec, spec.folder / "plans.json")
     _check_checkpoints(spec, base=spec.folder, require_pins=True)
     expected = len(nn_labels) + 1
     for ckpt in spec.checkpoint_files():
@@ -234,6 +235,36 @@ def _check_model_folder(spec: ModelSpec) -> None:
                 f"{where}: checkpoint {ckpt} predicts {outputs} classes but dataset.json "
                 f"declares {expected} (background included)"
             )
+
+
+# nnU-Net builds a network by importing and calling the classes plans.json names (the
+# architecture and the arguments listed in _kw_requires_import): plans.json is code too.
+# Only nnU-Net's own architectures and torch's layers are accepted.
+PLANS_CLASS_PREFIXES = ("dynamic_network_architectures.", "torch.nn.")
+
+
+def _check_plans_classes(spec: ModelSpec, plans_path: Path) -> None:
+    """Refuse a plans.json that names a class outside ``PLANS_CLASS_PREFIXES``."""
+    try:
+        plans = json.loads(plans_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"model {spec.id!r}: {plans_path} cannot be read: {exc}") from None
+    for name, config in (plans.get("configurations") or {}).items():
+        arch = config.get("architecture") if isinstance(config, dict) else None
+        if not isinstance(arch, dict):  # nnU-Net < 2.4 plans name no import path
+            continue
+        kwargs = arch.get("arch_kwargs") or {}
+        named = [arch.get("network_class_name")]
+        named += [kwargs.get(key) for key in arch.get("_kw_requires_import") or []]
+        for cls in named:
+            if cls is not None and not (
+                isinstance(cls, str) and cls.startswith(PLANS_CLASS_PREFIXES)
+            ):
+                raise RegistryError(
+                    f"model {spec.id!r}: {plans_path} configuration {name} names {cls!r}, "
+                    "which is not one of nnU-Net's architectures or torch's layers (nnU-Net "
+                    "imports and calls what plans.json names): refused"
+                )
 
 
 def _check_checkpoints(spec: ModelSpec, base: Path, *, require_pins: bool) -> None:
@@ -288,6 +319,7 @@ def _check_totalseg(spec: ModelSpec) -> ModelSpec:
     # when given (paths relative to the weights directory), not required.
     for folder in folders:
         part = spec.model_copy(update={"folder": folder})
+        _check_plans_classes(part, folder / "plans.json")
         _check_checkpoints(part, base, require_pins=False)
         for ckpt in part.checkpoint_files():
             checkpoint_outputs(ckpt)  # refuses a checkpoint that names code to run
