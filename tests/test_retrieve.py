@@ -24,7 +24,7 @@ from db.models import AuditRecord, Event, Instance, Job, RetrieveRequest, Series
 from devkit.net import free_port
 from devkit.orthanc import OrthancServer
 from devkit.synth import generate_study
-from dicom_node import retrieve
+from dicom_node import retrieve, sources
 from dicom_node.service import Node
 from kernel.vocabulary import EventKind, RetrieveState
 from tests.conftest import node_settings, wait_until
@@ -319,8 +319,8 @@ def test_searching_a_source_is_for_operators_and_audited_with_the_patient_id(sit
     assert all(x["patient_id"] == "P-TWIN" and x["instance_count"] == 12 for x in found)
     r = client.get("/api/sources/pacs/studies?patient_id=P-TWIN", headers=site["viewer"])
     assert r.status_code == 403
-    sources = client.get("/api/sources", headers=site["viewer"]).json()["sources"]
-    assert [x["name"] for x in sources] == ["pacs", "pacs-get", "pacs-unregistered", "web"]
+    listed = client.get("/api/sources", headers=site["viewer"]).json()["sources"]
+    assert [x["name"] for x in listed] == ["pacs", "pacs-get", "pacs-unregistered", "web"]
     with node.db.session() as s:
         record = s.scalars(
             select(AuditRecord)
@@ -363,3 +363,30 @@ def test_only_a_retrieval_that_began_names_the_pipelines_of_its_study(db):
     assert named.describe() == (
         f"retrieve request #{began} names pipelines vessel (instead of the rules' choice)"
     )
+
+
+def test_source_credentials_are_never_shown(tmp_path):
+    from dicom_node.web.admin_api import settings_view
+    from kernel.settings import load_settings
+
+    settings = load_settings(
+        None,
+        data_dir=tmp_path,
+        sources=[
+            {
+                "kind": "dicomweb",
+                "name": "vna",
+                "url": "https://vna.example/dicom-web/",
+                "auth": {"type": "basic", "username": "node", "password": "s3cret-pw"},
+            },
+            {
+                "kind": "dicomweb",
+                "name": "cloud",
+                "url": "https://cloud.example/dicomweb",
+                "auth": {"type": "bearer", "token": "tok-123"},
+            },
+        ],
+    )
+    shown = str(settings_view(settings)) + str([sources.source_dict(x) for x in settings.sources])
+    assert "s3cret-pw" not in shown and "tok-123" not in shown
+    assert settings.source("vna").url == "https://vna.example/dicom-web"  # no trailing /
