@@ -52,7 +52,7 @@ project="dicomnode-smoke-$$"
 orthanc_pid=""
 cold_cid=""
 cleanup() {
-  [ -n "$cold_cid" ] && docker rm -f "$cold_cid" >/dev/null 2>&1
+  [ -n "$cold_cid" ] && docker rm -f -v "$cold_cid" >/dev/null 2>&1
   "${COMPOSE[@]}" -p "$project" -f docker/compose.yaml -f "$work/smoke.yaml" down -v -t 30 >/dev/null 2>&1
   [ -n "$orthanc_pid" ] && kill "$orthanc_pid" 2>/dev/null && wait "$orthanc_pid" 2>/dev/null
   rm -rf "$work"
@@ -76,7 +76,7 @@ t0=$(date +%s.%N)
 docker stop -t 30 "$cold_cid" >/dev/null
 stop_s=$(python3 -c "import time; print(f'{time.time() - $t0:.2f}')")
 code=$(docker inspect -f '{{.State.ExitCode}}' "$cold_cid")
-docker rm "$cold_cid" >/dev/null && cold_cid=""
+docker rm -v "$cold_cid" >/dev/null && cold_cid=""
 [ "$code" = 0 ] || fail "the node exited $code on SIGTERM"
 
 # --- 2. Orthanc on the host: the PACS ------------------------------------------------------
