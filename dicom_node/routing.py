@@ -88,9 +88,8 @@ class Router:
         return out
 
     def _plan(
-        self, s: Session, study: Study
+        self, s: Session, study: Study, ruleset: RuleSet
     ) -> tuple[dict[str, SeriesPlan], dict[str, PipelinePlan]]:
-        ruleset = self.rules()
         series_plans, pipeline_plans = plan_study(
             ruleset,
             self._complete_series(s, study),
@@ -117,10 +116,13 @@ class Router:
     # -- events ----------------------------------------------------------------------
     def route_series(self, series_uid: str) -> RoutingDecision:
         """A series completed: classify the study, act on this series, fire pipelines."""
+        # Rules are read before the write transaction opens: a reload records an event in
+        # its own session, which SQLite would make wait on this one's lock.
+        ruleset = self.rules()
         with self.db.session() as s:
             series = s.scalars(select(Series).where(Series.series_uid == series_uid)).one()
             study = series.study
-            series_plans, pipeline_plans = self._plan(s, study)
+            series_plans, pipeline_plans = self._plan(s, study, ruleset)
             plan = series_plans[series_uid]
             decision = plan.decision
             records.mark_routed(series)
@@ -168,7 +170,7 @@ class Router:
                     EventKind.SERIES_INCOMPLETE,
                     "; ".join(plan.incomplete)
                     + f": its pipelines wait until the study settles "
-                    f"({self.rules().spec.study_timeout_s:g} s without new instances)",
+                    f"({ruleset.spec.study_timeout_s:g} s without new instances)",
                     level=EventLevel.WARNING,
                     study_uid=study.study_uid,
                     series_uid=series_uid,
@@ -188,7 +190,7 @@ class Router:
                     )
             for pipeline_plan in pipeline_plans.values():
                 if pipeline_plan.ready:
-                    self._fire(s, study, pipeline_plan, series_plans)
+                    self._fire(s, study, pipeline_plan, series_plans, ruleset)
         return decision
 
     def poll_image_evidence(self) -> list[str]:
@@ -225,11 +227,11 @@ class Router:
                     )
                 ).first():
                     continue  # still receiving: the assembler completes it first
-                series_plans, pipeline_plans = self._plan(s, study)
+                series_plans, pipeline_plans = self._plan(s, study, ruleset)
                 notes = []
                 for plan in pipeline_plans.values():
                     if plan.runnable:
-                        self._fire(s, study, plan, series_plans)
+                        self._fire(s, study, plan, series_plans, ruleset)
                     else:
                         notes.append(f"{plan.pipeline} did not run: {plan.explain()}")
                         add_event(
@@ -256,6 +258,7 @@ class Router:
         study: Study,
         plan: PipelinePlan,
         series_plans: dict[str, SeriesPlan],
+        ruleset: RuleSet,
     ) -> Job | None:
         """Queue the pipeline once per study and input set (again if an input changed)."""
         inputs_completed = max(
@@ -263,7 +266,7 @@ class Router:
                 select(Series.completed_at).where(Series.series_uid.in_(plan.inputs.values()))
             )
         )
-        spec = self.rules().pipelines[plan.pipeline]
+        spec = ruleset.pipelines[plan.pipeline]
         urgent = any(
             series_plans[uid].decision.priority == Priority.URGENT
             for uid in plan.inputs.values()
