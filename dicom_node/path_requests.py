@@ -99,11 +99,13 @@ class Caller:
 
 @dataclass(frozen=True)
 class JobAnswer:
-    """A path API job as its caller sees it: its state and, once done, the mask path."""
+    """A path API job as its caller sees it: its state and, once done, the mask path
+    (and the probability NIfTI's path when the pipeline writes one)."""
 
     job_id: int
     state: JobState
     mask_path: str | None = None
+    probabilities_path: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -122,6 +124,7 @@ class JobStatus:
     progress: float
     mask_path: str | None
     error: PathRequestError | None
+    probabilities_path: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -299,7 +302,9 @@ def job_status(view: ServiceView, job_id: int) -> JobStatus:
             raise PathRequestError(Problem.NO_JOB, f"job {job_id} is not a path API job")
         state, summary, error = JobState(job.state), job.summary or {}, job.last_error or ""
         attempts, max_attempts, progress = job.attempts, job.max_attempts, job.progress
-    mask = summary.get("mask_path") if state == JobState.DONE else None
+    done = state == JobState.DONE
+    mask = summary.get("mask_path") if done else None
+    probabilities = summary.get("probabilities_path") if done else None
     return JobStatus(
         job_id,
         state,
@@ -308,6 +313,7 @@ def job_status(view: ServiceView, job_id: int) -> JobStatus:
         float(progress or 0.0),
         str(mask) if mask is not None else None,
         _ending(job_id, state, summary, error),
+        str(probabilities) if probabilities is not None else None,
     )
 
 
@@ -318,7 +324,7 @@ def job_answer(view: ServiceView, job_id: int) -> JobAnswer:
     status = job_status(view, job_id)
     if status.error is not None:
         raise status.error
-    return JobAnswer(job_id, status.state, status.mask_path)
+    return JobAnswer(job_id, status.state, status.mask_path, status.probabilities_path)
 
 
 def wait_for(

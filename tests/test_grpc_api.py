@@ -13,8 +13,10 @@ from pathlib import Path
 
 import grpc
 import httpx
+import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from google.protobuf import descriptor_pb2
 from sqlalchemy import func, select
@@ -66,7 +68,13 @@ def test_grpc_tumor_gives_the_http_mask_and_its_status_stream_ends_in_done(
     tmp_path: Path, start_node
 ) -> None:
     grpc_port = free_port()
+    # The shipped rules, with the tumour pipeline also writing its probability NIfTI.
+    rules = yaml.safe_load(SHIPPED["rules_file"].read_text(encoding="utf-8"))
+    rules["pipelines"]["tumor"]["probabilities"] = ["nifti"]
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(rules, allow_unicode=True), encoding="utf-8")
     node = start_node(
+        rules_file=rules_file,
         path_api={"allowed_roots": [tmp_path]},
         grpc={"enabled": True, "host": "127.0.0.1", "port": grpc_port},
     )
@@ -88,8 +96,10 @@ def test_grpc_tumor_gives_the_http_mask_and_its_status_stream_ends_in_done(
         assert len(states) == len(set(zip(states, [m.attempts for m in stream], strict=True)))
         watched = stream[-1]
         assert watched.mask_path and watched.error == "" and watched.error_code == ""
+        assert watched.probabilities_path
         got = stub.GetJob(pb2.JobRequest(job_id=queued.job_id), metadata=auth)
         assert (got.state, got.mask_path) == ("done", watched.mask_path)
+        assert got.probabilities_path == watched.probabilities_path
         # Waiting for the mask in the call itself (the seed's way): a new job, a new mask.
         waited = stub.Tumor(pb2.TumorRequest(image_path=folder), metadata=auth, timeout=300)
         assert waited.state == "done" and waited.job_id != queued.job_id
@@ -100,6 +110,13 @@ def test_grpc_tumor_gives_the_http_mask_and_its_status_stream_ends_in_done(
     assert r.status_code == 200, r.text
     over_http = read_nifti(Path(r.json()["mask_path"]))
     assert np.count_nonzero(over_http.array == 2) > 0  # the phantom's tumour was found
+    # The probability map beside the mask: background + 2 labels on the mask's voxels,
+    # its argmax the label map wherever post-processing left the model's answer alone.
+    for path in (r.json()["probabilities_path"], watched.probabilities_path):
+        probabilities = np.asarray(nib.load(path).dataobj)  # x, y, z, channel
+        assert probabilities.shape == (*over_http.array.shape[::-1], 3)
+        argmax = np.transpose(np.argmax(probabilities, axis=3), (2, 1, 0))
+        assert np.mean(argmax == over_http.array) > 0.99
     for path in (watched.mask_path, waited.mask_path):
         over_grpc = read_nifti(Path(path))
         assert over_grpc.array.shape == over_http.array.shape

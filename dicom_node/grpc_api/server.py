@@ -107,9 +107,7 @@ class PathInferenceService(pb2_grpc.PathInferenceServicer):
         def handle() -> Any:
             view, _ = self._authorised(context, "GetJob")
             answer = path_requests.job_answer(view, _job_id(request))
-            return pb2.MaskReply(
-                job_id=answer.job_id, state=answer.state, mask_path=answer.mask_path or ""
-            )
+            return _mask_reply(answer)
 
         return self._answer(handle, context)
 
@@ -131,6 +129,7 @@ class PathInferenceService(pb2_grpc.PathInferenceServicer):
                     max_attempts=status.max_attempts,
                     progress=status.progress,
                     mask_path=status.mask_path or "",
+                    probabilities_path=status.probabilities_path or "",
                     error_code=GRPC_CODE[error.problem].name if error else "",
                     error=error.message if error else "",
                 )
@@ -158,9 +157,7 @@ class PathInferenceService(pb2_grpc.PathInferenceServicer):
                 wait_s,
                 keep_waiting=lambda: context.is_active() and not self.stopping.is_set(),
             )
-            return pb2.MaskReply(
-                job_id=job_id, state=answer.state, mask_path=answer.mask_path or ""
-            )
+            return _mask_reply(answer)
 
         return self._answer(handle, context)
 
@@ -182,6 +179,16 @@ class PathInferenceService(pb2_grpc.PathInferenceServicer):
         except PathRequestError as exc:
             context.abort(GRPC_CODE[exc.problem], exc.message)
             raise  # abort raises; this line only satisfies type checkers
+
+
+def _mask_reply(answer: path_requests.JobAnswer) -> Any:
+    """``MaskReply`` for an answer (proto3: an unset path is the empty string)."""
+    return pb2.MaskReply(
+        job_id=answer.job_id,
+        state=answer.state,
+        mask_path=answer.mask_path or "",
+        probabilities_path=answer.probabilities_path or "",
+    )
 
 
 def _job_id(request: Any) -> int:

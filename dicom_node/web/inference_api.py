@@ -82,6 +82,15 @@ def models(request: Request, _: Principal = Depends(require_viewer)) -> dict[str
     }
 
 
+def _done(answer: path_requests.JobAnswer) -> dict[str, Any]:
+    """A finished job's answer: the mask path, and the probability map's path when the
+    pipeline writes one (``probabilities: [nifti]``)."""
+    out: dict[str, Any] = {"mask_path": answer.mask_path, "job_id": answer.job_id}
+    if answer.probabilities_path is not None:
+        out["probabilities_path"] = answer.probabilities_path
+    return out
+
+
 @router.post("/inference/{pipeline}")
 async def run_pipeline(
     pipeline: Annotated[str, Path(min_length=1, max_length=64)],
@@ -106,7 +115,7 @@ async def run_pipeline(
         raise _http(exc) from None
     if not answer.finished:
         return JSONResponse({"job_id": job_id, "state": JobState.QUEUED}, status_code=202)
-    return {"mask_path": answer.mask_path, "job_id": job_id}
+    return _done(answer)
 
 
 @router.get("/inference/jobs/{job_id}")
@@ -124,4 +133,4 @@ def job_state(
         raise _http(exc) from None
     if not answer.finished:
         return JSONResponse({"job_id": job_id, "state": JobState.RUNNING}, status_code=202)
-    return {"mask_path": answer.mask_path, "job_id": job_id}
+    return _done(answer)
