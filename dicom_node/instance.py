@@ -5,6 +5,7 @@ attributes routing rules see."""
 from __future__ import annotations
 
 import io
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from inference.charsets import declared_value, decode_dataset
 from inference.stacks import slice_info
@@ -105,6 +107,49 @@ def _decoded_text(ds: pydicom.Dataset) -> pydicom.Dataset:
     return text
 
 
+# Every element ``parse_header`` reads (the rest is skipped, not converted).
+_HEADER_TAGS = [
+    *_TEXT_TAGS,
+    *(
+        pydicom.datadict.tag_for_keyword(k)
+        for k in (
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "SOPClassUID",
+            "InstanceNumber",
+            "SeriesNumber",
+            # inference.stacks.slice_info
+            "ImageType",
+            "ImageOrientationPatient",
+            "ImagePositionPatient",
+            "Rows",
+            "Columns",
+            "PixelSpacing",
+            "AcquisitionNumber",
+        )
+    ),
+]
+
+
+def _read_header(data: bytes) -> pydicom.Dataset:
+    """The elements of ``_HEADER_TAGS``, with every element of ``data`` checked to be
+    complete: an element that is read must hold its whole length (``_check_complete``),
+    and one that is skipped must end within the data (a skip past the end is a truncated
+    stream). A deflated data set is inflated and read whole."""
+    fp = io.BytesIO(data)
+    ds = pydicom.dcmread(fp, specific_tags=_HEADER_TAGS)
+    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    elif fp.tell() > len(data):
+        raise CorruptDatasetError(
+            f"the data set is truncated ({len(data)} bytes; its last element ends at "
+            f"byte {fp.tell()})"
+        )
+    _check_complete(ds)
+    return ds
+
+
 def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHeader:
     """Parse an encoded DICOM file (preamble + meta + dataset) without decoding pixels.
 
@@ -112,10 +157,10 @@ def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHe
     is not conformant are in ``uid_problems``). Raises ``CorruptDatasetError`` for a
     dataset that cannot be parsed, is truncated, lacks a usable Study / Series / SOP
     Instance / SOP Class UID, or whose SOP Instance UID differs from ``expected_sop_uid``.
+    Only the elements it returns are converted (~0.3 ms for a CT header).
     """
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        _check_complete(ds)
+        ds = _read_header(data)
         text = _decoded_text(ds)  # as its Specific Character Set says
         tsuid = str(ds.file_meta.TransferSyntaxUID)
         uids, problems = {}, []
@@ -148,7 +193,15 @@ def parse_header(data: bytes, expected_sop_uid: str | None = None) -> InstanceHe
         raise
     except InvalidUIDError as exc:
         raise CorruptDatasetError(str(exc)) from exc
-    except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError, TypeError) as exc:
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        TypeError,
+        zlib.error,
+    ) as exc:
         raise CorruptDatasetError(f"dataset cannot be parsed: {exc}") from exc
     if expected_sop_uid is not None and header.sop_uid != expected_sop_uid.strip("\x00 "):
         raise CorruptDatasetError(

@@ -93,8 +93,10 @@ NEGOTIATING_POLL_S = 0.02
 # message or an indication before it checks its timers (idle timeout) and its reader.
 READER_WAIT_S = 0.05
 REACTOR_WAIT_S = 0.05
-# How much one recv() asks the kernel for (pynetdicom's own loop reads 4 KiB at a time).
-_CHUNK_BYTES = 64 * 1024
+# How far ahead of the bytes read so far a PDU's buffer grows (the first recv_into asks
+# the kernel for up to this much; pynetdicom's own loop reads 4 KiB at a time). Growth
+# doubles from there, so a 512 KiB instance is read with a handful of system calls.
+_CHUNK_BYTES = 256 * 1024
 # A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value).
 _ABORT_SOURCE_PROVIDER, _ABORT_INVALID_PARAMETER = 0x02, 0x06
 # At most one "connection limit reached" line per this many seconds (a flood is one line).
@@ -201,27 +203,34 @@ class PduReader:
         return data
 
     def _read(self, nr_bytes: int) -> bytearray:
-        buf = bytearray()
-        while len(buf) < nr_bytes:
+        # Memory follows the bytes that arrive: the buffer starts at _CHUNK_BYTES and at
+        # most doubles what has been read (a declared length alone allocates no more).
+        buf = bytearray(min(nr_bytes, _CHUNK_BYTES))
+        got = 0
+        while got < nr_bytes:
             sock = self.assoc.dul.socket.socket
             if sock is None:
-                return buf
+                break
             timeout = (
                 self.limits.idle_timeout_s if self.requested else self.deadline - time.monotonic()
             )
+            if got == len(buf):
+                buf.extend(bytes(min(nr_bytes - got, max(got, _CHUNK_BYTES))))
             try:
                 if timeout <= 0:
                     raise TimeoutError
                 sock.settimeout(timeout)
-                chunk = sock.recv(min(_CHUNK_BYTES, nr_bytes - len(buf)))
+                with memoryview(buf) as view:
+                    count = sock.recv_into(view[got:])
             except TimeoutError:
-                self._expired(len(buf), nr_bytes)
-                return buf
+                self._expired(got, nr_bytes)
+                break
             except (OSError, ValueError):
-                return buf  # reset or closed: the DUL sees a short read (connection closed)
-            if not chunk:
-                return buf
-            buf += chunk
+                break  # reset or closed: the DUL sees a short read (connection closed)
+            if not count:
+                break
+            got += count
+        del buf[got:]
         return buf
 
     def _expired(self, got: int, wanted: int) -> None:
@@ -334,6 +343,7 @@ class Wakeups:
         os.set_blocking(self._read_fd, False)
         os.set_blocking(self._write_fd, False)
         self._closed = False
+        self._reader: int | None = None  # thread ident of the connection's reader
         self.gate = _ReactorGate()
 
     def install(self) -> None:
@@ -359,6 +369,7 @@ class Wakeups:
             return stop()
 
         def run() -> None:
+            self._reader = threading.get_ident()
             try:
                 type(dul).run(dul)
             finally:
@@ -369,6 +380,11 @@ class Wakeups:
         dul.run = run
 
     def wake_reader(self) -> None:
+        if threading.get_ident() == self._reader:
+            # Queued by the reader itself (e.g. a C-STORE-RSP): it looks at its queues
+            # before it waits again, and a byte in the pipe would only end that wait
+            # early, for nothing, and cost pynetdicom's 1 ms idle sleep on top.
+            return
         with self._lock:
             if not self._closed:
                 with contextlib.suppress(OSError):  # full pipe: it is awake anyway

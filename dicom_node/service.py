@@ -13,18 +13,14 @@ import signal
 import threading
 import time
 
-from sqlalchemy import func, select
-
 from db.migrate import upgrade
-from db.models import Instance
 from db.session import Database
 from dicom_node import audit, retrieve
 from dicom_node.assembler import Assembler, AssociationTracker
 from dicom_node.dispatch import Dispatcher
 from dicom_node.echo import EchoAnswer
 from dicom_node.health import EchoLoop, echo_destination
-from dicom_node.instance import CorruptDatasetError, parse_header
-from dicom_node.records import Origin, SeriesConflictError, record_instance
+from dicom_node.records import reindex_spool
 from dicom_node.retriever import Retriever
 from dicom_node.routing import Router
 from dicom_node.rules_holder import RulesHolder
@@ -268,26 +264,9 @@ class Node:
             log.info("web status page on http://%s:%d/", self.settings.web.host, self.web_port)
 
     def _reindex_spool(self) -> None:
-        """Index spooled files the database missed (a crash between fsync and commit)."""
-        with self.db.session() as session:
-            known = set(session.scalars(select(Instance.path)))
-            latest = session.scalar(select(func.max(Instance.received_at)))
-        cutoff = latest.timestamp() - 60 if latest else 0
-        added = 0
-        for path in self.spool.iter_files():
-            if str(path) in known or path.stat().st_mtime < cutoff:
-                continue
-            try:
-                header = parse_header(path.read_bytes())
-                record_instance(
-                    self.db, header, str(path), path.stat().st_size, Origin("", "", "")
-                )
-            except (CorruptDatasetError, SeriesConflictError) as exc:
-                log.error("spooled file %s left in place, not indexed: %s", path, exc)
-                continue
-            added += 1
-        if added:
-            log.warning("indexed %d spooled instances the database did not know", added)
+        """Index spooled files the database missed (a crash between the acknowledgement
+        and the recorder's batch): ``records.reindex_spool``."""
+        reindex_spool(self.db, self.spool)
 
     # -- stop --------------------------------------------------------------------------
     def stop(self) -> None:

@@ -7,33 +7,61 @@ the SCP answer success. A re-sent instance atomically replaces the earlier file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kernel.uids import require_uid
 
 Buffer = Any  # bytes, bytearray or memoryview (collections.abc.Buffer from Python 3.12)
+# Helper threads that write and sync staged files (each spends its time in the kernel).
+_STAGING_THREADS = 16
 
 
 class SpoolFullError(OSError):
     """Free space is below the watermark (or the disk is full): nothing was written."""
 
 
+@dataclass
+class Staged:
+    """An instance's bytes in a temporary file of the spool (``Spool.stage``)."""
+
+    tmp: Path
+    written: Future[None]
+
+
 class Spool:
-    def __init__(self, root: Path, min_free_bytes: int = 0, fsync: bool = True) -> None:
+    """``tmp_name``: the temporary folder under the spool (one per receiving process, so
+    that a process starting up removes only its own leftovers); ``clean``: remove
+    leftovers at once (never acknowledged: their senders resend them)."""
+
+    def __init__(
+        self,
+        root: Path,
+        min_free_bytes: int = 0,
+        fsync: bool = True,
+        tmp_name: str = ".incoming",
+        clean: bool = True,
+    ) -> None:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         # False only where a battery-backed write cache makes the OS cache durable.
         self.fsync = fsync
-        self.tmp_dir = self.root / ".incoming"
+        self.tmp_dir = self.root / tmp_name
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
-        self.remove_stale_temp_files()
+        self._helpers: ThreadPoolExecutor | None = None
+        self._helpers_lock = threading.Lock()
+        if clean:
+            self.remove_stale_temp_files()
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The final path of an instance; raises InvalidUIDError for a bad UID."""
@@ -66,36 +94,85 @@ class Spool:
         ``OSError`` when the file cannot be written (nothing is left under any name).
         """
         final = self.path_for(study_uid, series_uid, sop_uid)
-        parts = (
-            [memoryview(data)]
-            if isinstance(data, bytes | bytearray | memoryview)
-            else [memoryview(p) for p in data]
-        )
+        parts = _parts(data)
         self.check_space(sum(p.nbytes for p in parts))
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        tmp = self._temp_name()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                _write_all(fd, parts)
-                if self.fsync:
-                    os.fdatasync(fd)  # data + size; the dir fsync below covers the name
-            finally:
-                os.close(fd)
-            folder = final.parent
-            if folder not in self._known_dirs:
-                folder.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(folder.parent)
-                _fsync_dir(folder.parent.parent)
-                self._known_dirs.add(folder)
-            os.replace(tmp, final)
-            if self.fsync:
-                _fsync_dir(folder)
+            self._write_temp(tmp, parts)
+            self._place(tmp, final)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFullError(exc.errno, f"spool {self.root}: disk full") from exc
-            raise
+            raise self._failed(tmp, exc) from exc
         return final
+
+    def stage(self, data: bytes | Sequence[Buffer]) -> Staged:
+        """Start writing an instance whose header is still being read: its bytes go to a
+        temporary file and are synced in a helper thread (the fsync waits for the disk,
+        the caller reads the header meanwhile). ``commit`` gives it its final name once
+        the header is known, ``discard`` drops it. Raises ``SpoolFullError`` below the
+        watermark (nothing written)."""
+        parts = _parts(data)
+        self.check_space(sum(p.nbytes for p in parts))
+        tmp = self._temp_name()
+        if self._helpers is None:
+            with self._helpers_lock:
+                if self._helpers is None:
+                    self._helpers = ThreadPoolExecutor(
+                        max_workers=_STAGING_THREADS, thread_name_prefix="spool-sync"
+                    )
+        return Staged(tmp, self._helpers.submit(self._write_temp, tmp, parts))
+
+    def commit(self, staged: Staged, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Wait for a staged file to be on disk, then rename it to its final path (the
+        folder synced too) and return that path. Raises as ``write`` does; nothing is left
+        under any name when it raises."""
+        try:
+            final = self.path_for(study_uid, series_uid, sop_uid)
+        except Exception:
+            self.discard(staged)
+            raise
+        try:
+            staged.written.result()
+            self._place(staged.tmp, final)
+        except OSError as exc:
+            raise self._failed(staged.tmp, exc) from exc
+        return final
+
+    def discard(self, staged: Staged) -> None:
+        """Drop a staged file (its header was refused)."""
+        with contextlib.suppress(OSError):
+            staged.written.result()
+        staged.tmp.unlink(missing_ok=True)
+
+    def _temp_name(self) -> Path:
+        return self.tmp_dir / f"{uuid.uuid4().hex}.part"
+
+    def _write_temp(self, tmp: Path, parts: list[memoryview]) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            _write_all(fd, parts)
+            if self.fsync:
+                os.fdatasync(fd)  # data + size; the folder's fsync covers the name
+        finally:
+            os.close(fd)
+
+    def _place(self, tmp: Path, final: Path) -> None:
+        """The synced temporary file under its final name, the name synced."""
+        folder = final.parent
+        if folder not in self._known_dirs:
+            # Once per series and process: the folder and its entry in the study folder.
+            folder.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(folder.parent)
+            _fsync_dir(folder.parent.parent)
+            self._known_dirs.add(folder)
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(folder)
+
+    def _failed(self, tmp: Path, exc: OSError) -> OSError:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return SpoolFullError(exc.errno, f"spool {self.root}: disk full")
+        return exc
 
     def remove_stale_temp_files(self) -> int:
         """Temp files left by a crash were never acknowledged: the sender will resend."""
@@ -114,6 +191,12 @@ class Spool:
                     for entry in entries:
                         if entry.name.endswith(".dcm"):
                             yield Path(entry.path)
+
+
+def _parts(data: bytes | Sequence[Buffer]) -> list[memoryview]:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return [memoryview(data)]
+    return [memoryview(p) for p in data]
 
 
 def _subfolders(path: str | Path) -> list[os.DirEntry[str]]:

@@ -312,8 +312,9 @@ class StoreDIMSE(DIMSEServiceProvider):
             answer.status,
             comment,
         )
-        response = P_DATA()
-        response.presentation_data_value_list.append(
-            [request.context_id, bytes([_COMMAND_BIT | _LAST_BIT]) + command]
-        )
-        self.dul.send_pdu(response)
+        # This is the reader thread, the one that sends every PDU of the association (the
+        # DUL's state machine runs here): the P-DATA-TF goes out at once, as pynetdicom's
+        # DT-1 would send it a turn of the loop later (PS3.8 9.3.5; Sta6 stays Sta6).
+        item = struct.pack(">LBB", len(command) + 2, request.context_id, _COMMAND_BIT | _LAST_BIT)
+        pdu = struct.pack(">BBL", 0x04, 0x00, len(item) + len(command)) + item + command
+        self.dul.socket.send(pdu)
