@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -30,17 +30,19 @@ class AssociationTracker:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_assoc: dict[int, set[str]] = {}
+        self._by_assoc: dict[Hashable, set[str]] = {}
         self._open_count: Counter[str] = Counter()
 
-    def touch(self, assoc_id: int, series_uid: str) -> None:
+    def touch(self, assoc_id: Hashable, series_uid: str, study_uid: str | None = None) -> None:
+        """``assoc_id`` (an association, a retrieval) carries ``series_uid`` until it is
+        released. ``study_uid`` is for trackers that forward (``dicom_node.receivers``)."""
         with self._lock:
             carried = self._by_assoc.setdefault(assoc_id, set())
             if series_uid not in carried:
                 carried.add(series_uid)
                 self._open_count[series_uid] += 1
 
-    def release(self, assoc_id: int) -> None:
+    def release(self, assoc_id: Hashable) -> None:
         with self._lock:
             for series_uid in self._by_assoc.pop(assoc_id, ()):
                 self._open_count[series_uid] -= 1

@@ -110,32 +110,72 @@ def _peer(address: Any) -> str:
         return str(address)
 
 
+class SharedCounts:
+    """Connections and associations open in each receiving process, in shared memory, so
+    that ``listener.max_connections`` and ``max_associations`` hold for all the processes
+    on the port together (``dicom_node.receivers``).
+
+    ``counts`` is a ``multiprocessing`` array of 2 ints per process; process ``index``
+    writes its own pair only and reads the others'. A process's numbers are at most a
+    publish interval old, so the limits are approximate by what changed meanwhile.
+    """
+
+    def __init__(self, counts: Any, index: int) -> None:
+        self.counts = counts
+        self.index = index
+
+    def publish(self, connections: int | None = None, associations: int | None = None) -> None:
+        if connections is not None:
+            self.counts[2 * self.index] = connections
+        if associations is not None:
+            self.counts[2 * self.index + 1] = associations
+
+    def others(self) -> tuple[int, int]:
+        """(connections, associations) open in the other processes."""
+        values = list(self.counts)
+        mine = 2 * self.index
+        connections = sum(values[0::2]) - values[mine]
+        associations = sum(values[1::2]) - values[mine + 1]
+        return connections, associations
+
+
 class AssociationSlots:
     """The ``listener.max_associations`` limit: a slot per association the listener
     decided to accept, taken in ``EVT_REQUESTED`` and given back when it closes (or, should
-    pynetdicom end one without a close event, when its thread is found ended)."""
+    pynetdicom end one without a close event, when its thread is found ended). With
+    ``shared``, the other receiving processes' associations count too."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, shared: SharedCounts | None = None) -> None:
         self.limit = limit
+        self.shared = shared
         self._held: dict[int, Any] = {}  # id -> the Association (a thread)
         self._lock = threading.Lock()
+
+    def _elsewhere(self) -> int:
+        return self.shared.others()[1] if self.shared is not None else 0
 
     def take(self, assoc: Any) -> bool:
         """Take a slot for ``assoc``; False when all are taken."""
         with self._lock:
             if id(assoc) in self._held:
                 return True
-            if len(self._held) >= self.limit:
+            if len(self._held) + self._elsewhere() >= self.limit:
                 for key in [k for k, a in self._held.items() if not a.is_alive()]:
                     del self._held[key]
-            if len(self._held) >= self.limit:
+            if len(self._held) + self._elsewhere() >= self.limit:
                 return False
             self._held[id(assoc)] = assoc
+            self._publish()
             return True
 
     def give_back(self, assoc: Any) -> None:
         with self._lock:
             self._held.pop(id(assoc), None)
+            self._publish()
+
+    def _publish(self) -> None:
+        if self.shared is not None:
+            self.shared.publish(associations=len(self._held))
 
     @property
     def in_use(self) -> int:
@@ -159,6 +199,8 @@ class PduReader:
         self.requested = False  # the A-ASSOCIATE-RQ has been read
         self.refused: str | None = None
         self._body: tuple[int, int] | None = None  # (type, length) of the header just read
+        self._timeout: float | None = None  # the socket timeout last set, on ``_timed``
+        self._timed: Any = None
 
     def install(self) -> None:
         self.assoc.dul.socket.recv = self.recv
@@ -219,7 +261,11 @@ class PduReader:
             try:
                 if timeout <= 0:
                     raise TimeoutError
-                sock.settimeout(timeout)
+                if timeout != self._timeout or sock is not self._timed:
+                    # A system call each time: only when it changes (the idle timeout
+                    # stays the same once the association is up).
+                    sock.settimeout(timeout)
+                    self._timeout, self._timed = timeout, sock
                 with memoryview(buf) as view:
                     count = sock.recv_into(view[got:])
             except TimeoutError:
@@ -357,7 +403,11 @@ class Wakeups:
         stop = dul.stop_dul
 
         def transport_event() -> bool:
-            self._wait_for_reader()
+            if self._wait_for_reader() and dul.state_machine.current_state != "Sta13":
+                # Readable: read the PDU now (pynetdicom's own check would only ask
+                # select again whether the socket is readable).
+                dul._read_pdu_data()
+                return True
             return check()
 
         def stop_dul() -> bool:
@@ -390,22 +440,25 @@ class Wakeups:
                 with contextlib.suppress(OSError):  # full pipe: it is awake anyway
                     os.write(self._write_fd, b"\0")
 
-    def _wait_for_reader(self) -> None:
+    def _wait_for_reader(self) -> bool:
+        """Wait until the socket is readable (True) or something else needs the reader
+        (False: queued work, a wake-up, the wait ran out, no socket)."""
         dul = self.assoc.dul
         if dul.event_queue.queue or dul.to_provider_queue.queue or dul._kill_thread:
-            return  # work is waiting: no reason to sleep
+            return False  # work is waiting: no reason to sleep
         sock = dul.socket.socket if dul.socket is not None else None
         if sock is None:
-            return  # pynetdicom's loop sleeps its own delay while the socket is gone
+            return False  # pynetdicom's loop sleeps its own delay while the socket is gone
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return  # decrypted bytes select cannot see
+            return False  # decrypted bytes select cannot see: pynetdicom's check reads them
         try:
             ready, _, _ = select.select([sock, self._read_fd], [], [], READER_WAIT_S)
         except (OSError, ValueError):
-            return  # closed under us: pynetdicom's own check reports it
+            return False  # closed under us: pynetdicom's own check reports it
         if self._read_fd in ready:
             with contextlib.suppress(OSError):
                 os.read(self._read_fd, 4096)
+        return sock in ready and not dul.to_provider_queue.queue
 
     def close(self) -> None:
         with self._lock:
@@ -455,7 +508,10 @@ class GuardedServer(ThreadedAssociationServer):
     ``tls_context``: serve DICOM TLS with this context (handshake in the connection's
     thread); None: plain DICOM. ``name`` appears in log lines ("DICOM", "DICOM TLS").
     ``dimse_factory(assoc)``, when given, makes each association's DIMSE provider (e.g.
-    ``dicom_node.store_path.StoreDIMSE``) before its threads start.
+    ``dicom_node.store_path.StoreDIMSE``) before its threads start. ``inherited``: a
+    listening socket the node process bound, shared by several receiving processes
+    (``dicom_node.receivers``); ``shared``: their connection and association counts
+    (``SharedCounts``), which the limits include.
     """
 
     daemon_threads = True
@@ -478,9 +534,13 @@ class GuardedServer(ThreadedAssociationServer):
         tls_context: ssl.SSLContext | None = None,
         name: str = "DICOM",
         dimse_factory: Callable[[Any], Any] | None = None,
+        shared: SharedCounts | None = None,
+        inherited: socket.socket | None = None,
     ) -> None:
         self.limits = limits
         self.dimse_factory = dimse_factory
+        self.shared = shared
+        self.inherited = inherited
         self.max_pdu_bytes = max_pdu_bytes
         self.tls_context = tls_context or ssl_context
         self.name = name
@@ -501,9 +561,34 @@ class GuardedServer(ThreadedAssociationServer):
             request_handler=GuardedRequestHandler,
         )
 
+    def server_bind(self) -> None:
+        if self.inherited is None:
+            super().server_bind()
+            return
+        # One listening socket, bound by the node process, that every receiving process
+        # accepts from: whichever is free first takes a connection (a busy one comes back
+        # to accept later), the way pre-forking servers share their port. Non-blocking:
+        # a process that loses the race to another gets EAGAIN instead of waiting.
+        self.socket.close()
+        self.socket = self.inherited
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.inherited is None:
+            super().server_activate()  # an inherited socket listens already
+
+    def server_close(self) -> None:
+        if self.inherited is None:
+            super().server_close()
+        else:
+            # No shutdown(): it would stop the other processes' listening too.
+            self.socket.close()
+
     def open_connections(self) -> int:
         """Connections open now on every port of this AE (plain and TLS together):
-        negotiating ones and running association threads."""
+        negotiating ones and running association threads; with ``shared``, those of the
+        other receiving processes too (and this process's number is published)."""
         servers = [s for s in self.ae._servers if isinstance(s, GuardedServer)]
         if self not in servers:
             servers.append(self)
@@ -511,7 +596,11 @@ class GuardedServer(ThreadedAssociationServer):
         for server in servers:
             with server._count_lock:
                 negotiating += server._negotiating
-        return negotiating + sum(a.is_acceptor for a in self.ae.active_associations)
+        mine = negotiating + sum(a.is_acceptor for a in self.ae.active_associations)
+        if self.shared is None:
+            return mine
+        self.shared.publish(connections=mine)
+        return mine + self.shared.others()[0]
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """In the accept loop: refuse a connection over ``max_connections``, else hand it
@@ -593,10 +682,12 @@ def start_server(
     max_pdu_bytes: int,
     tls_context: ssl.SSLContext | None = None,
     dimse_factory: Callable[[Any], Any] | None = None,
+    shared: SharedCounts | None = None,
+    inherited: socket.socket | None = None,
 ) -> GuardedServer:
     """Listen on ``address`` in a background thread (as ``AE.start_server(block=False)``
     does, with ``GuardedServer``). Stop it with ``server.shutdown()``.
-    ``dimse_factory``: see ``GuardedServer``."""
+    ``dimse_factory``, ``shared``, ``inherited``: see ``GuardedServer``."""
     name = "DICOM TLS" if tls_context is not None else "DICOM"
     server = ae.make_server(
         address,
@@ -607,6 +698,8 @@ def start_server(
         tls_context=tls_context,
         name=name,
         dimse_factory=dimse_factory,
+        shared=shared,
+        inherited=inherited,
     )
     thread = threading.Thread(
         target=make_target(server.serve_forever), name=f"{name} listener", daemon=True

@@ -13,15 +13,17 @@ state a series passes through is set here (see ``kernel.vocabulary.SeriesState``
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, false, or_, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -369,17 +371,27 @@ def record_instance(
     return InstanceRecorder(db).record(header, path, size_bytes, origin)
 
 
-def reindex_spool(db: Database, spool: Spool, batch: int = 500) -> int:
+def reindex_spool(
+    db: Database, spool: Spool, folders: Iterable[Path] | None = None, batch: int = 500
+) -> int:
     """Record every spooled file the database does not know; returns how many.
 
     Such files were acknowledged and then lost their row in a crash (the recorder writes
     rows after the acknowledgement). Every file is checked by its name against the paths
     the database holds, so none is missed however old; only unknown files are read
-    (100,000 known files: ~1 s). A file that cannot be read, or whose series belongs to
-    another study, is left in place and logged.
+    (100,000 known files: ~1 s). ``folders``: only these series folders (a receiving
+    process that ended: the series it was carrying). A file that cannot be read, or whose
+    series belongs to another study, is left in place and logged.
     """
+    instances = Instance.__table__
+    query = select(instances.c.path)
+    if folders is not None:
+        folders = [Path(f) for f in folders]
+        prefixes = [instances.c.path.startswith(f"{f}{os.sep}", autoescape=True) for f in folders]
+        query = query.where(or_(*prefixes) if prefixes else false())
     with db.engine.connect() as conn:
-        known = set(conn.execute(select(Instance.__table__.c.path)).scalars())
+        known = set(conn.execute(query).scalars())
+    files = spool.iter_files() if folders is None else spool.iter_files_in(folders)
     recorder = InstanceRecorder(db)
     pending: list[Received] = []
     added = 0
@@ -392,7 +404,7 @@ def reindex_spool(db: Database, spool: Spool, batch: int = 500) -> int:
             log.error("spooled file %s left in place, not indexed: %s", item.path, why)
         pending.clear()
 
-    for path in spool.iter_files():
+    for path in files:
         name = str(path)
         if name in known:
             continue

@@ -84,8 +84,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -274,7 +276,10 @@ class StorageSCP:
     ``recorder``: the ``RecordQueue`` received instances go to (the node's); without one
     the listener starts and stops its own.
     ``carrier`` names this listener's associations in the completeness tracker (several
-    receiving processes feed one tracker).
+    receiving processes feed one tracker). ``shared`` and ``sockets``: this is one of
+    several receiving processes (``dicom_node.receivers``): it accepts from the listening
+    sockets the node process bound (``"plain"``, ``"tls"``) and its limits count the other
+    processes' connections and associations too.
     """
 
     def __init__(
@@ -287,6 +292,8 @@ class StorageSCP:
         on_closed: Callable[[AssociationFacts], None] | None = None,
         recorder: RecordQueue | None = None,
         carrier: str = "scp",
+        shared: listener.SharedCounts | None = None,
+        sockets: dict[str, socket.socket] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -297,6 +304,8 @@ class StorageSCP:
         self._own_recorder = recorder is None
         self.recorder = recorder if recorder is not None else RecordQueue(db)
         self.carrier = carrier
+        self.shared = shared
+        self.sockets = sockets or {}
         self._keys = itertools.count(1)
         self._servers: dict[str, listener.GuardedServer] = {}  # "plain" / "tls" -> server
         self._lock = threading.Lock()
@@ -309,7 +318,7 @@ class StorageSCP:
         self._admitted_titles: dict[int, str] = {}
         self.associations_requested = 0
         limits = settings.listener
-        self.slots = listener.AssociationSlots(limits.max_associations)
+        self.slots = listener.AssociationSlots(limits.max_associations, shared)
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = settings.max_pdu_size
         # pynetdicom's own limit counts connections still negotiating; the listener
@@ -357,6 +366,8 @@ class StorageSCP:
                     s.listener,
                     s.max_pdu_size,
                     dimse_factory=self._dimse,
+                    shared=self.shared,
+                    inherited=self.sockets.get("plain"),
                 )
                 log.info("listening as %s on %s:%d (DICOM)", s.ae_title, *self.address("plain"))
             if tls_context is not None:
@@ -368,6 +379,8 @@ class StorageSCP:
                     s.max_pdu_size,
                     tls_context,
                     dimse_factory=self._dimse,
+                    shared=self.shared,
+                    inherited=self.sockets.get("tls"),
                 )
                 log.info(
                     "listening as %s on %s:%d (DICOM TLS %s+, client certificate %s)",
@@ -379,6 +392,19 @@ class StorageSCP:
         except OSError:
             self.stop()
             raise
+        if self.shared is not None:
+            threading.Thread(
+                target=self._publish_counts, name="listener-counts", daemon=True
+            ).start()
+
+    def _publish_counts(self, interval_s: float = 0.5) -> None:
+        """Keep this process's connection count fresh for the other receiving processes
+        (it is also published on every new connection)."""
+        while self._servers:
+            server = next(iter(self._servers.values()), None)
+            if server is not None:
+                server.open_connections()
+            time.sleep(interval_s)
 
     def stop(self) -> None:
         """Stop accepting; open associations are aborted (senders will retry). A
@@ -620,7 +646,9 @@ class StorageSCP:
             )
             return StoreAnswer(Status.OUT_OF_RESOURCES, "database behind; retry later")
         try:
-            staged = self.spool.stage(data)
+            # A lone association gains from syncing the file while its header is read;
+            # with others in this process the hand-over is only overhead.
+            staged = self.spool.stage(data, background=self.slots.in_use <= 1)
         except SpoolFullError as exc:
             log.error("out of resources, refused instance %s: %s", sop_uid, exc)
             return StoreAnswer(Status.OUT_OF_RESOURCES, "spool full")
@@ -662,7 +690,7 @@ class StorageSCP:
                 state.studies.add(header.study_uid)
                 state.patients.add(header.patient_name or "")
         if state is not None:
-            self.tracker.touch(state.key, header.series_uid)
+            self.tracker.touch(state.key, header.series_uid, header.study_uid)
         origin = Origin(
             calling_ae=self._calling_ae(assoc),
             called_ae=acceptor.ae_title.strip(),

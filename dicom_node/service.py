@@ -20,6 +20,7 @@ from dicom_node.assembler import Assembler, AssociationTracker
 from dicom_node.dispatch import Dispatcher
 from dicom_node.echo import EchoAnswer
 from dicom_node.health import EchoLoop, echo_destination
+from dicom_node.receivers import ReceiverPool
 from dicom_node.records import reindex_spool
 from dicom_node.retriever import Retriever
 from dicom_node.routing import Router
@@ -94,7 +95,11 @@ class Node:
             self.db, {d.name: d for d in s.destinations}, s.dispatch, s.ae_title
         )
         self.dispatcher.reset_interrupted()
-        self.scp = StorageSCP(s, self.db, self.spool, self.tracker)
+        # listener.processes > 1: this process and N - 1 receiving processes share the port.
+        self.receivers = ReceiverPool(s, self.db, self.spool, self.tracker)
+        sockets = self.receivers.bind()
+        shared = self.receivers.shared(0) if sockets else None
+        self.scp = StorageSCP(s, self.db, self.spool, self.tracker, shared=shared, sockets=sockets)
         if s.grpc.enabled:  # bound here: a port in use stops the start before any loop runs
             from dicom_node.grpc_api.server import GrpcServer
 
@@ -110,6 +115,7 @@ class Node:
             self._start_web()
         if self.grpc_server is not None:
             self.grpc_server.start(self.view())
+        self.receivers.start()
         self.scp.start()
         self._start_retriever()
         return self
@@ -273,6 +279,8 @@ class Node:
         log.info("stopping: no new associations; finishing work in flight")
         if hasattr(self, "scp"):
             self.scp.stop()
+        if hasattr(self, "receivers"):
+            self.receivers.stop()
         self.stop_event.set()
         self.dispatcher.wake.set()
         if self.web_server is not None:

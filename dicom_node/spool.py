@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import shutil
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from kernel.uids import require_uid
 Buffer = Any  # bytes, bytearray or memoryview (collections.abc.Buffer from Python 3.12)
 # Helper threads that write and sync staged files (each spends its time in the kernel).
 _STAGING_THREADS = 16
+# How long the free space read from the file system is used (less what was written).
+_FREE_SPACE_TTL_S = 0.5
 
 
 class SpoolFullError(OSError):
@@ -60,8 +64,13 @@ class Spool:
         self._known_dirs: set[Path] = set()
         self._helpers: ThreadPoolExecutor | None = None
         self._helpers_lock = threading.Lock()
+        self._free, self._free_at = 0, -_FREE_SPACE_TTL_S - 1.0
+        self._free_lock = threading.Lock()
+        # Temporary names: this process's token and a counter (no system call per name).
+        self._token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._names = itertools.count()
         if clean:
-            self.remove_stale_temp_files()
+            self.remove_stale_temp_files(every_process=tmp_name == ".incoming")
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The final path of an instance; raises InvalidUIDError for a bad UID."""
@@ -76,12 +85,23 @@ class Spool:
         return shutil.disk_usage(self.root).free
 
     def check_space(self, incoming_bytes: int = 0) -> None:
-        free = self.free_bytes()
-        if free - incoming_bytes < self.min_free_bytes:
-            raise SpoolFullError(
-                errno.ENOSPC,
-                f"spool {self.root}: {free} bytes free, watermark {self.min_free_bytes}",
-            )
+        """Raise ``SpoolFullError`` when writing ``incoming_bytes`` would leave less than
+        ``min_free_bytes``. The free space is asked of the file system at most every
+        ``_FREE_SPACE_TTL_S`` (less what this spool wrote since) and always again
+        before a refusal."""
+        now = time.monotonic()
+        with self._free_lock:
+            if now - self._free_at > _FREE_SPACE_TTL_S:
+                self._free, self._free_at = self.free_bytes(), now
+            if self._free - incoming_bytes < self.min_free_bytes:
+                self._free, self._free_at = self.free_bytes(), now
+            free = self._free
+            if free - incoming_bytes < self.min_free_bytes:
+                raise SpoolFullError(
+                    errno.ENOSPC,
+                    f"spool {self.root}: {free} bytes free, watermark {self.min_free_bytes}",
+                )
+            self._free -= incoming_bytes
 
     def write(
         self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | Sequence[Buffer]
@@ -104,15 +124,25 @@ class Spool:
             raise self._failed(tmp, exc) from exc
         return final
 
-    def stage(self, data: bytes | Sequence[Buffer]) -> Staged:
+    def stage(self, data: bytes | Sequence[Buffer], background: bool = True) -> Staged:
         """Start writing an instance whose header is still being read: its bytes go to a
         temporary file and are synced in a helper thread (the fsync waits for the disk,
         the caller reads the header meanwhile). ``commit`` gives it its final name once
-        the header is known, ``discard`` drops it. Raises ``SpoolFullError`` below the
-        watermark (nothing written)."""
+        the header is known, ``discard`` drops it. ``background=False`` writes and syncs
+        here instead (when other work keeps the process busy anyway, the hand-over to a
+        helper only adds thread switches). Raises ``SpoolFullError`` below the watermark
+        (nothing written)."""
         parts = _parts(data)
         self.check_space(sum(p.nbytes for p in parts))
         tmp = self._temp_name()
+        if not background:
+            done: Future[None] = Future()
+            try:
+                self._write_temp(tmp, parts)
+                done.set_result(None)
+            except OSError as exc:
+                done.set_exception(exc)
+            return Staged(tmp, done)
         if self._helpers is None:
             with self._helpers_lock:
                 if self._helpers is None:
@@ -144,7 +174,7 @@ class Spool:
         staged.tmp.unlink(missing_ok=True)
 
     def _temp_name(self) -> Path:
-        return self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        return self.tmp_dir / f"{self._token}-{next(self._names)}.part"
 
     def _write_temp(self, tmp: Path, parts: list[memoryview]) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -174,13 +204,25 @@ class Spool:
             return SpoolFullError(exc.errno, f"spool {self.root}: disk full")
         return exc
 
-    def remove_stale_temp_files(self) -> int:
-        """Temp files left by a crash were never acknowledged: the sender will resend."""
+    def remove_stale_temp_files(self, every_process: bool = False) -> int:
+        """Temp files left by a crash were never acknowledged: the sender will resend.
+        ``every_process``: those of every receiving process's temporary folder (the node
+        at start, before any receiving process runs), else this one's only."""
+        folders = sorted(self.root.glob(".incoming*")) if every_process else [self.tmp_dir]
         count = 0
-        for part in self.tmp_dir.glob("*.part"):
-            part.unlink(missing_ok=True)
-            count += 1
+        for folder in folders:
+            for part in folder.glob("*.part"):
+                part.unlink(missing_ok=True)
+                count += 1
         return count
+
+    def iter_files_in(self, folders: Iterable[Path]) -> Iterator[Path]:
+        """The spooled instance files of these series folders (missing ones are empty)."""
+        for folder in folders:
+            with contextlib.suppress(FileNotFoundError):
+                with os.scandir(folder) as entries:
+                    names = [e.path for e in entries if e.name.endswith(".dcm")]
+                yield from (Path(n) for n in names)
 
     def iter_files(self) -> Iterator[Path]:
         """Every spooled instance file, ``<study>/<series>/<sop>.dcm`` (for re-indexing

@@ -35,15 +35,21 @@ _ORIENTATION_RANK = {"axial": 0, "coronal": 1, "sagittal": 1, "oblique": 2}
 POSITION_TOLERANCE_MM = 1e-3
 
 
+def _normal(iop: Sequence[float]) -> tuple[float, float, float]:
+    """The slice normal, row x column direction of ImageOrientationPatient (plain floats:
+    this runs for every received instance, where numpy's small-array overhead is ~10x)."""
+    r0, r1, r2, c0, c1, c2 = (float(v) for v in iop[:6])
+    return (r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0)
+
+
 def orientation_name(iop: Sequence[float]) -> str:
     """axial / coronal / sagittal / oblique from ImageOrientationPatient (6 values).
 
     Oblique when the slice normal is more than ~25 degrees off every main axis.
     """
-    row, col = np.asarray(iop[:3], float), np.asarray(iop[3:6], float)
-    normal = np.cross(row, col)
-    axis = int(np.argmax(np.abs(normal)))
-    if abs(normal[axis]) < 0.9:
+    magnitudes = [abs(v) for v in _normal(iop)]
+    axis = magnitudes.index(max(magnitudes))  # the first largest, as numpy's argmax
+    if magnitudes[axis] < 0.9:
         return "oblique"
     return ("sagittal", "coronal", "axial")[axis]
 
@@ -109,8 +115,8 @@ def slice_info(ds: Any) -> SliceInfo:
         f"{kind} {orientation_name(iop)} {rows}x{columns} "
         f"{spacing[0]:.2f}x{spacing[1]:.2f}mm iop={iop_text}"
     )
-    normal = np.cross(iop[:3], iop[3:])
-    return SliceInfo(key, float(np.dot(normal, ipp)), acquisition, number)
+    n0, n1, n2 = _normal(iop)
+    return SliceInfo(key, n0 * ipp[0] + n1 * ipp[1] + n2 * ipp[2], acquisition, number)
 
 
 @dataclass

@@ -428,6 +428,19 @@ class ListenerSettings(StrictModel):
         description="An association silent this long, or stalled this long in the middle "
         "of a PDU, is aborted.",
     )
+    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto",
+        description="Receiving processes accepting from the DICOM port(s) (whichever is "
+        "free takes the next connection), each with its own listener, spool writer and "
+        "recorder; 1 = the node process alone. auto: one per CPU core, at most 8 (2 on a "
+        "2-core machine, 8 on 32 cores). The limits above hold for all of them together.",
+    )
+
+    def receive_processes(self) -> int:
+        """``processes`` with ``auto`` resolved for this machine."""
+        if self.processes == "auto":
+            return max(1, min(8, os.cpu_count() or 1))
+        return self.processes
 
 
 class HealthSettings(StrictModel):

@@ -101,6 +101,8 @@ def node_settings(tmp_path: Path, **overrides: Any) -> NodeSettings:
         dispatch={"retry_initial_s": 0.5, "retry_max_s": 2.0},
     )
     base.update(overrides)
+    # In-process nodes receive in this process unless a test asks for receiving processes.
+    base["listener"] = {"processes": 1, **base.get("listener", {})}
     return load_settings(None, **base)
 
 
