@@ -229,6 +229,10 @@ class Dispatch(Base):
     reviewed_by: Mapped[str | None] = mapped_column(String(64))
     reviewed_at: Mapped[datetime | None] = mapped_column()
     review_note: Mapped[str | None] = mapped_column(Text)
+    # State ``sending``: which sender claimed the row (host, process, destination sender)
+    # and when, written before its association opens. NULL otherwise (migration 0008).
+    sending_since: Mapped[datetime | None] = mapped_column()
+    sending_by: Mapped[str | None] = mapped_column(String(128))
 
 
 class DestinationEcho(Base):

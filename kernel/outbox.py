@@ -66,6 +66,7 @@ def send_policy(settings: DispatchSettings) -> RetryPolicy:
 def _requeue(row: Dispatch, now: datetime, path: str | None = None) -> None:
     """The one way a row becomes pending: every field a fresh delivery needs."""
     row.state = OutboxState.PENDING
+    row.sending_since = row.sending_by = None
     row.attempts = 0
     row.next_attempt_at = now
     row.queued_at = now
@@ -397,30 +398,87 @@ def due_now(db: Database, destination: str) -> int:
 
 
 def reset_interrupted(db: Database) -> int:
-    """Rows left ``sending`` by a stopped node are pending again; returns how many."""
+    """Rows left ``sending`` by a stopped node are pending again; returns how many.
+
+    Each outcome is recorded as its C-STORE is answered, so these are the rows whose send
+    was in flight (it may or may not have arrived: it goes again) and rows claimed but not
+    yet sent. The event names the sender and since when it held them."""
+    cache: dict[str, Carried] = {}
     with db.session() as s:
         rows = s.scalars(select(Dispatch).where(Dispatch.state == OutboxState.SENDING)).all()
         for row in rows:
+            held = (
+                f" by {row.sending_by} since {row.sending_since:%Y-%m-%d %H:%M:%S}"
+                if row.sending_by and row.sending_since
+                else ""
+            )
             row.state = OutboxState.PENDING
+            row.sending_since = row.sending_by = None
+            _event(
+                s,
+                row,
+                EventKind.SEND_RETRY,
+                f"{{what}} to {row.destination}: was being sent{held} when the node stopped; "
+                "it goes again",
+                cache,
+                level=EventLevel.WARNING,
+            )
         return len(rows)
 
 
-def claim_due(db: Database, limit: int) -> list[Dispatch]:
-    """Due pending rows, marked ``sending`` (committed) and returned detached."""
+def claim_due(
+    db: Database,
+    limit: int,
+    destination: str | None = None,
+    sender: str | None = None,
+    exclude: Iterable[int] = (),
+    destinations_not: Iterable[str] | None = None,
+) -> list[Dispatch]:
+    """Due pending rows (to ``destination``, or to none of ``destinations_not``, or any),
+    marked ``sending`` by ``sender`` now, committed before they are returned (detached):
+    a sender holds its rows in the database before its association opens. Rows in
+    ``exclude`` are left (already tried by this caller). Concurrent claimers get
+    disjoint rows (FOR UPDATE SKIP LOCKED where the database has it)."""
     now = utcnow()
+    query = select(Dispatch).where(
+        Dispatch.state == OutboxState.PENDING, Dispatch.next_attempt_at <= now
+    )
+    if destination is not None:
+        query = query.where(Dispatch.destination == destination)
+    if destinations_not is not None:
+        query = query.where(Dispatch.destination.not_in(list(destinations_not)))
+    exclude = list(exclude)
+    if exclude:
+        query = query.where(Dispatch.id.not_in(exclude))
     with db.session() as s:
         rows = s.scalars(
-            select(Dispatch)
-            .where(Dispatch.state == OutboxState.PENDING, Dispatch.next_attempt_at <= now)
-            .order_by(Dispatch.next_attempt_at, Dispatch.id)
+            query.order_by(Dispatch.next_attempt_at, Dispatch.id)
             .limit(limit)
+            .with_for_update(skip_locked=True)
         ).all()
         for row in rows:
             row.state = OutboxState.SENDING
+            row.sending_since, row.sending_by = now, sender
         s.flush()
         for row in rows:
             s.expunge(row)
     return list(rows)
+
+
+def release_unsent(db: Database, rows: Iterable[Dispatch]) -> int:
+    """Rows a sender claimed and did not try (it was asked to stop): pending again, as
+    they were, no attempt counted. Returns how many."""
+    ids = [row.id for row in rows]
+    if not ids:
+        return 0
+    with db.session() as s:
+        claimed = s.scalars(
+            select(Dispatch).where(Dispatch.id.in_(ids), Dispatch.state == OutboxState.SENDING)
+        ).all()
+        for row in claimed:
+            row.state = OutboxState.PENDING
+            row.sending_since = row.sending_by = None
+        return len(claimed)
 
 
 def record_outcomes(
@@ -429,20 +487,23 @@ def record_outcomes(
     outcomes: Mapping[int, SendOutcome],
     settings: DispatchSettings,
     commit_uid: str | None = None,
+    cache: dict[str, Carried] | None = None,
 ) -> None:
     """Record one attempt per row: sent, pending again after a backoff, or failed.
 
     A retryable outcome fails the row when it has waited ``max_age_s`` since it was
     queued, or used up ``max_attempts``. ``commit_uid`` marks sent rows as awaiting the
-    destination's storage commitment report for that transaction.
+    destination's storage commitment report for that transaction. ``cache``: what rows
+    carry (``carried``), kept by a caller that records its rows one at a time.
     """
     policy = send_policy(settings)
     now = utcnow()
-    cache: dict[str, Carried] = {}
+    cache = {} if cache is None else cache
     with db.session() as s:
         for detached in rows:
             row = s.get_one(Dispatch, detached.id)
             out = outcomes[row.id]
+            row.sending_since = row.sending_by = None
             row.attempts += 1
             row.last_attempt_at = now
             row.last_status = out.status

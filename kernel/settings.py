@@ -246,6 +246,14 @@ class Destination(StrictModel):
         "mode; a pipeline can ask for review too (rules file, `review`).",
     )
 
+    max_associations: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Associations the node opens to this destination at once (each sends its "
+        "own share of the due rows); every destination has its own senders, so a slow or "
+        "dead one never delays another.",
+    )
     tls: DestinationTls | None = Field(
         None,
         description="DICOM TLS for this destination (sends, storage commitment requests "
@@ -493,6 +501,13 @@ class WebSettings(StrictModel):
         le=128,
         description="Fewest characters of a password (set by `user add`, `user "
         "reset-password`, the Users page or a user changing their own).",
+    )
+    stow_max_instance_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="Largest instance a STOW-RS request may carry (one part of the body; it "
+        "is held in memory while its header is checked, as a C-STORE's is): a larger part "
+        "fails with 0xA700 and is not stored.",
     )
 
     @model_validator(mode="after")
