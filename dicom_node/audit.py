@@ -84,6 +84,7 @@ class Action(StrEnum):
     DICOM_ASSOCIATION = "dicom_association"
     SOURCE_SEARCHED = "source_searched"
     RETRIEVE_REQUESTED = "retrieve_requested"
+    STOW_RECEIVED = "stow_received"
 
 
 class Outcome(StrEnum):

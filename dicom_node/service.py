@@ -20,6 +20,7 @@ from dicom_node.assembler import Assembler, AssociationTracker
 from dicom_node.dispatch import Dispatcher
 from dicom_node.echo import EchoAnswer
 from dicom_node.health import EchoLoop, echo_destination
+from dicom_node.ingest import Intake
 from dicom_node.receivers import ReceiverPool
 from dicom_node.records import reindex_spool
 from dicom_node.retriever import Retriever
@@ -91,6 +92,7 @@ class Node:
             self.db, self.rules.get, s.worker.max_attempts, self.pipeline_spacing_mm
         )
         self.assembler = Assembler(self.db, self.tracker, s.quiet_period_s, self._on_complete)
+        self.intake = Intake(self.db, self.spool, self.tracker)  # STOW-RS requests
         self.dispatcher = Dispatcher(
             self.db, {d.name: d for d in s.destinations}, s.dispatch, s.ae_title
         )
@@ -215,6 +217,7 @@ class Node:
             echo_destination=self.echo,
             target_spacing_mm=self.pipeline_spacing_mm,
             wake_retriever=self.wake_retriever,
+            intake=self.intake,
         )
 
     def echo(self, name: str, requested_by: str | None = None) -> EchoAnswer:
@@ -292,7 +295,7 @@ class Node:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
         busy = [w.current_job for w in self.workers if w.current_job is not None]
         for worker in self.workers:
-            worker.shutdown()
+            worker.shutdown(grace_s=max(0.5, deadline - time.monotonic()))
         if busy:
             log.warning("jobs %s still running at shutdown; they run again at next start", busy)
             queue.requeue_abandoned(self.db, self.local_worker_prefix)

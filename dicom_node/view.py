@@ -3,7 +3,8 @@
 The web app gets this view instead of the whole ``Node``: the settings, the database, the
 rules in force, the model registry (specs only: it never builds an engine or imports
 torch), the health of the loops, where the DICOM listener listens, the worker devices, and
-the few actions a page may trigger (wake the outbox, C-ECHO a destination).
+the few actions a page may trigger (wake the outbox, C-ECHO a destination), and the
+receive path STOW-RS requests store through.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from db.session import Database
 from dicom_node.echo import EchoAnswer
+from dicom_node.ingest import Intake
 from dicom_node.rules_holder import RulesHolder
 from inference.registry import ModelRegistry
 from kernel.settings import NodeSettings
@@ -47,6 +49,9 @@ class ServiceView:
         prefers among candidate inputs (the rules page's dry run plans the same way).
     wake_retriever
         Ask the retrieval loop to look for new retrieve requests now. None: not available.
+    intake
+        The receive path STOW-RS requests store through (the node's spool, recorder and
+        completeness tracker). None: STOW-RS answers 503.
     """
 
     settings: NodeSettings
@@ -62,3 +67,4 @@ class ServiceView:
     echo_destination: Callable[[str, str | None], EchoAnswer] | None = None
     target_spacing_mm: Callable[[str], float | None] | None = None
     wake_retriever: Callable[[], None] | None = None
+    intake: Intake | None = None

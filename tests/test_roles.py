@@ -88,7 +88,7 @@ def test_readme_role_table_is_the_route_table_and_each_role_gets_403_exactly_the
             continue
         url = _url(path)
         anonymous = client.request(method, url, json={}, follow_redirects=False)
-        if path.startswith(("/api/", "/inference/", "/models")):
+        if path.startswith(("/api/", "/inference/", "/models", "/dicomweb/")):
             assert anonymous.status_code == 401, (method, url, anonymous.status_code)
         else:  # a page: to the login form
             assert anonymous.status_code == 303, (method, url, anonymous.status_code)

@@ -11,7 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dicom_node.view import ServiceView
-from dicom_node.web import admin_api, api, inference_api, pages, queries, retrievals
+from dicom_node.web import admin_api, api, inference_api, pages, queries, retrievals, stow
 from dicom_node.web.auth import LoginLimiter, LoginRequired, Principal, check_routes
 from dicom_node.web.checks import run_checks
 from dicom_node.web.display import Clock, zone
@@ -109,6 +109,7 @@ def create_app(service: ServiceView) -> FastAPI:
     app.include_router(admin_api.router)
     app.include_router(inference_api.router)
     app.include_router(retrievals.router)
+    app.include_router(stow.router)
     app.include_router(pages.router)
     app.include_router(retrievals.pages)
     check_routes(app)  # every route declares its role, or is open by design
