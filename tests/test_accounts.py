@@ -262,8 +262,9 @@ def test_logout_and_password_change_end_the_session_on_the_server(node):
 
 
 def test_sessions_end_after_idle_time_and_lifetime(tmp_path):
-    """Idle 2 s, lifetime 4 s: a page refreshing itself (X-Partial) is no activity."""
-    web = {"host": "127.0.0.1", "port": 0, "session_idle_s": 2, "session_max_age_s": 4}
+    """Idle 4 s, lifetime 8 s: a page refreshing itself (X-Partial) is no activity. (Steps
+    1.6 s apart: a loaded CI machine may run a step late by most of a second.)"""
+    web = {"host": "127.0.0.1", "port": 0, "session_idle_s": 4, "session_max_age_s": 8}
     with running_node(tmp_path, web=web) as node:
         role_users(node)
         idle, busy = _client(node), _client(node)
@@ -275,16 +276,16 @@ def test_sessions_end_after_idle_time_and_lifetime(tmp_path):
             time.sleep(max(0.0, start + t - time.monotonic()))
 
         partial = {"X-Partial": "1"}
-        at(0.8)
-        assert _logged_in(idle) and _logged_in(busy)
         at(1.6)
         assert _logged_in(idle) and _logged_in(busy)
-        at(2.4)
-        assert idle.get("/", headers=partial).status_code == 200 and _logged_in(busy)
         at(3.2)
+        assert _logged_in(idle) and _logged_in(busy)
+        at(4.8)
         assert idle.get("/", headers=partial).status_code == 200 and _logged_in(busy)
-        at(4.3)
-        # idle: 2.7 s since its user last did something (the refreshes did not count);
-        # busy: active every 0.8 s, but 4 s after its login.
+        at(6.4)
+        assert idle.get("/", headers=partial).status_code == 200 and _logged_in(busy)
+        at(8.6)
+        # idle: 5.4 s since its user last did something (the refreshes did not count);
+        # busy: active every 1.6 s, but 8 s after its login.
         assert not _logged_in(idle)
         assert not _logged_in(busy)

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import Event, Instance, Job, Result, Series
+from db.models import Event, Instance, Job, Result, Series, Study
 from devkit.expect import expected_result_uids
 from devkit.phantom import STRUCTURES
 from devkit.synth import generate_study
@@ -181,7 +181,11 @@ def test_a_series_the_headers_show_incomplete_waits_for_the_study_to_settle(
     job = wait_until(lambda: _job_for(node, series.series_uid), 30, "the job after settling")
     with node.db.session() as s:
         completed = s.scalars(select(Series)).one().completed_at
-    assert (job.queued_at - completed).total_seconds() >= 3.5
+        last_received = s.scalars(select(Study)).one().last_received_at
+    # Queued when the study had been quiet study_timeout_s (4 s after its last instance
+    # arrived), well after the series completed (quiet_period_s 0.5 s after it).
+    assert (job.queued_at - last_received).total_seconds() >= 4.0 - 0.01
+    assert (job.queued_at - completed).total_seconds() >= 2.5
     message = events(node, "series_incomplete")[0].message
     assert all(sign in message for sign in signs), message
 
