@@ -1,5 +1,8 @@
 """The dispatcher: delivers due outbox rows by C-STORE (the outbox itself is ``kernel.outbox``).
 
+DICOMweb destinations (``kind: dicomweb``) get STOW-RS senders instead
+(``dicom_node.dispatch_dicomweb``), with the same claim and record discipline.
+
 One association per destination batch. Contract: how each answer of a destination is
 handled (PS3.4 B.2.3 Storage Service Class statuses, PS3.7 C.1.3 categories, read with
 pynetdicom's ``code_to_category``):
@@ -64,6 +67,7 @@ from dicom_node.commitment import (
     new_transaction_uid,
     request_commitment,
 )
+from dicom_node.dispatch_dicomweb import DicomwebSender
 from kernel import outbox
 from kernel.outbox import SendOutcome
 from kernel.settings import Destination, DispatchSettings
@@ -157,7 +161,7 @@ class Dispatcher:
         threads = []
         for dest in self.destinations.values():
             for slot in range(dest.max_associations):
-                sender = DestinationSender(self, dest, slot)
+                sender = self.sender(dest, slot)
                 self.wake.add(sender.wake)
                 thread = threading.Thread(
                     target=sender.run_forever,
@@ -183,8 +187,15 @@ class Dispatcher:
         destination); returns the number of rows attempted."""
         count = self._fail_unknown()
         for dest in self.destinations.values():
-            count += DestinationSender(self, dest, 0).send_due()
+            count += self.sender(dest, 0).send_due()
         return count
+
+    def sender(self, dest: Destination, slot: int) -> DestinationSender | DicomwebSender:
+        """The sender of ``dest``'s kind: C-STORE (``dimse``) or STOW-RS (``dicomweb``,
+        ``dicom_node.dispatch_dicomweb``)."""
+        if dest.kind == "dicomweb":
+            return DicomwebSender(self, dest, slot)
+        return DestinationSender(self, dest, slot)
 
     def backoff_s(self, attempts: int) -> float:
         """The delay after the ``attempts``-th failed send (policy of ``kernel.outbox``)."""

@@ -210,13 +210,51 @@ class DestinationTls(StrictModel):
         return self
 
 
-class Destination(StrictModel):
-    """A DICOM AE results (and forwarded originals) are sent to by C-STORE."""
+class DicomwebAuth(StrictModel):
+    """How the node authenticates to a DICOMweb source or destination."""
 
+    type: Literal["basic", "bearer"] = Field(
+        description="'basic' (username, password; RFC 7617) or 'bearer' (token; RFC 6750)."
+    )
+    username: str | None = None
+    password: SecretStr | None = Field(None, description="basic: never shown or logged.")
+    token: SecretStr | None = Field(None, description="bearer: never shown or logged.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> DicomwebAuth:
+        if self.type == "basic" and (self.username is None or self.password is None):
+            raise ValueError("basic auth needs username and password")
+        if self.type == "bearer" and self.token is None:
+            raise ValueError("bearer auth needs token")
+        return self
+
+
+class Destination(StrictModel):
+    """Where results (and forwarded originals) are sent: a DICOM AE by C-STORE (``kind:
+    dimse``, the default: ``ae_title``, ``host``, ``port``) or a DICOMweb server by STOW-RS
+    (``kind: dicomweb``: ``url``, ``auth``, ``ca_bundle``; PS3.18 10.5)."""
+
+    kind: Literal["dimse", "dicomweb"] = Field(
+        "dimse",
+        description="'dimse': C-STORE to ae_title at host:port; 'dicomweb': STOW-RS to url.",
+    )
     name: str = Field(description="Name used by routing rules and the status page.")
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ae_title: str | None = Field(None, description="dimse: the destination's AE title.")
+    host: str | None = Field(None, description="dimse: host name or address.")
+    port: int | None = Field(None, ge=1, le=65535, description="dimse: its DICOM port.")
+    url: str | None = Field(
+        None,
+        description="dicomweb: base URL of the DICOMweb service (the part before /studies), "
+        "e.g. https://pacs.example/dicom-web; credentials go in `auth`, not in the URL.",
+    )
+    auth: DicomwebAuth | None = Field(
+        None, description="dicomweb: credentials (basic or bearer); empty: none."
+    )
+    ca_bundle: Path | None = Field(
+        None,
+        description="dicomweb over https: PEM file of the CAs trusted to sign the server's "
+        "certificate (empty: the system's trust store).",
+    )
     calling_ae_title: str | None = Field(
         None, description="AE title we present to this destination (default: our ae_title)."
     )
@@ -250,9 +288,9 @@ class Destination(StrictModel):
         2,
         ge=1,
         le=16,
-        description="Associations the node opens to this destination at once (each sends its "
-        "own share of the due rows); every destination has its own senders, so a slow or "
-        "dead one never delays another.",
+        description="Associations (dicomweb: STOW-RS requests) the node has open to this "
+        "destination at once (each sends its own share of the due rows); every destination "
+        "has its own senders, so a slow or dead one never delays another.",
     )
     tls: DestinationTls | None = Field(
         None,
@@ -260,7 +298,59 @@ class Destination(StrictModel):
         "and C-ECHOs); empty: plain DICOM.",
     )
 
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+    _ae = field_validator("ae_title", "calling_ae_title")(
+        classmethod(lambda cls, v: v if v is None else _check_ae_title(v))
+    )
+    _files = field_validator("ca_bundle")(classmethod(lambda cls, v: _existing_file(v)))
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url {v!r} must be an http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("url must not carry credentials: put them in `auth`")
+        return v.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> Destination:
+        """Each kind's own keys are required, the other kind's refused (with why)."""
+        if self.kind == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    f"a DIMSE destination needs {', '.join(missing)} (or kind: dicomweb with url)"
+                )
+            web = [k for k in ("url", "auth", "ca_bundle") if getattr(self, k) is not None]
+            if web:
+                raise ValueError(f"{', '.join(web)}: only for kind: dicomweb")
+            return self
+        if self.url is None:
+            raise ValueError("a DICOMweb destination needs url (the part before /studies)")
+        dimse = [k for k in ("ae_title", "host", "port", "calling_ae_title") if getattr(self, k)]
+        if dimse:
+            raise ValueError(
+                f"{', '.join(dimse)}: DIMSE settings; a DICOMweb destination is reached at url"
+            )
+        if self.storage_commitment:
+            raise ValueError(
+                "storage_commitment is a DIMSE service (PS3.4 Annex J) that STOW-RS does not "
+                "have; remove it for a DICOMweb destination"
+            )
+        if self.tls is not None:
+            raise ValueError(
+                "tls is DICOM TLS for DIMSE; a DICOMweb destination uses an https:// url "
+                "(and ca_bundle for a private CA)"
+            )
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where it is, for pages and messages (never credentials): host:port or url."""
+        return self.url if self.kind == "dicomweb" else f"{self.host}:{self.port}"
 
     @field_validator("result_type")
     @classmethod
@@ -308,25 +398,6 @@ class DimseSource(StrictModel):
     _ae = field_validator("ae_title", "calling_ae_title", "move_destination")(
         classmethod(lambda cls, v: v if v is None else _check_ae_title(v))
     )
-
-
-class DicomwebAuth(StrictModel):
-    """How the node authenticates to a DICOMweb source."""
-
-    type: Literal["basic", "bearer"] = Field(
-        description="'basic' (username, password; RFC 7617) or 'bearer' (token; RFC 6750)."
-    )
-    username: str | None = None
-    password: SecretStr | None = Field(None, description="basic: never shown or logged.")
-    token: SecretStr | None = Field(None, description="bearer: never shown or logged.")
-
-    @model_validator(mode="after")
-    def _complete(self) -> DicomwebAuth:
-        if self.type == "basic" and (self.username is None or self.password is None):
-            raise ValueError("basic auth needs username and password")
-        if self.type == "bearer" and self.token is None:
-            raise ValueError("bearer auth needs token")
-        return self
 
 
 class DicomwebSource(StrictModel):
@@ -855,6 +926,10 @@ def _resolve_tls_paths(data: dict[str, Any], base: Path) -> None:
     sections = [data.get("tls")]
     if isinstance(data.get("destinations"), list):
         sections += [d.get("tls") for d in data["destinations"] if isinstance(d, dict)]
+        for dest in data["destinations"]:  # a DICOMweb destination's CA bundle
+            value = dest.get("ca_bundle") if isinstance(dest, dict) else None
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                dest["ca_bundle"] = str(base / value)
     for section in sections:
         if not isinstance(section, dict):
             continue

@@ -1,0 +1,311 @@
+"""Delivers a DICOMweb destination's outbox rows by STOW-RS (PS3.18 10.5).
+
+The same discipline as the DIMSE senders (``dicom_node.dispatch``): each of the
+destination's ``max_associations`` senders claims a few due rows (``outbox.claim_due``
+writes ``sending``, the sender and the time first), posts them in ONE request to
+``{url}/studies`` and records every row's outcome from the answer
+(``outbox.record_outcomes``). The request body is the stored files as they are, streamed
+from disk in ``BLOCK_BYTES`` pieces with a known Content-Length: nothing is decoded and
+memory stays bounded whatever the instances weigh.
+
+How each answer is handled, like the DIMSE statuses:
+
+- connection refused, name not resolved, TLS failure, no answer within
+  ``dispatch.timeout_s``; HTTP 5xx, 408 or 429 -> every row of the request ``retry``
+  with the outbox's capped exponential backoff (``dispatch.retry_initial_s`` ..
+  ``retry_max_s``, ``max_attempts``, ``max_age_s``);
+- HTTP 200 / 202 / 409 with a Store Instances Response (PS3.18 10.5.3, DICOM JSON): row
+  by row, an instance in ReferencedSOPSequence is ``sent`` (its WarningReason kept as the
+  status), one in FailedSOPSequence is judged by its FailureReason like a C-STORE status
+  (``0xA7xx`` out of resources: ``retry``; any other: ``failed`` at once, the reason
+  recorded); an instance the answer does not list is ``sent`` after a 200 and ``failed``
+  after a 202 or 409 (its fate is unknown: the error says so);
+- any other 4xx (400, 401, 403, 404, 413, 415 ...) or an unexpected status -> every row
+  ``failed`` at once with the status and its meaning: resending cannot change it;
+- a file that cannot be read -> that row ``failed`` before the request.
+
+Why not ``DICOMwebClient.store_instances``: it takes decoded data sets, re-encodes each
+one and builds the whole request in memory, and raises on a 409 without its
+FailedSOPSequence. The request goes through the same ``requests`` session conventions as
+dicomweb-client's (``dicom_node.dicomweb_http``), and the answer is read with pydicom's
+DICOM JSON reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pydicom
+import requests
+from pydicom.filereader import read_file_meta_info
+from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, code_to_category
+
+from db.models import Dispatch
+from db.session import Database
+from dicom_node.dicomweb_http import http_status_text, request_error_text, session
+from kernel import outbox
+from kernel.outbox import SendOutcome
+from kernel.settings import Destination, DispatchSettings
+
+log = logging.getLogger("dicom_node.dispatch_dicomweb")
+
+# Rows per STOW-RS request: as many as a DIMSE sender claims at a time.
+STOW_CHUNK = 20
+# Bytes read from a file and handed to the socket at a time.
+BLOCK_BYTES = 1 << 20
+
+REFERENCED_SOP_SEQUENCE = "00081199"
+FAILED_SOP_SEQUENCE = "00081198"
+# Failure Reasons a STOW-RS origin server answers (PS3.18 10.5.3, PS3.4 B.2.3).
+FAILURE_MEANING = {
+    0x0110: "processing failure",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0xA700: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xC000: "cannot understand",
+    0xC122: "transfer syntax not supported",
+}
+# HTTP statuses that a later attempt may not get (besides every 5xx).
+RETRY_HTTP = {408, 429}
+
+
+class SenderHost(Protocol):
+    """What a sender needs of its dispatcher (``dicom_node.dispatch.Dispatcher``)."""
+
+    db: Database
+    settings: DispatchSettings
+    name: str
+
+
+class FileChanged(ValueError):
+    """A file no longer has the size it had when the request was framed. Not an
+    ``OSError``: the HTTP stack must let it through rather than call it a network error."""
+
+    def __init__(self, row_id: int, message: str) -> None:
+        super().__init__(message)
+        self.row_id = row_id
+
+
+@dataclass(frozen=True)
+class _Part:
+    row: Dispatch
+    size: int
+
+
+class StowBody:
+    """A ``multipart/related; type="application/dicom"`` body (PS3.18 8.6.1.2) read from
+    files as it is sent: ``len()`` is its exact size (sent as Content-Length), iterating
+    yields the framing and ``BLOCK_BYTES`` pieces of each file."""
+
+    def __init__(self, parts: list[_Part]) -> None:
+        self.parts = parts
+        self.boundary = f"dicom-node-{uuid.uuid4().hex}"
+        self._head = f"--{self.boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        self._end = f"--{self.boundary}--\r\n".encode()
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; type="application/dicom"; boundary={self.boundary}'
+
+    def __len__(self) -> int:
+        framing = len(self._head) + 2  # each part ends with CRLF before the next boundary
+        return sum(p.size + framing for p in self.parts) + len(self._end)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for part in self.parts:
+            yield self._head
+            left = part.size
+            with open(part.row.path, "rb") as f:
+                while left > 0:
+                    block = f.read(min(BLOCK_BYTES, left))
+                    if not block:
+                        break
+                    left -= len(block)
+                    yield block
+                if left or f.read(1):
+                    raise FileChanged(part.row.id, f"file {part.row.path} changed while sent")
+            yield b"\r\n"
+        yield self._end
+
+
+def classify_reason(code: int | None, http: int) -> SendOutcome:
+    """The outbox verdict for one instance's WarningReason / FailureReason (a DICOM
+    status code) in a Store Instances Response answered with HTTP ``http``."""
+    if code is None or code_to_category(code) == STATUS_SUCCESS:
+        return SendOutcome("sent", 0, f"stored (HTTP {http})")
+    meaning = FAILURE_MEANING.get(code, "")
+    named = f"0x{code:04X}" + (f" {meaning}" if meaning else "")
+    category = code_to_category(code)
+    if category == STATUS_WARNING:
+        return SendOutcome("sent", code, f"stored with warning {named} (HTTP {http})")
+    if category == STATUS_FAILURE and code & 0xFF00 == 0xA700:
+        return SendOutcome("retry", code, f"STOW-RS FailureReason {named} (HTTP {http})")
+    return SendOutcome("failed", code, f"refused by STOW-RS: FailureReason {named} (HTTP {http})")
+
+
+def _int(item: pydicom.Dataset, keyword: str) -> int | None:
+    value = item.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def read_store_response(response: requests.Response) -> pydicom.Dataset | None:
+    """The Store Instances Response data set of ``response`` (DICOM JSON, PS3.18 F.2),
+    or None when it has none or it cannot be read."""
+    if not response.content:
+        return None
+    try:
+        payload: Any = response.json()
+        if isinstance(payload, list):  # some servers wrap the one data set in an array
+            payload = payload[0] if payload else {}
+        return pydicom.Dataset.from_json(payload)
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+
+
+def outcomes_of(response: requests.Response, rows: list[Dispatch]) -> dict[int, SendOutcome]:
+    """Every row's outcome from one STOW-RS answer (module docstring)."""
+    code = response.status_code
+    status = http_status_text(code, response.reason)
+    if code >= 500 or code in RETRY_HTTP:
+        return {r.id: SendOutcome("retry", None, status) for r in rows}
+    if code not in (200, 202, 409):
+        if 300 <= code < 400:
+            status += " (a redirect: set url to the address it names)"
+        return {r.id: SendOutcome("failed", None, status) for r in rows}
+    answer = read_store_response(response)
+    listed: dict[str, SendOutcome] = {}
+    if answer is not None:
+        for item in answer.get("ReferencedSOPSequence") or []:
+            uid = str(item.get("ReferencedSOPInstanceUID", ""))
+            listed[uid] = classify_reason(_int(item, "WarningReason"), code)
+        for item in answer.get("FailedSOPSequence") or []:
+            uid = str(item.get("ReferencedSOPInstanceUID", ""))
+            reason = _int(item, "FailureReason")
+            listed[uid] = classify_reason(0x0110 if reason is None else reason, code)
+    unlisted = (
+        SendOutcome("sent", 0, "stored (HTTP 200)")
+        if code == 200
+        else SendOutcome("failed", None, f"{status}; the Store Instances Response does not list it")
+    )
+    return {r.id: listed.get(r.sop_uid, unlisted) for r in rows}
+
+
+class DicomwebSender:
+    """Sends one DICOMweb destination's due rows, one STOW-RS request per claimed chunk
+    (``slot`` of its ``max_associations``). The interface of ``DestinationSender``:
+    ``wake``, ``run_forever``, ``send_due``."""
+
+    def __init__(self, host: SenderHost, dest: Destination, slot: int) -> None:
+        self.dest = dest
+        self.db = host.db
+        self.settings = host.settings
+        self.name = f"{host.name}/{dest.name}#{slot}"
+        self.wake = threading.Event()
+        self.url = f"{dest.url}/studies"
+        self._carried: dict[str, outbox.Carried] = {}
+        self._session: requests.Session | None = None
+
+    def run_forever(self, stop: threading.Event, interval_s: float = 1.0) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    sent = self.send_due(stop)
+                except Exception:
+                    log.exception("sending to %s failed", self.dest.name)
+                    sent = 0
+                if not sent:
+                    self.wake.wait(interval_s)
+                    self.wake.clear()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def send_due(self, stop: threading.Event | None = None) -> int:
+        """Send this destination's due rows until none is left or it does not answer;
+        returns how many were attempted (each row at most once per call)."""
+        tried: set[int] = set()
+        while stop is None or not stop.is_set():
+            rows = outbox.claim_due(
+                self.db, STOW_CHUNK, destination=self.dest.name, sender=self.name, exclude=tried
+            )
+            if not rows:
+                break
+            tried.update(r.id for r in rows)
+            parts = self._prepare(rows)
+            if not parts:
+                continue
+            if stop is not None and stop.is_set():
+                outbox.release_unsent(self.db, [p.row for p in parts])
+                break
+            outcomes = self._post(parts)
+            self._record([p.row for p in parts], outcomes)
+            if all(o.state == "retry" and o.status is None for o in outcomes.values()):
+                break  # no answer, or a busy server: its backoff decides
+        return len(tried)
+
+    def _prepare(self, rows: list[Dispatch]) -> list[_Part]:
+        """Each row's file size; a row whose file is missing or not DICOM fails at once."""
+        parts, failed = [], {}
+        for row in rows:
+            try:
+                read_file_meta_info(row.path)  # a Part 10 file, as STOW-RS wants
+                parts.append(_Part(row, os.stat(row.path).st_size))
+            except (OSError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
+                failed[row.id] = SendOutcome("failed", None, f"file unreadable: {exc}")
+        if failed:
+            self._record([r for r in rows if r.id in failed], failed)
+        return parts
+
+    def _post(self, parts: list[_Part]) -> dict[int, SendOutcome]:
+        """One STOW-RS request carrying ``parts``; every row's outcome."""
+        rows = [p.row for p in parts]
+        body = StowBody(parts)
+        if self._session is None:
+            self._session = session(self.dest.auth, self.dest.ca_bundle)
+        timeout = self.settings.timeout_s
+        try:
+            response = self._session.post(
+                self.url,
+                data=body,
+                headers={"Content-Type": body.content_type, "Accept": "application/dicom+json"},
+                timeout=(timeout, timeout),
+                allow_redirects=False,
+            )
+        except FileChanged as exc:
+            self.close()  # the connection carried a cut-off body
+            return {
+                r.id: SendOutcome("failed", None, str(exc))
+                if r.id == exc.row_id
+                else SendOutcome("retry", None, "sent again: another file of its request changed")
+                for r in rows
+            }
+        except requests.RequestException as exc:
+            self.close()
+            why = request_error_text(exc, self.url, timeout)
+            log.warning("STOW-RS to %s: %s", self.dest.name, why)
+            return {r.id: SendOutcome("retry", None, why) for r in rows}
+        with response:
+            outcomes = outcomes_of(response, rows)
+        if response.status_code not in (200, 202):
+            log.warning(
+                "STOW-RS of %d instances to %s: %s",
+                len(rows), self.dest.name, http_status_text(response.status_code, response.reason),
+            )  # fmt: skip
+        return outcomes
+
+    def _record(self, rows: list[Dispatch], outcomes: dict[int, SendOutcome]) -> None:
+        outbox.record_outcomes(self.db, rows, outcomes, self.settings, cache=self._carried)
