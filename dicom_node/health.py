@@ -1,6 +1,8 @@
 """Destination health from what actually happens: send outcomes and C-ECHOs.
 
-The one writer of ``destination_echoes``. A C-ECHO goes to every destination every
+The one writer of ``destination_echoes``. A C-ECHO (for a DICOMweb destination: a QIDO-RS
+``GET {url}/studies?limit=1`` with its credentials, ``dicomweb_http.check_dicomweb``,
+kept the same way) goes to every destination every
 ``health.echo_interval_s`` (``EchoLoop``) and whenever a user asks on the destinations
 page; each answer is kept (``health.keep_echoes_days``). ``destination_health`` judges each
 destination from its latest evidence, the newest of its latest C-ECHO and its latest send
@@ -26,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from db.models import DestinationEcho, Dispatch, utcnow
 from db.session import Database
+from dicom_node.dicomweb_http import check_dicomweb
 from dicom_node.echo import EchoAnswer, check
 from kernel import outbox
 from kernel.events import add_event
@@ -63,9 +66,11 @@ class DestinationHealth:
     """
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    kind: str  # dimse, dicomweb
+    ae_title: str | None  # dimse
+    host: str | None
+    port: int | None
+    url: str | None  # dicomweb (never credentials: settings refuse them in a URL)
     state: DestinationState
     reason: str
     since: datetime | None
@@ -101,10 +106,12 @@ def record_echo(
     answer: EchoAnswer,
     trigger: str,
     requested_by: str | None = None,
+    probe: str = "C-ECHO",
 ) -> bool:
-    """Keep one C-ECHO answer; an answer that differs from the previous C-ECHO's is an
-    event (``destination_down`` / ``destination_up``). Returns True when the destination
-    answered again after the previous C-ECHO got no answer."""
+    """Keep one C-ECHO answer (``probe``: what was asked, "QIDO-RS" for DICOMweb); an
+    answer that differs from the previous one is an event (``destination_down`` /
+    ``destination_up``). Returns True when the destination answered again after the
+    previous check got no answer."""
     with db.session() as s:
         previous = s.scalars(
             select(DestinationEcho)
@@ -128,7 +135,7 @@ def record_echo(
             add_event(
                 s,
                 EventKind.DESTINATION_DOWN,
-                f"destination {destination} does not answer C-ECHO: {answer.detail}; "
+                f"destination {destination} does not answer {probe}: {answer.detail}; "
                 "results for it wait and are retried",
                 level=EventLevel.ERROR,
                 data={"destination": destination},
@@ -137,7 +144,7 @@ def record_echo(
             add_event(
                 s,
                 EventKind.DESTINATION_UP,
-                f"destination {destination} answers C-ECHO again; waiting sends resume",
+                f"destination {destination} answers {probe} again; waiting sends resume",
                 data={"destination": destination},
             )
         return answer.ok and not was_ok
@@ -158,18 +165,23 @@ def echo_destination(
     requested_by: str | None = None,
     wake_dispatcher: Callable[[], None] | None = None,
 ) -> EchoAnswer:
-    """C-ECHO the destination ``name`` now, keep the answer, and resume its waiting
-    sends when it answers again. Raises ``KeyError`` for an unknown destination."""
+    """C-ECHO the destination ``name`` (DICOMweb: QIDO-RS) now, keep the answer, and
+    resume its waiting sends when it answers again. Raises ``KeyError`` for an unknown
+    destination."""
     dest = settings.destination(name)
-    answer = check(
-        dest.host,
-        dest.port,
-        dest.ae_title,
-        dest.calling_ae_title or settings.ae_title,
-        timeout_s=settings.health.echo_timeout_s,
-        tls=dest.tls,
-    )
-    back = record_echo(db, name, answer, trigger, requested_by)
+    if dest.kind == "dicomweb":
+        answer = check_dicomweb(dest, timeout_s=settings.health.echo_timeout_s)
+    else:
+        answer = check(
+            dest.host or "",
+            dest.port or 0,
+            dest.ae_title or "",
+            dest.calling_ae_title or settings.ae_title,
+            timeout_s=settings.health.echo_timeout_s,
+            tls=dest.tls,
+        )
+    probe = "QIDO-RS" if dest.kind == "dicomweb" else "C-ECHO"
+    back = record_echo(db, name, answer, trigger, requested_by, probe)
     if answer.ok and (back or _has_backoff(db, name)):
         resumed = outbox.due_now(db, name)
         if resumed:
@@ -289,7 +301,8 @@ def health_of(
     echo = _latest_echo(s, dest.name)
     evidence = [e for e in (_latest_send(s, dest.name),) if e is not None]
     if echo is not None:
-        evidence.append(Evidence(echo.at, echo.ok, f"C-ECHO ({echo.trigger})", echo.detail))
+        probe = "QIDO-RS" if dest.kind == "dicomweb" else "C-ECHO"
+        evidence.append(Evidence(echo.at, echo.ok, f"{probe} ({echo.trigger})", echo.detail))
     latest = max(evidence, key=lambda e: e.at) if evidence else None
     ok_echo = _latest_echo(s, dest.name, ok=True)
     successes = [
@@ -350,9 +363,11 @@ def health_of(
             reason += f"; {pending} on their way"
     return DestinationHealth(
         name=dest.name,
+        kind=dest.kind,
         ae_title=dest.ae_title,
         host=dest.host,
         port=dest.port,
+        url=dest.url,
         state=state,
         reason=reason,
         since=since,

@@ -652,12 +652,13 @@ async def echo_destination(
     request: Request, name: DestinationName, who: Principal = Depends(require_operator)
 ) -> Response:
     """C-ECHO the destination now; the answer is kept with the periodic ones."""
-    _destination(request, name)
+    dest = _destination(request, name)
     node = _node(request)
     if node.echo_destination is None:
         raise HTTPException(503, "C-ECHO is not available in this node")
     answer = node.echo_destination(name, who.username)
-    message = f"C-ECHO to {name}: " + ("success" if answer.ok else f"no answer ({answer.detail})")
+    probe = "QIDO-RS check of" if dest.kind == "dicomweb" else "C-ECHO to"
+    message = f"{probe} {name}: " + ("success" if answer.ok else f"no answer ({answer.detail})")
     audit_record(
         request,
         who,

@@ -110,7 +110,8 @@ def health_alerts(
         if not h.alert:
             continue
         since = f" since {clock(h.since)}" if h.since else ""
-        lines.append(f"Destination {h.name} ({h.ae_title}) {h.state}{since}: {h.reason}")
+        who = h.ae_title if h.kind == "dimse" else "DICOMweb"
+        lines.append(f"Destination {h.name} ({who}) {h.state}{since}: {h.reason}")
     return lines
 
 
