@@ -1,0 +1,315 @@
+"""The send side under failure (issue 17), against real pynetdicom storage SCPs.
+
+- A destination that accepts the association and then does not answer holds up only its
+  own rows: results for a healthy destination go out within seconds meanwhile.
+- kill -9 of ``dicom-node serve`` in the middle of a batch: after a restart every row is
+  sent, every instance arrived, and only instances whose answer the node had not
+  recorded (at most one per association) arrived twice. A separate SCP process counts
+  every C-STORE it receives.
+- Rows for a destination removed from the settings fail, saying so; rows a sender had
+  claimed but not tried when the node stops are pending again, with no attempt counted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import CTImageStorage, generate_uid
+from sqlalchemy import select
+
+from db.models import Dispatch, Event
+from db.session import Database
+from devkit.net import free_port, wait_for_port
+from dicom_node.service import Node
+from kernel import outbox
+from kernel.vocabulary import OutboxKind
+from tests.conftest import node_settings, wait_until
+from tests.dicom_factory import ct_slice, write
+from tests.logging_store_scp import LoggingStoreSCP, read_log
+from tests.test_receive_durability import Serve
+
+INTERRUPTED = "when the node stopped"
+
+
+def _objects(folder: Path, n: int) -> list[tuple[str, str, str]]:
+    """``n`` small CT instances on disk as outbox objects (SOP UID, class, path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for i in range(n):
+        ds = ct_slice(study, series, i)
+        out.append((ds.SOPInstanceUID, CTImageStorage, str(write(ds, folder / f"{i:04d}.dcm"))))
+    return out
+
+
+def _queue_results(db: Database, objects: list[tuple[str, str, str]], names: list[str]) -> None:
+    """Results queued as the job runner queues them: one row per destination each."""
+    with db.session() as s:
+        for sop_uid, sop_class, path in objects:
+            outbox.queue(
+                s, study_id=None, kind=OutboxKind.RESULT, sop_uid=sop_uid,
+                sop_class_uid=sop_class, path=path, destinations=names,
+            )  # fmt: skip
+
+
+def _queue_forwards(db: Database, objects: list[tuple[str, str, str]], name: str) -> None:
+    with db.session() as s:
+        outbox.queue_many(
+            s, study_id=None, kind=OutboxKind.FORWARD, objects=objects, destination=name
+        )
+
+
+def _rows(db: Database, destination: str | None = None) -> list[Dispatch]:
+    with db.session() as s:
+        query = select(Dispatch).order_by(Dispatch.id)
+        if destination is not None:
+            query = query.where(Dispatch.destination == destination)
+        return list(s.scalars(query))
+
+
+def _states(db: Database, destination: str | None = None) -> Counter[str]:
+    return Counter(r.state for r in _rows(db, destination))
+
+
+def _events(db: Database, kind: str) -> list[str]:
+    with db.session() as s:
+        return list(s.scalars(select(Event.message).where(Event.kind == kind)))
+
+
+def _modelless(tmp_path: Path) -> dict[str, Any]:
+    models, rules = tmp_path / "models.yaml", tmp_path / "rules.yaml"
+    models.write_text("models: {}\n")
+    rules.write_text("rules: []\n")
+    return {
+        "models_file": models,
+        "rules_file": rules,
+        "worker": {"enabled": False},
+        "web": {"enabled": False},
+        "health": {"echo_interval_s": 0},
+    }
+
+
+def _destination(name: str, scp: LoggingStoreSCP, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "ae_title": "LOGSCP", "host": "127.0.0.1", "port": scp.port, **extra}
+
+
+def test_a_destination_that_does_not_answer_holds_up_only_its_own_rows(tmp_path):
+    """The slow PACS takes the association and the first C-STORE, then answers nothing
+    (until ``dispatch.timeout_s``, 60 s here); the healthy PACS gets both bursts of
+    results within seconds meanwhile."""
+    slow = LoggingStoreSCP(free_port()).start()
+    slow.gate.clear()  # answers nothing until the gate opens
+    healthy = LoggingStoreSCP(free_port()).start()
+    node = None
+    try:
+        node = Node(
+            node_settings(
+                tmp_path,
+                **_modelless(tmp_path),
+                destinations=[_destination("slow", slow), _destination("pacs", healthy)],
+                dispatch={"retry_initial_s": 0.5, "retry_max_s": 2.0, "timeout_s": 60},
+            ),
+            stop_grace_s=5,
+        ).start()
+        first = _objects(tmp_path / "first", 10)
+        started = time.monotonic()
+        _queue_results(node.db, first, ["slow", "pacs"])
+        node.dispatcher.wake.set()
+        wait_until(lambda: _states(node.db, "pacs") == {"sent": 10}, 20, "first burst sent")
+        first_s = time.monotonic() - started
+        assert set(healthy.received) == {sop for sop, _, _ in first}
+        assert slow.waiting >= 1, "the slow destination answered"
+        assert _states(node.db, "slow")["sent"] == 0
+
+        # A second burst while the slow destination still holds its association.
+        second = _objects(tmp_path / "second", 10)
+        started = time.monotonic()
+        _queue_results(node.db, second, ["slow", "pacs"])
+        node.dispatcher.wake.set()
+        wait_until(lambda: _states(node.db, "pacs") == {"sent": 20}, 20, "second burst sent")
+        second_s = time.monotonic() - started
+        assert slow.waiting >= 1 and _states(node.db, "slow")["sent"] == 0
+        assert sorted(healthy.received) == sorted(sop for sop, _, _ in first + second)
+
+        slow.gate.set()  # it answers again: its rows follow
+        wait_until(lambda: _states(node.db, "slow") == {"sent": 20}, 60, "slow rows sent")
+        assert Counter(slow.received) == Counter(sop for sop, _, _ in first + second)
+        print(f"\nhealthy destination: bursts of 10 sent in {first_s:.1f} s and {second_s:.1f} s")
+    finally:
+        slow.gate.set()
+        if node is not None:
+            node.stop()
+        slow.close()
+        healthy.close()
+
+
+class _LoggingSCPProcess:
+    """``tests.logging_store_scp`` in its own process."""
+
+    def __init__(self, log: Path, delay_s: float) -> None:
+        self.port = free_port()
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.logging_store_scp", str(self.port), str(log),
+             "--delay-s", str(delay_s)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_port("127.0.0.1", self.port, 30)
+
+    def received(self) -> list[str]:
+        return read_log(self.log)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def _serve_with_destination(data_dir: Path, tmp_path: Path, scp_port: int) -> Serve:
+    node = Serve(data_dir, processes=1)
+    destination = {
+        "name": "logscp", "ae_title": "LOGSCP", "host": "127.0.0.1", "port": scp_port,
+        "max_associations": 2,
+    }  # fmt: skip
+    models, rules = tmp_path / "models.yaml", tmp_path / "rules.yaml"
+    models.write_text("models: {}\n")
+    rules.write_text("rules: []\n")
+    node.env.update(
+        DICOM_NODE_MODELS_FILE=str(models),
+        DICOM_NODE_RULES_FILE=str(rules),
+        DICOM_NODE_DESTINATIONS=json.dumps([destination]),
+        DICOM_NODE_DISPATCH__RETRY_INITIAL_S="0.5",
+        DICOM_NODE_DISPATCH__RETRY_MAX_S="2",
+    )
+    return node
+
+
+def _db_states(node: Serve) -> dict[str, str]:
+    with node.db() as conn:
+        return dict(conn.execute("SELECT sop_uid, state FROM dispatches").fetchall())
+
+
+def test_kill_9_mid_batch_resends_only_what_was_in_flight(tmp_path):
+    batch, max_associations = 80, 2
+    scp = _LoggingSCPProcess(tmp_path / "stores.log", delay_s=0.15)
+    data_dir = tmp_path / "data"
+    node = _serve_with_destination(data_dir, tmp_path, scp.port)
+    try:
+        node.start()
+        objects = _objects(tmp_path / "out", batch)
+        db = Database(f"sqlite:///{data_dir / 'node.db'}")
+        try:
+            _queue_forwards(db, objects, "logscp")  # the node's next poll (<= 1 s) sends
+        finally:
+            db.dispose()
+        wait_until(lambda: len(scp.received()) >= 20, 60, "20 C-STOREs at the logging SCP")
+        node.kill9()
+
+        before = _db_states(node)
+        arrived_before = set(scp.received())
+        sent_before = {sop for sop, state in before.items() if state == "sent"}
+        left_sending = sum(state == "sending" for state in before.values())
+        assert len(arrived_before) < batch, "the kill came after the batch"
+        # Arrived but not recorded as sent: the C-STOREs whose answer the node had not
+        # recorded when it died, one per association at most.
+        in_flight = arrived_before - sent_before
+        assert sent_before <= arrived_before
+        assert len(in_flight) <= max_associations, in_flight
+
+        node = _serve_with_destination(data_dir, tmp_path, scp.port).start()
+        wait_until(
+            lambda: set(_db_states(node).values()) == {"sent"}, 60, "every row sent after restart"
+        )
+        time.sleep(1.0)  # a stray send would arrive by now
+        counts = Counter(scp.received())
+        assert set(counts) == {sop for sop, _, _ in objects}, "an instance never arrived"
+        duplicates = {sop: n for sop, n in counts.items() if n > 1}
+        assert set(duplicates) <= in_flight, "an instance recorded as sent was sent again"
+        assert sum(n - 1 for n in duplicates.values()) <= max_associations
+        with node.db() as conn:
+            interrupted = [
+                m for (m,) in conn.execute("SELECT message FROM events WHERE kind = 'send_retry'")
+                if INTERRUPTED in m
+            ]  # fmt: skip
+        assert len(interrupted) == left_sending
+        print(
+            f"\nkill -9 after {len(arrived_before)} of {batch} C-STOREs arrived: "
+            f"{len(sent_before)} recorded sent, {left_sending} left sending, "
+            f"{len(in_flight)} in flight; after restart {sum(counts.values())} C-STOREs, "
+            f"{sum(n - 1 for n in duplicates.values())} duplicate(s)"
+        )
+    finally:
+        node.stop()
+        scp.stop()
+
+
+def test_rows_for_a_removed_destination_fail_with_a_reason(tmp_path):
+    pacs = LoggingStoreSCP(free_port()).start()
+    node = None
+    try:
+        settings = node_settings(
+            tmp_path, **_modelless(tmp_path), destinations=[_destination("pacs", pacs)]
+        )
+        node = Node(settings, stop_grace_s=5).start()
+        objects = _objects(tmp_path / "out", 3)
+        _queue_results(node.db, objects, ["old_pacs", "pacs"])
+        node.dispatcher.wake.set()
+        wait_until(lambda: _states(node.db) == {"failed": 3, "sent": 3}, 20, "rows settled")
+        for row in _rows(node.db, "old_pacs"):
+            assert (row.state, row.attempts) == ("failed", 1)
+            assert row.last_error == "destination 'old_pacs' unknown"
+        failed = _events(node.db, "send_failed")
+        assert len(failed) == 3 and all("old_pacs" in m and "unknown" in m for m in failed)
+        assert sorted(pacs.received) == sorted(sop for sop, _, _ in objects)
+    finally:
+        if node is not None:
+            node.stop()
+        pacs.close()
+
+
+def test_rows_claimed_but_not_tried_are_pending_again_when_the_node_stops(tmp_path):
+    pacs = LoggingStoreSCP(free_port(), delay_s=0.3).start()
+    settings = node_settings(
+        tmp_path,
+        **_modelless(tmp_path),
+        destinations=[_destination("pacs", pacs, max_associations=1)],
+    )
+    node = Node(settings, stop_grace_s=10).start()
+    try:
+        objects = _objects(tmp_path / "out", 30)
+        _queue_results(node.db, objects, ["pacs"])
+        node.dispatcher.wake.set()
+        wait_until(lambda: _states(node.db)["sent"] >= 3, 30, "three rows sent")
+        claimed = {r.id for r in _rows(node.db) if r.state == "sending"}
+    finally:
+        node.stop()
+    assert len(claimed) >= 2, "the sender had no claimed rows left to release"
+    rows = _rows(node.db)
+    states = Counter(r.state for r in rows)
+    assert set(states) == {"sent", "pending"}, states
+    # What went over the wire is exactly what is recorded sent (the C-STORE in flight at
+    # the stop finished and was recorded).
+    assert sorted(pacs.received) == sorted(r.sop_uid for r in rows if r.state == "sent")
+    released = [r for r in rows if r.id in claimed and r.state == "pending"]
+    assert released, "every claimed row was sent before the stop"
+    for row in released:
+        assert (row.attempts, row.last_attempt_at, row.last_error) == (0, None, None)
+        assert (row.sending_by, row.sending_since) == (None, None)
+    assert not any(INTERRUPTED in m for m in _events(node.db, "send_retry"))
+
+    # The next start sends the rest, each once, and finds nothing interrupted.
+    again = Node(settings, stop_grace_s=10).start()
+    try:
+        wait_until(lambda: _states(again.db) == {"sent": 30}, 60, "the rest sent")
+        assert not any(INTERRUPTED in m for m in _events(again.db, "send_retry"))
+    finally:
+        again.stop()
+        pacs.close()
+    assert Counter(pacs.received) == Counter({sop: 1 for sop, _, _ in objects})
+    print(f"\nstop with {len(released)} claimed rows untried: pending again, no attempt counted")
