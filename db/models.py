@@ -160,6 +160,9 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     # Free-form outcome for the status page: label volumes, dice, timings.
     summary: Mapped[dict[str, Any] | None] = mapped_column()
+    # http(s) URLs told when the job ends (the pipeline's and the API request's
+    # ``update_url``): a ``webhook_deliveries`` row each (migration 0009). NULL: none.
+    update_urls: Mapped[list[Any] | None] = mapped_column()
 
     study: Mapped[Study] = relationship()
 
@@ -231,6 +234,40 @@ class Dispatch(Base):
     review_note: Mapped[str | None] = mapped_column(Text)
     # State ``sending``: which sender claimed the row (host, process, destination sender)
     # and when, written before its association opens. NULL otherwise (migration 0008).
+    sending_since: Mapped[datetime | None] = mapped_column()
+    sending_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class WebhookDelivery(Base):
+    """One job status notification to one URL (a job's ``update_urls``): its exact JSON
+    body, made in the transaction that ended the job, and its delivery.
+
+    state: see ``kernel.webhooks.WebhookState`` (pending -> sending -> delivered, or
+    pending again after a backoff, or failed with ``last_error``). Written only by
+    ``kernel.webhooks``.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    # The job's state the body reports: done | failed | cancelled | expired.
+    job_state: Mapped[str] = mapped_column(String(16))
+    # The JSON body, byte for byte what is POSTed (UTF-8) and signed.
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_attempt_at: Mapped[datetime | None] = mapped_column()
+    # The HTTP status of the last answer (NULL: none, e.g. a refused connection).
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column()
+    # State ``sending``: which sender claimed the row and since when.
     sending_since: Mapped[datetime | None] = mapped_column()
     sending_by: Mapped[str | None] = mapped_column(String(128))
 

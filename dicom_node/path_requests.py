@@ -32,6 +32,7 @@ from dicom_node.view import ServiceView
 from dicom_node.web import users
 from inference import queue as jobs
 from inference.path_api import PathInputError, PathNotAllowedError, is_path_job, path_inputs
+from kernel import webhooks
 from kernel.vocabulary import JobState
 
 # The role a caller needs (README "Security", roles table: the path API is operations).
@@ -222,12 +223,19 @@ def submit(view: ServiceView, caller: Caller, pipeline: str, body: dict[str, Any
     identical request ended between the check and the insert: retry). An identical
     request still queued is joined instead of queued twice. The queued job is audited
     (``path_job_queued`` with its paths).
+    ``body`` may also hold ``update_url``: an http(s) URL told when the job ends
+    (``kernel.webhooks``), besides the pipeline's own; another scheme is INVALID.
     """
     spec = view.rules.get().pipelines.get(pipeline)
     if spec is None:
         raise PathRequestError(
             Problem.NO_PIPELINE, f"pipeline {pipeline!r} is not defined in the pipeline catalog"
         )
+    update_url = body.get("update_url")
+    try:
+        update_url = None if update_url in (None, "") else webhooks.check_url(update_url)
+    except webhooks.WebhookUrlError as exc:
+        raise PathRequestError(Problem.INVALID, f"pipeline {pipeline}: {exc}") from None
     try:
         inputs = path_inputs(spec, body, allowed_roots(view))
     except PathNotAllowedError as exc:
@@ -252,6 +260,7 @@ def submit(view: ServiceView, caller: Caller, pipeline: str, body: dict[str, Any
             inputs,
             priority=spec.priority,
             max_attempts=view.settings.worker.max_attempts,
+            update_urls=webhooks.merge_urls(spec.update_url, update_url) or None,
         )
         if job is None:  # the same request is already queued: wait for that one
             job = jobs.identical_job(s, study, pipeline, inputs)
@@ -264,7 +273,11 @@ def submit(view: ServiceView, caller: Caller, pipeline: str, body: dict[str, Any
         audit.Action.PATH_JOB_QUEUED,
         object_type="job",
         object_id=job_id,
-        detail={"pipeline": pipeline, "paths": {r: v["path"] for r, v in inputs.items()}},
+        detail={
+            "pipeline": pipeline,
+            "paths": {r: v["path"] for r, v in inputs.items()},
+            **({"update_url": webhooks.display_url(update_url)} if update_url else {}),
+        },
     )
     return job_id
 

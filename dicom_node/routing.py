@@ -280,4 +280,5 @@ class Router:
             max_attempts=self.max_attempts,
             inputs_ready_at=inputs_completed,
             reason="; ".join(f"{role} <- {why}" for role, why in plan.choices.items()),
+            update_urls=[spec.update_url] if spec.update_url else None,
         )

@@ -29,6 +29,7 @@ from dicom_node.rules_holder import RulesHolder
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from dicom_node.view import ServiceView
+from dicom_node.webhook_sender import WebhookSender
 from inference import queue
 from inference.gpu import Admission, worker_devices
 from inference.keeper import QueueKeeper
@@ -37,6 +38,7 @@ from inference.registry import load_registry
 from inference.results import product_version
 from inference.supervisor import worker_name
 from inference.worker import LocalWorker
+from kernel import webhooks
 from kernel.catalog import PipelineSpec
 from kernel.settings import NodeSettings
 
@@ -49,9 +51,9 @@ class Node:
     ``start`` migrates the database, checks the model registry and the rules (raising
     ``RegistryError`` / ``RulesError`` naming the problem), re-indexes spooled files the
     database missed, requeues jobs and sends a previous run left unfinished, and starts
-    the loops: assembler + settle check, dispatcher, destination C-ECHO, one worker per
-    device (or Celery publishing), queue keeper, web app, the gRPC path API (when
-    `grpc.enabled`; bound before any loop starts) and last the DICOM listener.
+    the loops: assembler + settle check, dispatcher, webhook sender, destination C-ECHO,
+    one worker per device (or Celery publishing), queue keeper, web app, the gRPC path
+    API (when `grpc.enabled`; bound before any loop starts) and last the DICOM listener.
     """
 
     def __init__(self, settings: NodeSettings, stop_grace_s: float = 60.0) -> None:
@@ -97,6 +99,12 @@ class Node:
             self.db, {d.name: d for d in s.destinations}, s.dispatch, s.ae_title
         )
         self.dispatcher.reset_interrupted()
+        # Job status webhooks: an unusable secret file stops the start here; deliveries a
+        # stopped node left mid-POST go again.
+        self.webhook_sender = WebhookSender(self.db, s.webhooks)
+        again = webhooks.reset_interrupted(self.db)
+        if again:
+            log.warning("%d webhook deliveries interrupted by the last stop go again", again)
         # listener.processes > 1: this process and N - 1 receiving processes share the port.
         self.receivers = ReceiverPool(s, self.db, self.spool, self.tracker)
         sockets = self.receivers.bind()
@@ -109,6 +117,7 @@ class Node:
             self.grpc_port = self.grpc_server.port
         self._spawn("assembler", self._assembler_loop)
         self._spawn("dispatcher", self.dispatcher.run_forever, self.stop_event)
+        self._spawn("webhooks", self.webhook_sender.run_forever, self.stop_event, daemon=True)
         self.echo_loop = EchoLoop(self.db, s, self.dispatcher.wake.set)
         self._spawn("destination-echo", self.echo_loop.run_forever, self.stop_event)
         self._start_audit()

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Job, Study, utcnow
 from db.session import Database
+from kernel import webhooks
 from kernel.events import add_event
 from kernel.retry import RetryPolicy
 from kernel.vocabulary import (
@@ -74,6 +75,7 @@ def enqueue(
     max_attempts: int = 3,
     inputs_ready_at: datetime | None = None,
     reason: str | None = None,
+    update_urls: list[str] | None = None,
 ) -> Job | None:
     """Queue a pipeline run; None when ``identical_job`` already covers it.
 
@@ -82,8 +84,13 @@ def enqueue(
     ``inputs_ready_at``: when the inputs were last completed; a job queued since then
     for the same inputs is not queued again (a routing pass that repeats itself).
     ``reason``: why these inputs were chosen (shown in the job_queued event).
+    ``update_urls``: http(s) URLs told when the job ends (``kernel.webhooks``); a job
+    still queued or running that covers the request gets those it lacks.
     """
-    if identical_job(session, study, pipeline, inputs, inputs_ready_at) is not None:
+    same = identical_job(session, study, pipeline, inputs, inputs_ready_at)
+    if same is not None:
+        if update_urls and same.state in ACTIVE_STATES:
+            same.update_urls = webhooks.merge_urls(*(same.update_urls or []), *update_urls)
         return None
     priority = Priority(priority)
     job = Job(
@@ -94,6 +101,7 @@ def enqueue(
         max_attempts=max_attempts,
         queued_at=utcnow(),
         state=JobState.QUEUED,
+        update_urls=webhooks.merge_urls(*update_urls) if update_urls else None,
     )
     session.add(job)
     session.flush()
@@ -211,6 +219,7 @@ def finish(
             return job.state
         if job.state == JobState.CANCELLING:  # cancelled while it ran: result not kept
             job.state, job.finished_at = JobState.CANCELLED, utcnow()
+            webhooks.job_ended(s, job)
             return job.state
         if record is not None:
             record(s, job)
@@ -228,6 +237,7 @@ def finish(
             job_id=job.id,
             data=summary,
         )
+        webhooks.job_ended(s, job)
         return job.state
 
 
@@ -256,6 +266,7 @@ def fail(
         job.finished_at = utcnow()
         if job.state == JobState.CANCELLING:
             job.state = JobState.CANCELLED
+            webhooks.job_ended(s, job)
             return job.state
         policy = RetryPolicy(max_attempts=job.max_attempts, base_s=retry_base_s)
         delay = policy.next_delay_s(job.attempts) if retry else None
@@ -280,6 +291,7 @@ def fail(
             study_uid=job.study.study_uid,
             job_id=job.id,
         )
+        webhooks.job_ended(s, job)  # only when it failed for good
         return job.state
 
 
@@ -297,6 +309,7 @@ def requeue_abandoned(db: Database, worker_prefix: str | None = None) -> int:
                 continue
             if job.state == JobState.CANCELLING:
                 job.state, job.finished_at = JobState.CANCELLED, utcnow()
+                webhooks.job_ended(s, job)
                 continue
             job.state = JobState.QUEUED
             job.attempts = max(0, job.attempts - 1)
@@ -354,6 +367,7 @@ def expire_queued(db: Database, max_age_s: float) -> int:
                 study_uid=job.study.study_uid,
                 job_id=job.id,
             )
+            webhooks.job_ended(s, job)
         return len(jobs)
 
 
@@ -402,6 +416,7 @@ def cancel(db: Database, job_id: int, by: str = "admin") -> str:
             study_uid=job.study.study_uid,
             job_id=job.id,
         )
+        webhooks.job_ended(s, job)  # only once it is cancelled (a queued job)
         return job.state
 
 

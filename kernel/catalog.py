@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from kernel.strict import StrictModel
 from kernel.vocabulary import Priority
+from kernel.webhooks import check_url
 
 log = logging.getLogger("dicom_node.catalog")
 
@@ -74,6 +75,16 @@ class PipelineSpec(StrictModel):
         description="'required': every result of this pipeline is held until a reviewer "
         "approves it (then sent) or rejects it (never sent): shadow mode for a new model.",
     )
+    update_url: str | None = Field(
+        None,
+        description="An http:// or https:// URL the node POSTs each job's status to when "
+        "it ends (done, failed, cancelled, expired): signed, retried (kernel.webhooks).",
+    )
+
+    @field_validator("update_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_url(v)
 
     @field_validator("inputs")
     @classmethod

@@ -745,6 +745,25 @@ class DispatchSettings(StrictModel):
     timeout_s: float = Field(30.0, gt=0, description="Association / DIMSE timeout.")
 
 
+class WebhookSettings(StrictModel):
+    """Job status webhooks (``kernel.webhooks``): how the POSTs to a job's ``update_url``
+    are signed, how long one may take, and how they are retried (seconds)."""
+
+    secret_file: Path | None = Field(
+        None,
+        description="File holding the HMAC-SHA256 key (its text, surrounding whitespace "
+        "removed); every POST carries X-Dicom-Node-Signature. Empty: POSTs are unsigned.",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout of one POST.")
+    max_attempts: int = Field(
+        10, ge=1, description="After this many failed POSTs (5xx, no answer) a delivery fails."
+    )
+    retry_initial_s: float = Field(5.0, gt=0, description="First retry delay; doubles each time.")
+    retry_max_s: float = Field(600.0, gt=0, description="Cap of the retry delay.")
+
+    _files = field_validator("secret_file")(classmethod(lambda cls, v: _existing_file(v)))
+
+
 class NodeSettings(BaseSettings):
     """Everything the node needs to know, validated at start (README.md: Settings).
 
@@ -807,6 +826,7 @@ class NodeSettings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -981,6 +1001,10 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> NodeSetti
                 data[key] = str(base / data[key])
         _resolve_tls_paths(data, base)
         _resolve_audit_paths(data, base)
+        hooks = data.get("webhooks")  # the webhook secret too
+        secret = hooks.get("secret_file") if isinstance(hooks, dict) else None
+        if isinstance(secret, str) and secret and not Path(secret).is_absolute():
+            hooks["secret_file"] = str(base / secret)
     data.update(overrides)
     try:
         return NodeSettings(**data)

@@ -199,7 +199,8 @@ class EventKind(StrEnum):
     DESTINATION_DOWN (sends or the periodic C-ECHO stopped getting answers),
     DESTINATION_UP (it answers again). Rules file: RULES_RELOADED, RULES_RELOAD_FAILED.
     Retrieval: RETRIEVE_STARTED (a source sends a study asked for), RETRIEVE_RECEIVED,
-    RETRIEVE_FAILED (with the reason).
+    RETRIEVE_FAILED (with the reason). Job status webhooks: WEBHOOK_SENT, WEBHOOK_RETRY,
+    WEBHOOK_FAILED (``kernel.webhooks``; the URL's host only).
     """
 
     STUDY_RECEIVED = "study_received"
@@ -246,6 +247,9 @@ class EventKind(StrEnum):
     RETRIEVE_STARTED = "retrieve_started"
     RETRIEVE_RECEIVED = "retrieve_received"
     RETRIEVE_FAILED = "retrieve_failed"
+    WEBHOOK_SENT = "webhook_sent"
+    WEBHOOK_RETRY = "webhook_retry"
+    WEBHOOK_FAILED = "webhook_failed"
 
 
 class DeliveryStatus(StrEnum):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(dicom_node/grpc_api/path_inference.proto\x12\x16\x64icom_node.path_api.v1\"E\n\x0fTotalsegRequest\x12\x12\n\nimage_path\x18\x01 \x01(\t\x12\x13\n\x06wait_s\x18\x0f \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_wait_s\"[\n\rVesselRequest\x12\x14\n\x0cimage_A_path\x18\x01 \x01(\t\x12\x14\n\x0cimage_P_path\x18\x02 \x01(\t\x12\x13\n\x06wait_s\x18\x0f \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_wait_s\"E\n\rUreterRequest\x12\x14\n\x0cimage_D_path\x18\x01 \x01(\t\x12\x13\n\x06wait_s\x18\x0f \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_wait_s\"B\n\x0cTumorRequest\x12\x12\n\nimage_path\x18\x01 \x01(\t\x12\x13\n\x06wait_s\x18\x0f \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_wait_s\"\x1c\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\"Y\n\tMaskReply\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tmask_path\x18\x03 \x01(\t\x12\x1a\n\x12probabilities_path\x18\x04 \x01(\t\"\xb6\x01\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x10\n\x08progress\x18\x05 \x01(\x02\x12\x11\n\tmask_path\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x1a\n\x12probabilities_path\x18\t \x01(\t2\x87\x04\n\rPathInference\x12V\n\x08Totalseg\x12\'.dicom_node.path_api.v1.TotalsegRequest\x1a!.dicom_node.path_api.v1.MaskReply\x12R\n\x06Vessel\x12%.dicom_node.path_api.v1.VesselRequest\x1a!.dicom_node.path_api.v1.MaskReply\x12R\n\x06Ureter\x12%.dicom_node.path_api.v1.UreterRequest\x1a!.dicom_node.path_api.v1.MaskReply\x12P\n\x05Tumor\x12$.dicom_node.path_api.v1.TumorRequest\x1a!.dicom_node.path_api.v1.MaskReply\x12O\n\x06GetJob\x12\".dicom_node.path_api.v1.JobRequest\x1a!.dicom_node.path_api.v1.MaskReply\x12S\n\x08WatchJob\x12\".dicom_node.path_api.v1.JobRequest\x1a!.dicom_node.path_api.v1.JobStatus0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(dicom_node/grpc_api/path_inference.proto\x12\x16\x64icom_node.path_api.v1\"m\n\x0fTotalsegRequest\x12\x12\n\nimage_path\x18\x01 \x01(\t\x12\x13\n\x06wait_s\x18\x0f \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nupdate_url\x18\x0e \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_wait_sB\r\n\x0b_update_url\"\x83\x01\n\rVesselRequest\x12\x14\n\x0cimage_A_path\x18\x01 \x01(\t\x12\x14\n\x0cimage_P_path\x18\x02 \x01(\t\x12\x13\n\x06wait_s\x18\x0f \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nupdate_url\x18\x0e \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_wait_sB\r\n\x0b_update_url\"m\n\rUreterRequest\x12\x14\n\x0cimage_D_path\x18\x01 \x01(\t\x12\x13\n\x06wait_s\x18\x0f \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nupdate_url\x18\x0e \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_wait_sB\r\n\x0b_update_url\"j\n\x0cTumorRequest\x12\x12\n\nimage_path\x18\x01 \x01(\t\x12\x13\n\x06wait_s\x18\x0f \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nupdate_url\x18\x0e \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_wait_sB\r\n\x0b_update_url\"\x1c\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\"Y\n\tMaskReply\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tmask_path\x18\x03 \x01(\t\x12\x1a\n\x12probabilities_path\x18\x04 \x01(\t\"\xb6\x01\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x10\n\x08progress\x18\x05 \x01(\x02\x12\x11\n\tmask_path\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x1a\n\x12probabilities_path\x18\t \x01(\t2\x87\x04\n\rPathInference\x12V\n\x08Totalseg\x12\'.dicom_node.path_api.v1.TotalsegRequest\x1a!.dicom_node.path_api.v1.MaskReply\x12R\n\x06Vessel\x12%.dicom_node.path_api.v1.VesselRequest\x1a!.dicom_node.path_api.v1.MaskReply\x12R\n\x06Ureter\x12%.dicom_node.path_api.v1.UreterRequest\x1a!.dicom_node.path_api.v1.MaskReply\x12P\n\x05Tumor\x12$.dicom_node.path_api.v1.TumorRequest\x1a!.dicom_node.path_api.v1.MaskReply\x12O\n\x06GetJob\x12\".dicom_node.path_api.v1.JobRequest\x1a!.dicom_node.path_api.v1.MaskReply\x12S\n\x08WatchJob\x12\".dicom_node.path_api.v1.JobRequest\x1a!.dicom_node.path_api.v1.JobStatus0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dicom_node.grpc_api.path_in
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOTALSEGREQUEST']._serialized_start=68
-  _globals['_TOTALSEGREQUEST']._serialized_end=137
-  _globals['_VESSELREQUEST']._serialized_start=139
-  _globals['_VESSELREQUEST']._serialized_end=230
-  _globals['_URETERREQUEST']._serialized_start=232
-  _globals['_URETERREQUEST']._serialized_end=301
-  _globals['_TUMORREQUEST']._serialized_start=303
-  _globals['_TUMORREQUEST']._serialized_end=369
-  _globals['_JOBREQUEST']._serialized_start=371
-  _globals['_JOBREQUEST']._serialized_end=399
-  _globals['_MASKREPLY']._serialized_start=401
-  _globals['_MASKREPLY']._serialized_end=490
-  _globals['_JOBSTATUS']._serialized_start=493
-  _globals['_JOBSTATUS']._serialized_end=675
-  _globals['_PATHINFERENCE']._serialized_start=678
-  _globals['_PATHINFERENCE']._serialized_end=1197
+  _globals['_TOTALSEGREQUEST']._serialized_end=177
+  _globals['_VESSELREQUEST']._serialized_start=180
+  _globals['_VESSELREQUEST']._serialized_end=311
+  _globals['_URETERREQUEST']._serialized_start=313
+  _globals['_URETERREQUEST']._serialized_end=422
+  _globals['_TUMORREQUEST']._serialized_start=424
+  _globals['_TUMORREQUEST']._serialized_end=530
+  _globals['_JOBREQUEST']._serialized_start=532
+  _globals['_JOBREQUEST']._serialized_end=560
+  _globals['_MASKREPLY']._serialized_start=562
+  _globals['_MASKREPLY']._serialized_end=651
+  _globals['_JOBSTATUS']._serialized_start=654
+  _globals['_JOBSTATUS']._serialized_end=836
+  _globals['_PATHINFERENCE']._serialized_start=839
+  _globals['_PATHINFERENCE']._serialized_end=1358
 # @@protoc_insertion_point(module_scope)

@@ -150,6 +150,8 @@ class PathInferenceService(pb2_grpc.PathInferenceServicer):
             )
             # The set path fields (proto3: an empty string is "not given").
             body = {f.name: v for f, v in request.ListFields() if f.name.endswith("_path")}
+            if request.HasField("update_url"):
+                body["update_url"] = request.update_url
             job_id = path_requests.submit(view, caller, pipeline, body)
             answer = path_requests.wait_for(
                 view,

@@ -16,12 +16,13 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from db.models import Dispatch, Event, Instance, Job, Result, Series, Study
+from db.models import Dispatch, Event, Instance, Job, Result, Series, Study, WebhookDelivery
 from dicom_node import health as destination_health
 from dicom_node import retrieve
 from dicom_node import status as statuses
 from dicom_node.web import timeline
 from dicom_node.web.display import study_heading
+from kernel import webhooks
 from kernel.catalog import PipelineSpec
 from kernel.settings import NodeSettings
 from kernel.vocabulary import (
@@ -355,6 +356,7 @@ def study_detail(s: Session, study_uid: str, viewer: Viewer) -> dict[str, Any] |
             if isinstance(uid, str):
                 feeds.setdefault(uid, []).append(name)
     runs = timeline.runs(st, list(jobs), list(events))
+    pipeline_of = {j.id: j.pipeline for j in jobs}
     return {
         "study_uid": st.study_uid,
         "heading": study_heading(
@@ -386,6 +388,14 @@ def study_detail(s: Session, study_uid: str, viewer: Viewer) -> dict[str, Any] |
         "events": [event_dict(e, names) for e in events],
         "retrievals": [
             retrieve.as_dict(r, viewer.sees_patient_ids) for r in retrieve.of_study(s, study_uid)
+        ],
+        "webhooks": [
+            webhooks.as_dict(w, pipeline_of.get(w.job_id))
+            for w in s.scalars(
+                select(WebhookDelivery)
+                .where(WebhookDelivery.study_id == st.id)
+                .order_by(WebhookDelivery.id)
+            )
         ],
     }
 
