@@ -333,6 +333,7 @@ def test_every_job_gets_one_signed_post_after_a_retry(
     login(page_client, "ada")
     page = page_client.get(f"/studies/{study.study_uid}").text
     assert 'id="webhooks"' in page and "delivered" in page
+    assert "webhook retry" in page and "webhook sent" in page  # rows of the job's run
     assert "s3cret" not in page and "/flaky" not in page  # never the path or query
     page = page_client.get(f"/studies/{path_study}").text
     assert "no such hook here" in page and "/gone" not in page

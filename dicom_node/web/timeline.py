@@ -49,6 +49,9 @@ STEP_NAMES: dict[str, str] = {
     EventKind.RESEND: "resend",
     EventKind.COMMITTED: "committed",
     EventKind.COMMIT_FAILED: "commit failed",
+    EventKind.WEBHOOK_SENT: "webhook sent",
+    EventKind.WEBHOOK_RETRY: "webhook retry",
+    EventKind.WEBHOOK_FAILED: "webhook failed",
 }
 # What led to a job: shown at the start of its first run.
 _LEAD_UP = (
