@@ -14,5 +14,7 @@ but ``db`` (checked by import-linter, see ``.importlinter``):
 - ``retry``: the one retry policy type used by jobs and by sends;
 - ``outbox``: the outbox, the one writer of the ``dispatches`` table (routing forwards,
   the job runner queues results, the dispatcher records outcomes, storage commitment
-  confirms, an admin resends).
+  confirms, an admin resends);
+- ``webhooks``: job status webhooks, the one writer of the ``webhook_deliveries`` table
+  (a job's end is recorded by the job queue, the node's sender records each POST).
 """
