@@ -101,4 +101,4 @@ def check_dicomweb(dest: Destination, timeout_s: float = 5) -> EchoAnswer:
             return answer(False, request_error_text(exc, url, timeout_s))
         except ValueError as exc:  # an answer that is not DICOM JSON
             return answer(False, f"QIDO-RS answer from {url} is not DICOM JSON: {exc}")
-    return answer(True, "success (QIDO-RS)")
+    return answer(True, "success")
