@@ -216,20 +216,19 @@ class DicomwebSender:
         self._session: requests.Session | None = None
 
     def run_forever(self, stop: threading.Event, interval_s: float = 1.0) -> None:
-        try:
-            while not stop.is_set():
-                try:
-                    sent = self.send_due(stop)
-                except Exception:
-                    log.exception("sending to %s failed", self.dest.name)
-                    sent = 0
-                if not sent:
-                    self.wake.wait(interval_s)
-                    self.wake.clear()
-        finally:
-            self.close()
+        while not stop.is_set():
+            try:
+                sent = self.send_due(stop)
+            except Exception:
+                log.exception("sending to %s failed", self.dest.name)
+                sent = 0
+            if not sent:
+                self.wake.wait(interval_s)
+                self.wake.clear()
 
     def close(self) -> None:
+        """Close the HTTP connections (kept open between the requests of one
+        ``send_due``, like a DIMSE sender's association)."""
         if self._session is not None:
             self._session.close()
             self._session = None
@@ -237,6 +236,12 @@ class DicomwebSender:
     def send_due(self, stop: threading.Event | None = None) -> int:
         """Send this destination's due rows until none is left or it does not answer;
         returns how many were attempted (each row at most once per call)."""
+        try:
+            return self._send_due(stop)
+        finally:
+            self.close()
+
+    def _send_due(self, stop: threading.Event | None) -> int:
         tried: set[int] = set()
         while stop is None or not stop.is_set():
             rows = outbox.claim_due(
