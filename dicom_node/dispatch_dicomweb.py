@@ -250,6 +250,7 @@ class DicomwebSender:
             if not rows:
                 break
             tried.update(r.id for r in rows)
+            self._carried = {}  # what rows carry, for their events: this chunk's only
             parts = self._prepare(rows)
             if not parts:
                 continue
