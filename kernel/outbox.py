@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Dispatch, Instance, Result, Series, Study, utcnow
 from db.session import Database
-from kernel.events import add_event
+from kernel.events import add_event, add_event_on
 from kernel.retry import RetryPolicy
 from kernel.settings import DispatchSettings
 from kernel.vocabulary import REVIEW_STATES, EventKind, EventLevel, OutboxKind, OutboxState
@@ -117,23 +117,75 @@ def carried(session: Session, row: Dispatch) -> Carried:
     study_uid = _study_uid(session, row)
     if row.kind == OutboxKind.RESULT:
         result = session.scalars(select(Result).where(Result.sop_uid == row.sop_uid)).first()
+        series = None
         if result is not None:
             series = session.scalars(
                 select(Series).where(Series.series_uid == result.source_series_uid)
             ).first()
-            kind = result.result_type if result.result_type == "RTSTRUCT" else result.kind
-            return Carried(
-                f"{result.pipeline or 'result'} {kind} {row.sop_uid} on {_series_name(series)}",
-                study_uid,
-                result.source_series_uid,
-                result.job_id,
-            )
-        return Carried(f"result {row.sop_uid}", study_uid, None, None)
+        return _describe(row, study_uid, result, series)
     series = session.scalars(
         select(Series)
         .join(Instance, Instance.series_id == Series.id)
         .where(Instance.sop_uid == row.sop_uid)
     ).first()
+    return _describe(row, study_uid, None, series)
+
+
+def carried_many(db: Database, rows: Iterable[Dispatch]) -> dict[str, Carried]:
+    """``carried`` for a sender's chunk of rows in four reads at most, by SOP Instance
+    UID (the ``cache`` of ``record_outcomes``: recording a row then reads nothing more)."""
+    rows = list(rows)
+    if not rows:
+        return {}
+    results_of = [r.sop_uid for r in rows if r.kind == OutboxKind.RESULT]
+    forwards = [r.sop_uid for r in rows if r.kind != OutboxKind.RESULT]
+    study_ids = {r.study_id for r in rows if r.study_id is not None}
+    with db.session() as s:
+        study_uids: dict[int, str] = {
+            study_id: study_uid
+            for study_id, study_uid in s.execute(
+                select(Study.id, Study.study_uid).where(Study.id.in_(study_ids))
+            ).all()
+        }
+        results: dict[str, Result] = {}
+        for result in s.scalars(select(Result).where(Result.sop_uid.in_(results_of))):
+            results.setdefault(result.sop_uid, result)
+        sources: dict[str, Series] = {}
+        source_uids = {r.source_series_uid for r in results.values()}
+        for series in s.scalars(select(Series).where(Series.series_uid.in_(source_uids))):
+            sources.setdefault(series.series_uid, series)
+        series_of: dict[str, Series] = {}
+        for sop_uid, series in s.execute(
+            select(Instance.sop_uid, Series)
+            .join(Series, Instance.series_id == Series.id)
+            .where(Instance.sop_uid.in_(forwards))
+        ).all():
+            series_of.setdefault(sop_uid, series)
+        out = {}
+        for row in rows:
+            study_uid = study_uids.get(row.study_id) if row.study_id is not None else None
+            if row.kind == OutboxKind.RESULT:
+                result = results.get(row.sop_uid)
+                source = sources.get(result.source_series_uid) if result is not None else None
+                out[row.sop_uid] = _describe(row, study_uid, result, source)
+            else:
+                out[row.sop_uid] = _describe(row, study_uid, None, series_of.get(row.sop_uid))
+        return out
+
+
+def _describe(
+    row: Dispatch, study_uid: str | None, result: Result | None, series: Series | None
+) -> Carried:
+    if row.kind == OutboxKind.RESULT:
+        if result is None:
+            return Carried(f"result {row.sop_uid}", study_uid, None, None)
+        kind = result.result_type if result.result_type == "RTSTRUCT" else result.kind
+        return Carried(
+            f"{result.pipeline or 'result'} {kind} {row.sop_uid} on {_series_name(series)}",
+            study_uid,
+            result.source_series_uid,
+            result.job_id,
+        )
     return Carried(
         f"forwarded {row.sop_uid} of {_series_name(series)}",
         study_uid,
@@ -496,9 +548,13 @@ def record_outcomes(
     destination's storage commitment report for that transaction. ``cache``: what rows
     carry (``carried``), kept by a caller that records its rows one at a time.
     """
+    rows = list(rows)
+    cache = {} if cache is None else cache
+    if rows and all(outcomes[r.id].state == "sent" for r in rows):
+        _record_sent(db, rows, outcomes, commit_uid, cache)
+        return
     policy = send_policy(settings)
     now = utcnow()
-    cache = {} if cache is None else cache
     with db.session() as s:
         for detached in rows:
             row = s.get_one(Dispatch, detached.id)
@@ -547,6 +603,46 @@ def record_outcomes(
                     f"{out.detail}"
                 )
             _event(s, row, EventKind.SEND_FAILED, message, cache, level=EventLevel.ERROR)
+
+
+def _record_sent(
+    db: Database,
+    rows: list[Dispatch],
+    outcomes: Mapping[int, SendOutcome],
+    commit_uid: str | None,
+    cache: dict[str, Carried],
+) -> None:
+    """``record_outcomes`` when every row was delivered, the common case, with plain
+    statements (an UPDATE and an event INSERT per row): the dispatcher records each
+    C-STORE as it is answered, and the ORM's read and unit of work cost more than the
+    C-STORE did (~1.5 ms of CPU a row)."""
+    now = utcnow()
+    table = Dispatch.__table__
+    with db.session() as s:
+        conn = s.connection()
+        for row in rows:
+            out = outcomes[row.id]
+            conn.execute(
+                table.update()
+                .where(table.c.id == row.id)
+                .values(
+                    state=OutboxState.SENT, sent_at=now, commit_uid=commit_uid,
+                    sending_since=None, sending_by=None, attempts=table.c.attempts + 1,
+                    last_attempt_at=now, last_status=out.status, last_error=None,
+                )
+            )  # fmt: skip
+            if row.sop_uid not in cache:
+                cache[row.sop_uid] = carried(s, row)
+            c = cache[row.sop_uid]
+            add_event_on(
+                conn,
+                EventKind.SENT,
+                f"{c.what} sent to {row.destination} ({out.detail})",
+                study_uid=c.study_uid,
+                series_uid=c.series_uid,
+                job_id=c.job_id,
+                data={"dispatch_id": row.id, "destination": row.destination},
+            )
 
 
 def record_commitment(

@@ -313,3 +313,35 @@ def test_rows_claimed_but_not_tried_are_pending_again_when_the_node_stops(tmp_pa
         pacs.close()
     assert Counter(pacs.received) == Counter({sop: 1 for sop, _, _ in objects})
     print(f"\nstop with {len(released)} claimed rows untried: pending again, no attempt counted")
+
+
+def test_the_association_reactor_leaves_responses_to_the_waiting_sender(tmp_path):
+    """pynetdicom's reactor takes messages without blocking between pauses; a C-STORE
+    response it took would be dropped and the sender would wait ``dispatch.timeout_s``
+    (a race seen in the send benchmark). On the dispatcher's associations it cannot."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_node.dispatch import DestinationSender, Dispatcher
+    from kernel.settings import Destination, DispatchSettings
+
+    pacs = LoggingStoreSCP(free_port()).start()
+    try:
+        dest = Destination(name="pacs", ae_title="LOGSCP", host="127.0.0.1", port=pacs.port)
+        db = Database(f"sqlite:///{tmp_path / 'node.db'}")  # not used by _associate
+        dispatcher = Dispatcher(db, {"pacs": dest}, DispatchSettings(timeout_s=5), "NODE")
+        assoc, why = DestinationSender(dispatcher, dest, 0)._associate(
+            {(CTImageStorage, ExplicitVRLittleEndian)}
+        )
+        assert assoc is not None, why
+        try:
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo, rsp.Status = 7, 0x0000
+            assoc.dimse.msg_queue.put((1, rsp))
+            assert assoc.dimse.get_msg(block=False) == (None, None)  # what the reactor sees
+            time.sleep(0.05)  # the reactor turns many times meanwhile
+            assert assoc.dimse.get_msg(block=True) == (1, rsp)  # what send_c_store gets
+        finally:
+            assoc.release()
+    finally:
+        pacs.close()
