@@ -18,6 +18,10 @@ from kernel.vocabulary import EventKind, EventLevel
 
 log = logging.getLogger("dicom_node.events")
 
+# ``add_event_on``'s INSERT, built once: building a statement per event cost more CPU
+# than running it.
+_INSERT = Event.__table__.insert()
+
 
 def _fields(
     kind: EventKind,
@@ -86,5 +90,5 @@ def add_event_on(
 ) -> None:
     """``add_event`` on a Core connection (one INSERT, no ORM unit of work)."""
     fields = _fields(kind, message, level, study_uid, series_uid, job_id, data)
-    conn.execute(Event.__table__.insert().values(**fields))
+    conn.execute(_INSERT, fields)
     _log(fields)

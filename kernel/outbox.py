@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from db.models import Dispatch, Instance, Result, Series, Study, utcnow
@@ -605,6 +605,18 @@ def record_outcomes(
             _event(s, row, EventKind.SEND_FAILED, message, cache, level=EventLevel.ERROR)
 
 
+# The UPDATE of ``_record_sent``, built once (building a statement costs more than running it).
+_SENT = (
+    Dispatch.__table__.update()
+    .where(Dispatch.__table__.c.id == bindparam("row_id"))
+    .values(
+        state=OutboxState.SENT, sent_at=bindparam("now"), commit_uid=bindparam("commit_uid"),
+        sending_since=None, sending_by=None, attempts=Dispatch.__table__.c.attempts + 1,
+        last_attempt_at=bindparam("now"), last_status=bindparam("status"), last_error=None,
+    )
+)  # fmt: skip
+
+
 def _record_sent(
     db: Database,
     rows: list[Dispatch],
@@ -613,36 +625,35 @@ def _record_sent(
     cache: dict[str, Carried],
 ) -> None:
     """``record_outcomes`` when every row was delivered, the common case, with plain
-    statements (an UPDATE and an event INSERT per row): the dispatcher records each
-    C-STORE as it is answered, and the ORM's read and unit of work cost more than the
-    C-STORE did (~1.5 ms of CPU a row)."""
+    statements (an UPDATE and an event INSERT per row) in one transaction: the
+    dispatcher records each C-STORE as it is answered, and the ORM's read and unit of
+    work cost more CPU than the C-STORE itself."""
     now = utcnow()
-    table = Dispatch.__table__
-    with db.session() as s:
-        conn = s.connection()
-        for row in rows:
-            out = outcomes[row.id]
-            conn.execute(
-                table.update()
-                .where(table.c.id == row.id)
-                .values(
-                    state=OutboxState.SENT, sent_at=now, commit_uid=commit_uid,
-                    sending_since=None, sending_by=None, attempts=table.c.attempts + 1,
-                    last_attempt_at=now, last_status=out.status, last_error=None,
+    with db.engine.begin() as conn:
+        session: Session | None = None  # only for what a row carries, when not cached
+        try:
+            for row in rows:
+                out = outcomes[row.id]
+                conn.execute(
+                    _SENT,
+                    {"row_id": row.id, "now": now, "commit_uid": commit_uid, "status": out.status},
                 )
-            )  # fmt: skip
-            if row.sop_uid not in cache:
-                cache[row.sop_uid] = carried(s, row)
-            c = cache[row.sop_uid]
-            add_event_on(
-                conn,
-                EventKind.SENT,
-                f"{c.what} sent to {row.destination} ({out.detail})",
-                study_uid=c.study_uid,
-                series_uid=c.series_uid,
-                job_id=c.job_id,
-                data={"dispatch_id": row.id, "destination": row.destination},
-            )
+                if row.sop_uid not in cache:
+                    session = session or Session(bind=conn)
+                    cache[row.sop_uid] = carried(session, row)
+                c = cache[row.sop_uid]
+                add_event_on(
+                    conn,
+                    EventKind.SENT,
+                    f"{c.what} sent to {row.destination} ({out.detail})",
+                    study_uid=c.study_uid,
+                    series_uid=c.series_uid,
+                    job_id=c.job_id,
+                    data={"dispatch_id": row.id, "destination": row.destination},
+                )
+        finally:
+            if session is not None:
+                session.close()
 
 
 def record_commitment(
