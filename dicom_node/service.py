@@ -294,7 +294,11 @@ class Node:
         if hasattr(self, "receivers"):
             self.receivers.stop()
         self.stop_event.set()
+        # Loops that sleep on their own wake event see the stop now, not at their next poll.
         self.dispatcher.wake.set()
+        if hasattr(self, "webhook_sender"):
+            self.webhook_sender.wake.set()
+        self.wake_retriever()
         if self.web_server is not None:
             self.web_server.should_exit = True
         if self.grpc_server is not None:

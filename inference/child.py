@@ -9,8 +9,10 @@ The child opens its own database engine and models from the settings (a plain di
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -124,9 +126,9 @@ def child_main(conn: Connection, settings_data: dict[str, Any], device: str) -> 
             try:
                 message = conn.recv()
             except EOFError:  # the parent is gone
-                return
+                break
             if message[0] == "stop":
-                return
+                break
             _, job_id, worker, attempt = message
             try:
                 spec = catalog.get(_pipeline_of(db, job_id))
@@ -143,6 +145,20 @@ def child_main(conn: Connection, settings_data: dict[str, Any], device: str) -> 
                 conn.send(("done", job_id, state))
     finally:
         db.dispose()
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """End the child at once after a ``stop`` or a closed pipe: the interpreter's own
+    shutdown, with torch and the models loaded, takes one to two seconds (module teardown,
+    thread pools) that a stopping node would wait. Nothing is left to finalise: the
+    database engine is disposed, logs are flushed here, and a job's files are written and
+    closed before its ``done`` answer (an unanswered job is requeued by the parent)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def _pipeline_of(db: Any, job_id: int) -> str:
