@@ -26,6 +26,11 @@ NOT_RUN items are named in the reason), PARTIALLY_DELIVERED when some got throug
 others failed, were rejected or cancelled, else the worst of FAILED, REJECTED, CANCELLED
 (or NOT_SENT / NOT_RUN when that is all there is). A study whose series no rule matched
 says so, with each rule's first failing condition.
+
+A path API request (``records.path_study``: a study row without series, holding path
+jobs) is the state of its jobs: queued, running, failed (why), cancelled, or DELIVERED
+once done (the mask went to the caller; nothing is sent to a PACS). It is never
+RECEIVING: no series will ever arrive.
 """
 
 from __future__ import annotations
@@ -472,12 +477,18 @@ def _study_status(
             continue
         requested += [p for p in data.get("pipelines", []) if p not in requested]
     latest: dict[str, Any] = {}
+    path_jobs: dict[str, Any] = {}
     for job in f.jobs:
         if is_path_job(job.inputs or {}):
-            continue  # a path API job is not part of the study's routing
+            path_jobs[job.pipeline] = job  # not part of the study's routing
+            continue
         latest[job.pipeline] = job  # jobs come in id order: the last one wins
         if job.pipeline not in requested:
             requested.append(job.pipeline)
+    if path_jobs and not f.series:
+        # A path API request: no series ever arrives; it is its jobs' state.
+        items = [_path_job_item(name, job, clock) for name, job in path_jobs.items()]
+        return _combined(f, items, [])
     for name in requested:
         job = latest.get(name)
         if job is not None:
@@ -508,6 +519,29 @@ def _study_status(
         or x.routed_at is None
         or (x.completed_at is not None and x.routed_at < x.completed_at)
     ]
+    return _combined(f, items, receiving)
+
+
+def _path_job_item(name: str, job: Any, clock: Clock) -> ItemStatus:
+    """A path API job (``inference.path_api``): queued, running, failed, cancelled and
+    expired as any job; done is DELIVERED, its mask handed to the caller (it sends
+    nothing to a PACS), or FAILED when it finished without a mask."""
+    if job.state != JobState.DONE:
+        return _job_item(name, job, [], [], None, clock)
+    mask = (job.summary or {}).get("mask_path")
+    if not mask:
+        return ItemStatus(name, "pipeline", S.FAILED, "finished without a mask", job.id)
+    return ItemStatus(
+        name,
+        "pipeline",
+        S.DELIVERED,
+        f"path API: mask written to {mask} (nothing is sent to a PACS)",
+        job.id,
+    )
+
+
+def _combined(f: _Facts, items: list[ItemStatus], receiving: list[Any]) -> StudyStatus:
+    """The study's status from its items and its series still arriving."""
     present = {i.status for i in items}
     if receiving:
         present.add(S.RECEIVING)
@@ -516,7 +550,7 @@ def _study_status(
             if status == S.RECEIVING:
                 return StudyStatus(status, f"{len(receiving)} series arriving", items)
             return StudyStatus(status, _reasons(items, status), items)
-    if not f.series:
+    if not f.series and not items:
         return StudyStatus(S.RECEIVING, "no series yet", items)
     if not items:
         return _no_items(f, items)
@@ -597,7 +631,11 @@ def candidates(status: DeliveryStatus) -> Any | None:
     """A SQL condition on ``Study`` that every study in ``status`` meets: a necessary one,
     to narrow a search before the statuses are derived (the derivation above decides).
     None where there is no such shortcut (waiting for inputs, not run)."""
-    delivered = _has(Dispatch, Dispatch.state.in_(DELIVERED_STATES))
+    # A path API request (no series, path jobs) is delivered once its job is done.
+    delivered = or_(
+        _has(Dispatch, Dispatch.state.in_(DELIVERED_STATES)),
+        and_(~_has(Series), _has(Job, Job.state == JobState.DONE)),
+    )
     conditions: dict[DeliveryStatus, Any] = {
         S.FAILED: or_(
             _has(Job, Job.state.in_((JobState.FAILED, JobState.EXPIRED))),
@@ -614,7 +652,7 @@ def candidates(status: DeliveryStatus) -> Any | None:
         S.CANCELLED: _has(Job, Job.state == JobState.CANCELLED),
         S.REJECTED: _has(Dispatch, Dispatch.state == OutboxState.REJECTED),
         S.RECEIVING: or_(
-            ~_has(Series),
+            and_(~_has(Series), ~_has(Job)),  # without series but with a job: path API
             _has(
                 Series,
                 or_(

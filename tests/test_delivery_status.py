@@ -14,7 +14,8 @@ from db.models import DestinationEcho, Dispatch, Event, Job, Study, utcnow
 from dicom_node import health, status
 from dicom_node.echo import EchoAnswer
 from dicom_node.instance import InstanceHeader
-from dicom_node.records import Origin, record_instance
+from dicom_node.records import Origin, path_study, record_instance
+from dicom_node.web import queries
 from inference import queue
 from inference.jobrun import JobRunner, WrittenSeg
 from kernel import outbox
@@ -330,3 +331,49 @@ def test_a_pipeline_whose_phase_never_came_does_not_make_the_rest_partial(db):
         ("tumor", S.DELIVERED),
         ("vessel", S.NOT_RUN),
     ]
+
+
+def _path_status(db, study_id: int) -> tuple[status.StudyStatus, dict, list[str]]:
+    """The path study's status, the day's counts and the studies the list's filters find."""
+    viewer = queries.Viewer(load_settings(None))
+    with db.session() as s:
+        st = status.study_status(s, s.get_one(Study, study_id))
+        counts = status.recent_counts(s, utcnow() - timedelta(days=1))
+        found = [
+            name for name in (str(x) for x in S) if queries.studies(s, viewer, status=name)["items"]
+        ]
+        if queries.studies(s, viewer, status=queries.IN_PROGRESS)["items"]:
+            found.append(queries.IN_PROGRESS)
+    return st, counts, found
+
+
+def test_a_path_api_request_carries_its_jobs_state_never_receiving(db):
+    """A path API request is a study row without series: queued, running, failed (why)
+    and done (the mask went to the caller) on the status, the day's counts and the list's
+    filters alike; never "receiving"."""
+    inputs = {"image": {"path": "/data/p"}}
+    with db.session() as s:
+        study = path_study(s, inputs)
+        study_id = study.id
+        queue.enqueue(s, study, "tumor", inputs)
+    st, counts, found = _path_status(db, study_id)
+    assert (st.status, st.reason) == (S.QUEUED, "tumor: waits for a worker")
+    assert counts[S.RECEIVING] == 0 and counts[S.QUEUED] == 1
+    assert found == ["queued", queries.IN_PROGRESS]
+    job = queue.claim(db, "w", "cpu")
+    st, counts, found = _path_status(db, study_id)
+    assert st.status == S.RUNNING and counts[S.RUNNING] == 1 and counts[S.RECEIVING] == 0
+    assert queue.fail(db, job.id, "input image: /data/p could not be read", retry=False)
+    st, counts, found = _path_status(db, study_id)
+    assert (st.status, st.reason) == (S.FAILED, "tumor: input image: /data/p could not be read")
+    assert counts[S.FAILED] == 1 and counts[S.RECEIVING] == 0 and found == ["failed"]
+
+    queue.retry(db, job.id)
+    assert queue.claim(db, "w", "cpu").id == job.id
+    queue.finish(db, job.id, {"mask_path": "/data/masks/1/tumor.nii.gz"})
+    st, counts, found = _path_status(db, study_id)
+    assert (st.status, st.tone) == (S.DELIVERED, "ok")
+    assert st.reason == (
+        "tumor: path API: mask written to /data/masks/1/tumor.nii.gz (nothing is sent to a PACS)"
+    )
+    assert counts[S.DELIVERED] == 1 and sum(counts.values()) == 1 and found == ["delivered"]
