@@ -152,9 +152,9 @@ def token_caller(
 
 
 def denial_message(username: str, role: str, needed: str) -> str:
-    """The words of a role refusal (the web app's role check says the same)."""
-    allowed = " or ".join(r for r in users.ROLES if users.may(r, needed))
-    return f"user {username!r} is a {role}; only {allowed} users can do this"
+    """The words of a role refusal (``users.denial_message``: the web app's role check
+    says the same)."""
+    return users.denial_message(username, role, needed)
 
 
 def authorise(view: ServiceView, caller: Caller, what: str) -> None:
@@ -293,6 +293,8 @@ def _ending(
         return PathRequestError(Problem.NO_MASK, f"job {job_id} finished without a mask")
     if state == JobState.FAILED:
         unreadable = "PathInputError" in error or "SeriesReadError" in error
+        if unreadable:  # the worker's "<exception class>: " is for the log, not the caller
+            error = error.removeprefix("PathInputError: ").removeprefix("SeriesReadError: ")
         return PathRequestError(
             Problem.UNREADABLE if unreadable else Problem.FAILED, f"job {job_id} failed: {error}"
         )

@@ -8,6 +8,7 @@ instead of a DICOM-SEG. The worker calls ``run_path_job`` for jobs ``is_path_job
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,8 @@ from inference.engine import Engine, PipelineInputError
 from inference.nifti_io import is_nifti, read_nifti, write_mask
 from inference.volume import SeriesReadError, Volume, load_series
 from kernel.catalog import PipelineSpec
+
+log = logging.getLogger(__name__)
 
 
 class PathInputError(ValueError):
@@ -77,13 +80,45 @@ def check_path(role: str, raw: object, roots: Sequence[Path] | None = None) -> P
     return path
 
 
+# What a path input may be, said in every refusal of one that cannot be read.
+ACCEPTED = "accepted: a NIfTI file (.nii or .nii.gz) or a folder holding one DICOM series"
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: the 128-byte preamble and then ``DICM`` (PS3.10 7.1)."""
+    with path.open("rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
 def _read_path(path: Path) -> Volume:
+    """The image at ``path``: a NIfTI file, or a folder of DICOM files of one series.
+
+    Raises ``PathInputError`` naming the file that is no image and what is accepted; the
+    reader's own words (SimpleITK's, with its source file and line) go to the log only.
+    """
     if path.is_file():
-        return read_nifti(path)
+        try:
+            return read_nifti(path)
+        except SeriesReadError as exc:
+            log.warning("path input %s: %s", path, exc)
+            if exc.__cause__ is None:  # read, but not one 3D greyscale image
+                raise PathInputError(f"{exc}; {ACCEPTED}") from exc
+            raise PathInputError(
+                f"{path} cannot be read as an image: it is not a NIfTI file; {ACCEPTED}"
+            ) from exc
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise SeriesReadError(f"{path} holds no files")
-    return load_series(files)
+        raise PathInputError(f"{path} holds no files; {ACCEPTED}")
+    others = [f for f in files if not _is_dicom_file(f)]
+    if others:
+        more = f" (and {len(others) - 1} more of its {len(files)} files)" if len(others) > 1 else ""
+        raise PathInputError(
+            f"{others[0]} cannot be read as an image: it is not a DICOM file{more}; {ACCEPTED}"
+        )
+    try:
+        return load_series(files)
+    except SeriesReadError as exc:  # DICOM files, but no one 3D image: the reason names them
+        raise PathInputError(f"{path} cannot be read as one 3D image: {exc}") from exc
 
 
 def load_input(
@@ -103,10 +138,7 @@ def load_input(
         key = f"path:{path}:{stat.st_mtime_ns}:{stat.st_size}"
 
         def load() -> Volume:
-            try:
-                return _read_path(path)
-            except SeriesReadError as exc:
-                raise PathInputError(f"{path} cannot be read as one 3D image: {exc}") from exc
+            return _read_path(path)
 
     else:
         if series_files is None:

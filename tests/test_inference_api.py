@@ -106,12 +106,25 @@ def test_bad_requests_get_a_clear_4xx(tmp_path: Path, api) -> None:
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not an image")
     r = client.post("/inference/tumor", json={"image_path": str(broken)})
-    assert r.status_code == 422 and "cannot be read" in r.text
+    job_id = int(r.json()["detail"].split()[1])
+    why = f"{broken} cannot be read as an image: it is not a NIfTI file; accepted: a NIfTI"
+    assert r.status_code == 422 and r.json()["detail"].startswith(f"job {job_id} failed: {why}")
+    assert "sitk" not in r.text and "Error" not in r.text  # the reader's words: log only
     with node.db.session() as s:  # an input error is not retried: one attempt, failed
-        job = s.get(Job, int(r.json()["detail"].split()[1]))
+        job = s.get(Job, job_id)
         assert (job.state, job.attempts) == ("failed", 1)
         failed = s.scalars(select(Event.message).where(Event.job_id == job.id)).all()
         assert any("failed on its input (not retried)" in m for m in failed), failed
+    # The request is listed with its job's state, never as a study still receiving.
+    (listed,) = client.get("/api/studies").json()["items"]
+    assert (listed["study_description"], listed["status"]) == ("path API request", "failed")
+    assert why in listed["status_reason"]
+    page = client.get(f"/studies/{listed['study_uid']}").text
+    assert "not a NIfTI file" in page and "receiving" not in page and "no series yet" not in page
+    assert client.get("/api/dashboard").json()["today"]["in_progress"] == 0
+    metrics = client.get("/metrics").text
+    assert 'dicom_node_studies_recent{status="receiving"} 0.0' in metrics
+    assert 'dicom_node_studies_recent{status="failed"} 1.0' in metrics
     assert client.post("/inference/tumor", json={"image_path": a_folder}).status_code == 200
     assert httpx.post(f"{client.base_url}/inference/tumor", json={}).status_code == 401
 

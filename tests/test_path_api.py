@@ -39,8 +39,24 @@ def test_bad_paths_are_refused_with_the_reason(tmp_path: Path) -> None:
         path_inputs(TUMOR, {"image_path": str(text.parent), "image_Q_path": "/x"})
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not an image")
-    with pytest.raises(PathInputError, match="cannot be read"):
+    accepted = "accepted: a NIfTI file (.nii or .nii.gz) or a folder holding one DICOM series"
+    with pytest.raises(PathInputError) as refused:
         load_input({"path": str(broken)})
+    assert (
+        str(refused.value)
+        == f"{broken} cannot be read as an image: it is not a NIfTI file; {accepted}"
+    )
+    assert "sitk" not in str(refused.value)  # SimpleITK's own words go to the log
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    (folder / "readme.txt").write_text("x")
+    with pytest.raises(PathInputError) as refused:
+        load_input({"path": str(folder)})
+    assert str(refused.value) == (
+        f"{folder / 'notes.txt'} cannot be read as an image: it is not a DICOM file "
+        f"(and 1 more of its 2 files); {accepted}"
+    )
 
 
 def test_nifti_and_dicom_folder_give_the_same_volume(tmp_path: Path) -> None:

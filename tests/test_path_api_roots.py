@@ -43,9 +43,15 @@ def test_viewers_and_reviewers_cannot_queue_path_jobs(site):
     client = TestClient(create_app(node.view()))
     for role in ("viewer", "reviewer"):
         r = _post(client, headers[role], str(allowed / "ct"))
-        assert r.status_code == 403 and "only operator or admin" in r.json()["detail"], r.text
+        assert r.status_code == 403, r.text
+        assert r.json()["detail"] == (
+            f"user '{role}-user' is a {role}; only operator or admin users can do this"
+        )
         r = client.get("/inference/jobs/1", headers=headers[role])
         assert r.status_code == 403
+    r = client.get("/api/users", headers=headers["operator"])  # the web app's own check
+    assert r.status_code == 403, r.text
+    assert r.json()["detail"] == "user 'operator-user' is an operator; only admin users can do this"
     r = _post(client, headers["operator"], str(allowed / "ct"))
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]

@@ -207,7 +207,6 @@ async def check_csrf(request: Request, who: Principal) -> None:
 
 
 def _deny(request: Request, who: Principal, needed: str) -> HTTPException:
-    allowed = " or ".join(r for r in users.ROLES if users.may(r, needed))
     audit_record(
         request,
         who,
@@ -217,9 +216,7 @@ def _deny(request: Request, who: Principal, needed: str) -> HTTPException:
         object_id=f"{request.method} {request.url.path}",
         detail={"role": who.role, "needs": needed},
     )
-    return HTTPException(
-        403, f"user {who.username!r} is a {who.role}; only {allowed} users can do this"
-    )
+    return HTTPException(403, users.denial_message(who.username, who.role, needed))
 
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")

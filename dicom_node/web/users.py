@@ -52,6 +52,14 @@ def may(role: str | None, needed: str) -> bool:
     return role is not None and needed in GRANTS.get(role, frozenset())
 
 
+def denial_message(username: str, role: str, needed: str) -> str:
+    """The words of a role refusal, the same on every transport:
+    ``user 'op' is an operator; only admin users can do this``."""
+    allowed = " or ".join(r for r in ROLES if may(r, needed))
+    article = "an" if role[:1].lower() in "aeiou" else "a"
+    return f"user {username!r} is {article} {role}; only {allowed} users can do this"
+
+
 class UserError(ValueError):
     """A user or token request that cannot be carried out (message is for the operator)."""
 
