@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from db.models import DestinationEcho, Dispatch, utcnow
+from db.models import DestinationEcho, Dispatch, Event, utcnow
 from db.session import Database
 from dicom_node.dicomweb_http import check_dicomweb
 from dicom_node.echo import EchoAnswer, check
@@ -280,6 +280,37 @@ def _last_send_success(s: Session, name: str) -> datetime | None:
     )
 
 
+def _last_answer(s: Session, name: str, last_success: datetime | None) -> datetime | None:
+    """When the destination last answered: a successful C-ECHO or send, or a send it
+    answered with a refusal (it is there, it said no)."""
+    answered = s.scalar(
+        select(func.max(Dispatch.last_attempt_at)).where(
+            Dispatch.destination == name, Dispatch.last_status.is_not(None)
+        )
+    )
+    times = [t for t in (last_success, answered) if t is not None]
+    return max(times) if times else None
+
+
+def _outage_start(s: Session, name: str, last_success: datetime | None) -> datetime | None:
+    """The first failure of the current run of failures: the earliest C-ECHO (QIDO-RS)
+    without an answer and the earliest send retried or failed (its event) since the
+    destination last answered. A later failure of the same outage does not move it."""
+    bound = _last_answer(s, name, last_success)
+    echoes = select(func.min(DestinationEcho.at)).where(
+        DestinationEcho.destination == name, DestinationEcho.ok.is_(False)
+    )
+    sends = select(func.min(Event.at)).where(
+        Event.kind.in_((EventKind.SEND_RETRY, EventKind.SEND_FAILED)),
+        Event.data["destination"].as_string() == name,
+    )
+    if bound is not None:
+        echoes = echoes.where(DestinationEcho.at > bound)
+        sends = sends.where(Event.at > bound)
+    firsts = [t for t in (s.scalar(echoes), s.scalar(sends)) if t is not None]
+    return min(firsts) if firsts else None
+
+
 def _echo_dict(row: DestinationEcho | None) -> dict[str, Any] | None:
     if row is None:
         return None
@@ -341,13 +372,7 @@ def health_of(
         state, reason = DestinationState.UNKNOWN, "not checked yet (no send, no C-ECHO)"
     elif not latest.ok:
         state = DestinationState.UNREACHABLE
-        failures = select(func.min(DestinationEcho.at)).where(
-            DestinationEcho.destination == dest.name, DestinationEcho.ok.is_(False)
-        )
-        if last_success is not None:
-            failures = failures.where(DestinationEcho.at > last_success)
-        first_failure = s.scalar(failures)
-        since = first_failure or latest.at
+        since = _outage_start(s, dest.name, last_success) or latest.at
         reason = f"no answer to the latest {latest.what}: {latest.detail}"
         if pending:
             reason += f"; {pending} waiting to be sent"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from db.models import DestinationEcho, Dispatch, Event, Job, Study, utcnow
 from dicom_node import health, status
@@ -377,3 +377,30 @@ def test_a_path_api_request_carries_its_jobs_state_never_receiving(db):
         "tumor: path API: mask written to /data/masks/1/tumor.nii.gz (nothing is sent to a PACS)"
     )
     assert counts[S.DELIVERED] == 1 and sum(counts.values()) == 1 and found == ["delivered"]
+
+
+def test_unreachable_since_is_the_first_failure_of_the_outage_sends_and_echoes_together(db):
+    settings = load_settings(
+        None, destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}]
+    )
+    _routed_study(db)
+    _job_with_result(db, _runner(db))
+    _deliver(db, "retry", "association refused or aborted (destination down?)")
+    with db.session() as s:
+        first = s.scalar(select(Event.at).where(Event.kind == EventKind.SEND_RETRY))
+        assert health.destination_health(s, settings)["pacs"].since == first
+    # The same outage: a failed C-ECHO, then the send retried and failing again.
+    health.record_echo(db, "pacs", EchoAnswer(False, "connection refused", 1.0), "periodic")
+    assert outbox.due_now(db, "pacs") == 1
+    _deliver(db, "retry", "association refused or aborted (destination down?)")
+    with db.session() as s:
+        h = health.destination_health(s, settings)["pacs"]
+        assert (h.state, h.since) == (DestinationState.UNREACHABLE, first)
+        st = status.study_status(s, s.scalars(select(Study)).one(), {"pacs": h})
+    assert st.reason == f"tumor: pacs unreachable since {status.utc_clock(first)}: {h.reason}"
+    # It answers, then fails again: a new outage from the new first failure.
+    health.record_echo(db, "pacs", EchoAnswer(True, "success", 1.0), "periodic")
+    health.record_echo(db, "pacs", EchoAnswer(False, "connection refused", 1.0), "periodic")
+    with db.session() as s:
+        again = s.scalar(select(func.max(DestinationEcho.at)))
+        assert again > first and health.destination_health(s, settings)["pacs"].since == again
