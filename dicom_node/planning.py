@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dicom_node import waiting
 from dicom_node.phases import PhaseResult
 from dicom_node.rules import RoutingDecision, RuleSet
 from inference.stacks import orientation_name
@@ -67,6 +68,10 @@ class PipelinePlan:
     incomplete: dict[str, list[str]] = field(default_factory=dict)  # role -> why
     # role -> how the input was chosen (the candidates in order of preference)
     choices: dict[str, str] = field(default_factory=dict)
+    wanted: dict[str, list[str]] = field(default_factory=dict)  # role -> phases it takes
+    used_phases: dict[str, str] = field(default_factory=dict)  # role -> phase of its input
+    arrived: set[str] = field(default_factory=set)  # phases of all the study's series
+    study_timeout_s: float | None = None  # the rules' study_timeout_s
 
     @property
     def ready(self) -> bool:
@@ -78,18 +83,29 @@ class PipelinePlan:
         """Every input has some acceptable series (maybe a fallback)."""
         return not self.missing
 
-    def explain(self) -> str:
+    def explain(self, settles_at: str | None = None) -> str:
+        """What the pipeline does next, in words (``dicom_node.waiting``); ``settles_at``:
+        when the study settles, as the reader's clock says it (None: not known)."""
         if self.ready:
             return f"{self.pipeline}: ready with {self.inputs}"
         if self.runnable:
-            why = []
-            if self.fallback_roles:
-                why.append(f"inputs {self.fallback_roles} only from fallback phases")
+            why = [
+                waiting.fallback(role, self.wanted.get(role, []), self.used_phases.get(role, "?"))
+                for role in self.fallback_roles
+            ]
             for role, problems in self.incomplete.items():
                 why.append(f"input {role} may be incomplete ({'; '.join(problems)})")
-            return f"{self.pipeline}: {'; '.join(why)}; runs when the study is settled"
-        wanted = ", ".join(f"{r} needs {'/'.join(p)}" for r, p in self.missing.items())
-        return f"{self.pipeline}: waiting ({wanted})"
+            told = waiting.runs_when_settled(why, settles_at, self.study_timeout_s)
+            return f"{self.pipeline}: {told}"
+        told = waiting.missing(
+            self.pipeline, self.missing, self.arrived, settles_at, self.study_timeout_s
+        )
+        return f"{self.pipeline}: {told}"
+
+    def not_run(self) -> str:
+        """Why the pipeline did not run once the study settled (its inputs never came):
+        ``ureter: not run: no delayed (D) series arrived before the study settled``."""
+        return f"{self.pipeline}: not run: {waiting.never_came(self.missing)}"
 
 
 def orientation(iop: Any) -> str | None:
@@ -202,6 +218,8 @@ def plan_study(
         ]
         spacing = target_spacing_mm(name) if target_spacing_mm else None
         pipelines[name] = resolve_inputs(rules, name, candidates, spacing)
+        pipelines[name].arrived = {p.phase.phase for p in series_plans.values()}
+        pipelines[name].study_timeout_s = rules.spec.study_timeout_s
     return series_plans, pipelines
 
 
@@ -229,6 +247,7 @@ def resolve_inputs(
     """Pick one series per input role: most preferred phase first, then ``preference``."""
     plan = PipelinePlan(pipeline)
     for role, wanted in rules.pipelines[pipeline].inputs.items():
+        plan.wanted[role] = list(wanted)
         for rank, phase in enumerate(wanted):
             matches = sorted(
                 (c for c in candidates if c.phase.phase == phase),
@@ -238,6 +257,7 @@ def resolve_inputs(
                 continue
             best = matches[0]
             plan.inputs[role] = best.series_uid
+            plan.used_phases[role] = phase
             if rank > 0:
                 plan.fallback_roles.append(role)
             if best.incomplete:

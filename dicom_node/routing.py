@@ -233,11 +233,11 @@ class Router:
                     if plan.runnable:
                         self._fire(s, study, plan, series_plans, ruleset)
                     else:
-                        notes.append(f"{plan.pipeline} did not run: {plan.explain()}")
+                        notes.append(plan.not_run())
                         add_event(
                             s,
                             EventKind.PIPELINE_NOT_RUN,
-                            plan.explain(),
+                            plan.not_run(),
                             level=EventLevel.WARNING,
                             study_uid=study.study_uid,
                         )

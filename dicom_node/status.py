@@ -8,7 +8,8 @@ and of the forwarded originals, and the destinations' health (``dicom_node.healt
 
 Per pipeline (its latest job):
 
-- no job yet: WAITING for inputs (which), or NOT_RUN once the study settled;
+- no job yet: WAITING for inputs (which, and when the study settles), or NOT_RUN once the
+  study settled (``dicom_node.waiting``'s words);
 - queued / running: QUEUED / RUNNING; failed or expired: FAILED (why); cancelled: CANCELLED;
 - done: from its results' deliveries: HELD (a reviewer must decide), DELIVERY_PENDING
   (why: the destination does not answer, or the send is on its way), DELIVERED (or
@@ -38,13 +39,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Dispatch, Event, Job, Result, Series, Study
+from dicom_node import waiting
 from inference.path_api import is_path_job
 from kernel.catalog import PipelineSpec
 from kernel.vocabulary import (
@@ -317,11 +319,12 @@ def _facts(s: Session, studies: list[Study], scope: Select | None = None) -> dic
         elif event.kind == EventKind.STUDY_SETTLED:
             f.settled = event.at >= f.study.last_received_at
         elif event.kind == EventKind.PIPELINE_NOT_RUN:
-            # "<pipeline>: waiting (<role> needs <phases>)", planning's own words
+            # "<pipeline>: not run: <why>" (``planning.PipelinePlan.not_run``); used when
+            # the catalog in force no longer names the pipeline
             name, _, why = event.message.partition(":")
-            why = why.strip()
-            if why.startswith("waiting (") and why.endswith(")"):
-                why = "its input never came (" + why[len("waiting (") :]
+            why = why.strip().removeprefix("not run:").strip()
+            if why.startswith("waiting ("):  # older events: "waiting (D needs D)"
+                why = "its inputs never came before the study settled"
             f.not_run[name.strip()] = why
     return facts
 
@@ -440,11 +443,24 @@ def _job_item(
     return item
 
 
-def _waiting_for(name: str, f: _Facts, pipelines: Mapping[str, PipelineSpec] | None) -> str:
-    """Which inputs a pipeline without a job still needs (from the series' phases)."""
+def _waiting_for(
+    name: str,
+    f: _Facts,
+    pipelines: Mapping[str, PipelineSpec] | None,
+    clock: Clock,
+    study_timeout_s: float | None,
+) -> str:
+    """Which inputs a pipeline without a job still needs (from the series' phases), and
+    when the wait ends (``dicom_node.waiting``); once the study settled, why it never ran."""
     spec = (pipelines or {}).get(name)
+    settles_at = None
+    last = getattr(f.study, "last_received_at", None)
+    if study_timeout_s is not None and last is not None:
+        settles_at = clock(last + timedelta(seconds=study_timeout_s))
     if spec is None:
-        return "its inputs are not complete yet"
+        if f.settled:
+            return "its inputs never came before the study settled"
+        return waiting.runs_when_settled(["its inputs are not complete yet"], settles_at)
     fed = [
         x
         for x in f.series
@@ -452,15 +468,25 @@ def _waiting_for(name: str, f: _Facts, pipelines: Mapping[str, PipelineSpec] | N
         and not (f.routed.get(x.series_uid) or {}).get("discard")
     ]
     phases = {x.phase for x in fed}
-    missing = []
+    missing: dict[str, list[str]] = {}
+    fallbacks = []
     for role, wanted in spec.inputs.items():
         if wanted[0] in phases:
             continue
-        if any(p in phases for p in wanted):
-            missing.append(f"{role}: {'/'.join(wanted)} (runs on a fallback when settled)")
+        used = next((p for p in wanted if p in phases), None)
+        if used is not None:
+            fallbacks.append(waiting.fallback(role, wanted, used))
         else:
-            missing.append(f"{role} needs {' or '.join(wanted)}")
-    return "; ".join(missing) or "inputs may be incomplete; runs when the study settles"
+            missing[role] = list(wanted)
+    if missing and f.settled:
+        return waiting.never_came(missing)
+    if missing:
+        arrived = {x.phase for x in f.series if x.phase}
+        return waiting.missing(name, missing, arrived, settles_at, study_timeout_s)
+    if f.settled:  # runnable, but no job: the settle found it otherwise
+        return "its inputs were not complete when the study settled"
+    why = fallbacks or ["inputs may be incomplete"]
+    return waiting.runs_when_settled(why, settles_at, study_timeout_s)
 
 
 def _study_status(
@@ -468,6 +494,7 @@ def _study_status(
     health: Mapping[str, Any] | None,
     pipelines: Mapping[str, PipelineSpec] | None,
     clock: Clock,
+    study_timeout_s: float | None = None,
 ) -> StudyStatus:
     items: list[ItemStatus] = []
     requested: list[str] = []
@@ -494,10 +521,13 @@ def _study_status(
         if job is not None:
             items.append(_job_item(name, job, f.results, f.result_sends, health, clock))
         elif f.settled:
-            why = f.not_run.get(name) or _waiting_for(name, f, pipelines)
+            why = _waiting_for(name, f, pipelines, clock, study_timeout_s)
+            if pipelines is None or name not in pipelines:
+                why = f.not_run.get(name) or why
             items.append(ItemStatus(name, "pipeline", S.NOT_RUN, why))
         else:
-            items.append(ItemStatus(name, "pipeline", S.WAITING, _waiting_for(name, f, pipelines)))
+            why = _waiting_for(name, f, pipelines, clock, study_timeout_s)
+            items.append(ItemStatus(name, "pipeline", S.WAITING, why))
     by_destination: dict[str, list[_Send]] = defaultdict(list)
     for x in f.forward_sends:
         by_destination[x.destination].append(x)
@@ -610,6 +640,7 @@ def study_statuses(
     pipelines: Mapping[str, PipelineSpec] | None = None,
     clock: Clock = utc_clock,
     scope: Select | None = None,
+    study_timeout_s: float | None = None,
 ) -> dict[int, StudyStatus]:
     """Study id -> its status, for many studies with a handful of queries.
 
@@ -617,10 +648,13 @@ def study_statuses(
     ``pipelines``: the catalog in force (which input a waiting pipeline needs);
     ``clock``: how reasons name a time (the pages pass the node's time zone);
     ``scope``: ``select(Study.id)`` of the same studies, for many of them. A study may be
-    a ``Study`` or a row with its ``id``, ``study_uid`` and ``last_received_at``.
+    a ``Study`` or a row with its ``id``, ``study_uid`` and ``last_received_at``;
+    ``study_timeout_s``: the rules' (when a study waiting for an input settles).
     """
     facts = _facts(s, list(studies), scope)
-    return {sid: _study_status(f, health, pipelines, clock) for sid, f in facts.items()}
+    return {
+        sid: _study_status(f, health, pipelines, clock, study_timeout_s) for sid, f in facts.items()
+    }
 
 
 def _has(model: Any, *conditions: Any) -> Any:
@@ -674,9 +708,11 @@ def study_status(
     health: Mapping[str, Any] | None = None,
     pipelines: Mapping[str, PipelineSpec] | None = None,
     clock: Clock = utc_clock,
+    study_timeout_s: float | None = None,
 ) -> StudyStatus:
     """The status of one study (see ``study_statuses``)."""
-    return study_statuses(s, [study], health, pipelines, clock)[study.id]
+    found = study_statuses(s, [study], health, pipelines, clock, study_timeout_s=study_timeout_s)
+    return found[study.id]
 
 
 def recent_counts(

@@ -198,14 +198,28 @@ def test_a_pipeline_without_its_input_waits_then_is_not_run(db):
     study_id = _routed_study(db, pipelines=("ureter",))
     spec = {"ureter": PipelineSpec(models=["ureter"], inputs={"D": ["D"]})}
     with db.session() as s:
-        st = status.study_status(s, s.get_one(Study, study_id), None, spec)
-    assert (st.status, st.reason) == (S.WAITING, "ureter: D needs D")
+        study = s.get_one(Study, study_id)
+        st = status.study_status(s, study, None, spec, study_timeout_s=600)
+        settles = status.utc_clock(study.last_received_at + timedelta(seconds=600))
+    assert (st.status, st.reason) == (
+        S.WAITING,
+        "ureter: waiting for a delayed (D) series; none received yet; if none arrives it does "
+        f"not run when the study settles at {settles} (study_timeout_s 600 s)",
+    )
     with db.session() as s:
-        add_event(s, EventKind.PIPELINE_NOT_RUN, "ureter: waiting (D needs D)", study_uid=STUDY)
+        add_event(
+            s,
+            EventKind.PIPELINE_NOT_RUN,
+            "ureter: not run: no delayed (D) series arrived before the study settled",
+            study_uid=STUDY,
+        )
         add_event(s, EventKind.STUDY_SETTLED, "no instance for 600 s", study_uid=STUDY)
     with db.session() as s:
-        st = status.study_status(s, s.get_one(Study, study_id), None, spec)
-    assert (st.status, st.reason) == (S.NOT_RUN, "ureter: its input never came (D needs D)")
+        st = status.study_status(s, s.get_one(Study, study_id), None, spec, study_timeout_s=600)
+    assert (st.status, st.reason) == (
+        S.NOT_RUN,
+        "ureter: no delayed (D) series arrived before the study settled",
+    )
 
 
 def test_no_rule_matched_names_the_failing_condition(db):
@@ -322,11 +336,14 @@ def test_a_pipeline_whose_phase_never_came_does_not_make_the_rest_partial(db):
     spec = {"vessel": PipelineSpec(models=["vessel"], inputs={"A": ["A"], "P": ["P"]})}
     with db.session() as s:
         add_event(s, EventKind.PIPELINE_NOT_RUN, "vessel: waiting (A needs A)", study_uid=STUDY)
+        # (the words of an older node's event: the reason is the current one's)
         add_event(s, EventKind.STUDY_SETTLED, "no instance for 600 s", study_uid=STUDY)
     with db.session() as s:
         st = status.study_status(s, s.get_one(Study, study_id), None, spec)
     assert st.status == S.DELIVERED and status.TONES[st.status] == "ok"
-    assert st.reason == "tumor: SEG to pacs; vessel: its input never came (A needs A)"
+    assert st.reason == (
+        "tumor: SEG to pacs; vessel: no arterial (A) series arrived before the study settled"
+    )
     assert [(i.name, i.status) for i in st.items] == [
         ("tumor", S.DELIVERED),
         ("vessel", S.NOT_RUN),

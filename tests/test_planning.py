@@ -98,3 +98,58 @@ def test_an_incomplete_input_waits_for_the_study_to_settle():
     plan = pipelines["tumor"]
     assert not plan.ready and plan.runnable
     assert "may be incomplete (slice positions jump 10 mm)" in plan.explain()
+
+
+VESSEL_RULES = parse_rules(
+    """
+version: 1
+study_timeout_s: 300
+phases:
+  keywords:
+    A: ['arterial']
+    P: ['portal']
+pipelines:
+  vessel:
+    models: [vessel]
+    inputs: {A: [A], P: [P]}
+  tumor:
+    models: [tumor]
+    inputs: {image: [P, A]}
+rules:
+  - name: axial-contrast
+    when: {Modality: CT, Orientation: axial, Phase: [A, P]}
+    pipelines: [vessel, tumor]
+"""
+)
+
+
+def test_a_waiting_pipeline_says_which_series_it_waits_for_and_when_the_wait_ends():
+    _, pipelines = plan_study(VESSEL_RULES, dict([series("1.1")]))  # portal venous only
+    vessel = pipelines["vessel"]
+    assert vessel.explain("14:03:12") == (
+        "vessel: waiting for an arterial (A) series; none received yet; if none arrives it "
+        "does not run when the study settles at 14:03:12 (study_timeout_s 300 s)"
+    )
+    assert vessel.explain().endswith(  # route explain: no study clock
+        "when the study settles (study_timeout_s 300 s after its last instance)"
+    )
+    assert vessel.not_run() == (
+        "vessel: not run: no arterial (A) series arrived before the study settled"
+    )
+    # An arterial series only: tumor takes it as its fallback when the study settles.
+    _, pipelines = plan_study(VESSEL_RULES, dict([series("1.2", "ABD ARTERIAL")]))
+    assert pipelines["tumor"].explain("14:03:12") == (
+        "tumor: image: no portal venous (P) series yet, only an arterial (A) one; runs with "
+        "what is there when the study settles at 14:03:12 (study_timeout_s 300 s)"
+    )
+    # An arterial series no rule sends to vessel (coronal) is named as such.
+    items = dict([series("1.1"), series("1.3", "ABD ARTERIAL", orientation="coronal")])
+    _, pipelines = plan_study(VESSEL_RULES, items)
+    assert (
+        pipelines["vessel"]
+        .explain("14:03:12")
+        .startswith(
+            "vessel: waiting for an arterial (A) series; an arterial (A) series arrived but no "
+            "rule sends it to vessel; if none arrives"
+        )
+    )

@@ -159,10 +159,12 @@ def test_missing_phase_at_study_timeout_is_recorded(tmp_path, start_node):
             return s.scalars(select(Study)).one().note
 
     text = wait_until(note, 30, "the study note")
-    assert "delayed did not run" in text and "needs D" in text
+    assert "delayed: not run: no delayed (D) series arrived before the study settled" in text
     with node.db.session() as s:
         kinds = s.scalars(select(Event.kind).where(Event.level == "warning")).all()
+        told = s.scalars(select(Event.message).where(Event.kind == "pipeline_not_run")).all()
     assert "pipeline_not_run" in kinds
+    assert told == ["delayed: not run: no delayed (D) series arrived before the study settled"]
     assert [name for name, _ in _jobs(node)] == ["both"]
 
 

@@ -12,6 +12,7 @@ never arrives; an admin retries the job and resends the SEG: the timeline shows 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -213,7 +214,13 @@ def test_pacs_down_then_back_with_one_result_approved_and_one_rejected(site, bro
         # The study waits for the arterial and delayed phases vessel and ureter need; the
         # tumour pipeline got its SEG through and its RTSTRUCT was rejected.
         status = page.locator("#study-status").inner_text()
-        assert status == "waiting for inputs: vessel: A needs A; ureter: D needs D", status
+        none = "series; none received yet; if none arrives it does not run when the study "
+        settles = r"settles at [0-9: -]+ \(study_timeout_s \d+ s\)"
+        assert re.fullmatch(
+            rf"waiting for inputs: vessel: waiting for an arterial \(A\) {none}{settles}; "
+            rf"ureter: waiting for a delayed \(D\) {none}{settles}",
+            status,
+        ), status
         item = page.locator("#items tr[data-item='tumor']")
         assert item.locator(".badge").inner_text() == "partially delivered"
         assert "delivered SEG to pacs" in item.inner_text()

@@ -66,6 +66,7 @@ def create_app(service: ServiceView) -> FastAPI:
             sees_patient_ids=bool(who and who.sees_patient_ids),
             pipelines=rules.pipelines if rules is not None else None,
             clock=app.state.clock.short,
+            study_timeout_s=rules.spec.study_timeout_s if rules is not None else None,
         )
 
     def dashboard(who: Principal | None = None) -> dict[str, Any]:

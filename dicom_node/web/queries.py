@@ -73,6 +73,7 @@ class Viewer:
     sees_patient_ids: bool = False  # operators and admins
     pipelines: Mapping[str, PipelineSpec] | None = None
     clock: Callable[[datetime], str] = statuses.utc_clock
+    study_timeout_s: float | None = None  # the rules': when a waiting study settles
 
     def health(self, s: Session) -> dict[str, destination_health.DestinationHealth]:
         return destination_health.destination_health(s, self.settings)
@@ -124,7 +125,13 @@ def dashboard(s: Session, viewer: Viewer) -> dict[str, Any]:
         select(Study.id, Study.study_uid, Study.last_received_at).where(Study.id.in_(scope))
     ).all()
     states = statuses.study_statuses(
-        s, today_studies, health, viewer.pipelines, viewer.clock, scope=scope
+        s,
+        today_studies,
+        health,
+        viewer.pipelines,
+        viewer.clock,
+        scope=scope,
+        study_timeout_s=viewer.study_timeout_s,
     )
     by_status: dict[str, int] = {}
     for st in states.values():
@@ -244,7 +251,9 @@ def studies(
     wanted = _status_set(status)
     if wanted is None:
         rows = s.scalars(query.limit(limit).offset(offset)).all()
-        states = statuses.study_statuses(s, rows, health, viewer.pipelines, viewer.clock)
+        states = statuses.study_statuses(
+            s, rows, health, viewer.pipelines, viewer.clock, study_timeout_s=viewer.study_timeout_s
+        )
     else:
         # Statuses are derived, not stored: narrow the search where SQL can, then scan the
         # newest studies in chunks.
@@ -257,7 +266,14 @@ def studies(
             if not chunk:
                 break
             start += len(chunk)
-            found = statuses.study_statuses(s, chunk, health, viewer.pipelines, viewer.clock)
+            found = statuses.study_statuses(
+                s,
+                chunk,
+                health,
+                viewer.pipelines,
+                viewer.clock,
+                study_timeout_s=viewer.study_timeout_s,
+            )
             for st in chunk:
                 if found[st.id].status not in wanted:
                     continue
@@ -345,7 +361,9 @@ def study_detail(s: Session, study_uid: str, viewer: Viewer) -> dict[str, Any] |
     }
     names = {x.series_uid: series_label(x) for x in series}
     health = viewer.health(s)
-    state = statuses.study_status(s, st, health, viewer.pipelines, viewer.clock)
+    state = statuses.study_status(
+        s, st, health, viewer.pipelines, viewer.clock, viewer.study_timeout_s
+    )
     by_sop = {r.sop_uid: r for r in results}
     latest_jobs: dict[str, Job] = {}
     for job in jobs:
