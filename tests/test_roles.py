@@ -101,7 +101,8 @@ def test_readme_role_table_is_the_route_table_and_each_role_gets_403_exactly_the
             else:
                 denied += 1
                 assert r.status_code == 403, (method, url, user_role, r.status_code)
-                assert f"is a {user_role}; only" in r.json()["detail"], r.text
+                article = {"operator": "an", "admin": "an"}.get(user_role, "a")
+                assert f"is {article} {user_role}; only" in r.json()["detail"], r.text
     refused = audit_rows(node, action="request_denied")
     assert len(refused) == denied
     assert {(r.actor, r.outcome) for r in refused} >= {("viewer-user", "denied")}
