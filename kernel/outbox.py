@@ -559,6 +559,9 @@ def record_outcomes(
         for detached in rows:
             row = s.get_one(Dispatch, detached.id)
             out = outcomes[row.id]
+            if not _still_claimed(row, detached):
+                _event(s, row, EventKind.SEND_RETRY, _REPLACED.format(row.destination), cache)
+                continue
             row.sending_since = row.sending_by = None
             row.attempts += 1
             row.last_attempt_at = now
@@ -605,10 +608,33 @@ def record_outcomes(
             _event(s, row, EventKind.SEND_FAILED, message, cache, level=EventLevel.ERROR)
 
 
+# A row queued again while it was being sent (a newer version of the result: ``queue``
+# with ``replace``) is no longer the sender's claim: what the sender sent was the older
+# file, so the row keeps waiting for the newer one instead of being marked sent.
+_REPLACED = (
+    "{{what}}: a newer version was queued for {} while the older file was being sent; "
+    "the newer version goes next"
+)
+
+
+def _still_claimed(row: Dispatch, claimed: Dispatch) -> bool:
+    """Whether ``row`` (as it is now) is still the claim ``claimed`` (as ``claim_due``
+    returned it): state ``sending``, same sender, same claim time."""
+    return (
+        row.state == OutboxState.SENDING
+        and row.sending_by == claimed.sending_by
+        and row.sending_since == claimed.sending_since
+    )
+
+
 # The UPDATE of ``_record_sent``, built once (building a statement costs more than running it).
 _SENT = (
     Dispatch.__table__.update()
-    .where(Dispatch.__table__.c.id == bindparam("row_id"))
+    .where(
+        Dispatch.__table__.c.id == bindparam("row_id"),
+        Dispatch.__table__.c.state == OutboxState.SENDING,
+        Dispatch.__table__.c.sending_since == bindparam("claimed_at"),
+    )
     .values(
         state=OutboxState.SENT, sent_at=bindparam("now"), commit_uid=bindparam("commit_uid"),
         sending_since=None, sending_by=None, attempts=Dispatch.__table__.c.attempts + 1,
@@ -634,18 +660,26 @@ def _record_sent(
         try:
             for row in rows:
                 out = outcomes[row.id]
-                conn.execute(
+                updated = conn.execute(
                     _SENT,
-                    {"row_id": row.id, "now": now, "commit_uid": commit_uid, "status": out.status},
-                )
+                    {
+                        "row_id": row.id,
+                        "now": now,
+                        "commit_uid": commit_uid,
+                        "status": out.status,
+                        "claimed_at": row.sending_since,
+                    },
+                ).rowcount
                 if row.sop_uid not in cache:
                     session = session or Session(bind=conn)
                     cache[row.sop_uid] = carried(session, row)
                 c = cache[row.sop_uid]
                 add_event_on(
                     conn,
-                    EventKind.SENT,
-                    f"{c.what} sent to {row.destination} ({out.detail})",
+                    EventKind.SENT if updated else EventKind.SEND_RETRY,
+                    f"{c.what} sent to {row.destination} ({out.detail})"
+                    if updated
+                    else _REPLACED.format(row.destination).replace("{what}", c.what),
                     study_uid=c.study_uid,
                     series_uid=c.series_uid,
                     job_id=c.job_id,

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom.uid import CTImageStorage, generate_uid
 from sqlalchemy import select
 
@@ -28,6 +29,7 @@ from db.session import Database
 from devkit.net import free_port, wait_for_port
 from dicom_node.service import Node
 from kernel import outbox
+from kernel.settings import DispatchSettings
 from kernel.vocabulary import OutboxKind
 from tests.conftest import node_settings, wait_until
 from tests.dicom_factory import ct_slice, write
@@ -345,3 +347,36 @@ def test_the_association_reactor_leaves_responses_to_the_waiting_sender(tmp_path
             assoc.release()
     finally:
         pacs.close()
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["all-sent", "with-a-retry"])
+def test_a_result_replaced_while_it_was_being_sent_goes_again_in_its_new_version(
+    db, tmp_path, mixed
+):
+    """A job run again queues its newer SEG for a row a sender has claimed (``sending``):
+    the sender's outcome for the older file must not mark the row sent; it stays pending
+    with the newer file and goes next. Both ways of recording (all rows sent; a chunk
+    with a retry) behave alike."""
+    settings = DispatchSettings()
+    old, other = _objects(tmp_path / "old", 2)
+    _queue_results(db, [old, other], ["pacs"])
+    claimed = outbox.claim_due(db, 10, destination="pacs", sender="test/pacs#0")
+    assert len(claimed) == 2
+    newer = str(write(ct_slice(generate_uid(), generate_uid(), 0), tmp_path / "newer.dcm"))
+    _queue_results(db, [(old[0], old[1], newer)], ["pacs"])  # the re-run's SEG, same SOP UID
+    outcomes = {row.id: outbox.SendOutcome("sent", 0, "success") for row in claimed}
+    if mixed:
+        other_id = next(row.id for row in claimed if row.sop_uid == other[0])
+        outcomes[other_id] = outbox.SendOutcome("retry", None, "association lost")
+    outbox.record_outcomes(db, claimed, outcomes, settings)
+    rows = {row.sop_uid: row for row in _rows(db)}
+    replaced = rows[old[0]]
+    assert replaced.state == "pending" and replaced.path == newer and replaced.sent_at is None
+    assert replaced.attempts == 0 and replaced.sending_by is None
+    assert rows[other[0]].state == ("pending" if mixed else "sent")
+    assert rows[other[0]].attempts == 1
+    assert any("a newer version was queued for pacs" in m for m in _events(db, "send_retry"))
+    again = outbox.claim_due(db, 10, destination="pacs", sender="test/pacs#0")
+    assert [(row.sop_uid, row.path) for row in again if row.sop_uid == old[0]] == [
+        (old[0], newer)
+    ]
