@@ -84,11 +84,8 @@ def db(db_url: str) -> Iterator[Database]:
 def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
     """A real Orthanc PACS on free loopback ports (fails if Orthanc is not installed);
     killed at the end (its storage is thrown away: no need for its 2-3 s shutdown)."""
-    server = OrthancServer(tmp_path / "orthanc", aet="ORTHANC").start()
-    try:
+    with OrthancServer(tmp_path / "orthanc", aet="ORTHANC", throwaway=True) as server:
         yield server
-    finally:
-        server.stop(graceful=False)
 
 
 def node_settings(tmp_path: Path, **overrides: Any) -> NodeSettings:

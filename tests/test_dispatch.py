@@ -54,7 +54,9 @@ def test_pending_send_retries_until_the_pacs_is_up(db, tmp_path):
         assert timedelta(0) < first_delay <= timedelta(seconds=1)
     assert dispatcher.poll() == 0  # not due yet
 
-    with OrthancServer(tmp_path / "orthanc", aet="ORTHANC", dicom_port=port) as orthanc:
+    with OrthancServer(
+        tmp_path / "orthanc", aet="ORTHANC", dicom_port=port, throwaway=True
+    ) as orthanc:
         with db.session() as s:
             s.scalars(select(Dispatch)).one().next_attempt_at = utcnow()
         assert dispatcher.poll() == 1
@@ -146,7 +148,7 @@ def test_orthanc_stopped_then_started_gets_every_instance_exactly_once(db, tmp_p
             assert len(sent_events) == 25  # one delivery recorded per instance, none twice
     finally:
         stop.set()
-        orthanc.stop()
+        orthanc.stop(graceful=False)  # its storage is thrown away
 
 
 def _states(db) -> dict[str, int]:
@@ -247,6 +249,7 @@ def test_storage_commitment_turns_sent_into_committed(tmp_path, start_node):
         tmp_path / "orthanc",
         aet="ORTHANC",
         modalities={"node": ("DICOM_NODE", "127.0.0.1", node_port)},
+        throwaway=True,
     )
     with orthanc:
         node = start_node(

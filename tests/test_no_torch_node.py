@@ -180,7 +180,7 @@ def test_node_receives_routes_sends_and_serves_without_the_model_side(tmp_path: 
     rules_path = tmp_path / "routing_rules.yaml"
     rules_path.write_text(yaml.safe_dump(rules, allow_unicode=True), encoding="utf-8")
     env = node_env(tmp_path, "hide")
-    with OrthancServer(tmp_path / "orthanc", aet="ORTHANC") as pacs:
+    with OrthancServer(tmp_path / "orthanc", aet="ORTHANC", throwaway=True) as pacs:
         config = write_settings(
             tmp_path,
             rules_file=str(rules_path),

@@ -74,7 +74,7 @@ def _small_ct(path: Path) -> Dataset:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    with OrthancServer(tmp_path_factory.mktemp("orthanc")) as server:
+    with OrthancServer(tmp_path_factory.mktemp("orthanc"), throwaway=True) as server:
         yield server
 
 

@@ -95,7 +95,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         }
     finally:
         node.stop()
-        pacs.stop()
+        pacs.stop(graceful=False)  # its storage is thrown away
 
 
 def _accession(study: Any) -> str:

@@ -106,4 +106,4 @@ def test_a_study_in_the_pacs_is_retrieved_from_the_web_form_and_its_seg_arrives(
     finally:
         if node is not None:
             node.stop()
-        pacs.stop()
+        pacs.stop(graceful=False)  # its storage is thrown away

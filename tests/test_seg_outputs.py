@@ -49,9 +49,13 @@ def _air_copy(files: list[Path], folder: Path) -> list[Path]:
 
 def test_each_destination_gets_its_seg_flavour_and_empty_policy(tmp_path, start_node):
     with (
-        OrthancServer(tmp_path / "a", aet="PACS_A", extra_config=ACCEPT_NEW_SOP_CLASSES) as a,
-        OrthancServer(tmp_path / "b", aet="PACS_B", extra_config=ACCEPT_NEW_SOP_CLASSES) as b,
-        OrthancServer(tmp_path / "c", aet="PACS_C") as c,
+        OrthancServer(
+            tmp_path / "a", aet="PACS_A", extra_config=ACCEPT_NEW_SOP_CLASSES, throwaway=True
+        ) as a,
+        OrthancServer(
+            tmp_path / "b", aet="PACS_B", extra_config=ACCEPT_NEW_SOP_CLASSES, throwaway=True
+        ) as b,
+        OrthancServer(tmp_path / "c", aet="PACS_C", throwaway=True) as c,
     ):
         node = start_node(
             destinations=[

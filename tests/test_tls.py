@@ -211,6 +211,7 @@ def test_orthanc_stores_over_tls_and_results_go_back_over_tls(node, pki, tmp_pat
     orthanc = OrthancServer(
         tmp_path / "orthanc",
         aet="PACS",
+        throwaway=True,
         extra_config={
             "DicomTlsEnabled": True,
             "DicomTlsCertificate": str(pki.pacs.cert),
