@@ -264,6 +264,7 @@ class DestinationSender:
         tried: set[int] = set()
         assoc = None
         accepted: set[tuple[str, str]] = set()
+        rows: list[Dispatch] = []
         try:
             while stop is None or not stop.is_set():
                 rows = self._claim(tried)
@@ -288,6 +289,11 @@ class DestinationSender:
                         break  # the destination does not answer: its backoff decides
                     accepted = wanted
                 self._send(assoc, prepared, stop)
+        except Exception as exc:
+            # Rows of the chunk whose outcome was not recorded go again after a backoff
+            # (not at the next start): the error is their reason.
+            outbox.retry_claimed(self.db, rows, f"sender error: {exc!r}", self.settings)
+            raise
         finally:
             if assoc is not None and assoc.is_established:
                 assoc.release()
@@ -364,10 +370,10 @@ class DestinationSender:
             if stop is not None and stop.is_set():
                 outbox.release_unsent(self.db, [p.row for p in prepared[index:]])
                 break
-            if not assoc.is_established:
-                outcome = SendOutcome("retry", None, "association lost")
-            else:
-                outcome = self._store(assoc, item)
+            if not assoc.is_established:  # aborted or timed out on an earlier row
+                outbox.release_unsent(self.db, [p.row for p in prepared[index:]])
+                break  # not tried: pending again, no attempt counted; a new association
+            outcome = self._store(assoc, item)
             self._record([row], {row.id: outcome}, transaction)
             if outcome.state == "sent":
                 stored.append((row.sop_class_uid, row.sop_uid))

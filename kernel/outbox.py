@@ -518,8 +518,9 @@ def claim_due(
 
 
 def release_unsent(db: Database, rows: Iterable[Dispatch]) -> int:
-    """Rows a sender claimed and did not try (it was asked to stop): pending again, as
-    they were, no attempt counted. Returns how many."""
+    """Rows a sender claimed and did not try (it was asked to stop, or its association
+    ended before their turn): pending again, as they were, no attempt counted. Returns
+    how many."""
     ids = [row.id for row in rows]
     if not ids:
         return 0
@@ -531,6 +532,29 @@ def release_unsent(db: Database, rows: Iterable[Dispatch]) -> int:
             row.state = OutboxState.PENDING
             row.sending_since = row.sending_by = None
         return len(claimed)
+
+
+def retry_claimed(
+    db: Database, rows: Iterable[Dispatch], detail: str, settings: DispatchSettings
+) -> int:
+    """Rows a sender claimed and could not finish (it failed itself, not the
+    destination): those still its claim get a retryable attempt with ``detail`` as the
+    reason (backoff as for any retry); rows it recorded already are left. Returns how
+    many."""
+    rows = list(rows)
+    if not rows:
+        return 0
+    with db.session() as s:
+        current = {
+            row.id: row
+            for row in s.scalars(select(Dispatch).where(Dispatch.id.in_([r.id for r in rows])))
+        }
+        mine = [r for r in rows if r.id in current and _still_claimed(current[r.id], r)]
+    if mine:
+        record_outcomes(
+            db, mine, {r.id: SendOutcome("retry", None, detail) for r in mine}, settings
+        )
+    return len(mine)
 
 
 def record_outcomes(

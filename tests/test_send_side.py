@@ -27,9 +27,10 @@ from sqlalchemy import select
 from db.models import Dispatch, Event
 from db.session import Database
 from devkit.net import free_port, wait_for_port
+from dicom_node.dispatch import Dispatcher
 from dicom_node.service import Node
 from kernel import outbox
-from kernel.settings import DispatchSettings
+from kernel.settings import Destination, DispatchSettings
 from kernel.vocabulary import OutboxKind
 from tests.conftest import node_settings, wait_until
 from tests.dicom_factory import ct_slice, write
@@ -380,3 +381,46 @@ def test_a_result_replaced_while_it_was_being_sent_goes_again_in_its_new_version
     assert [(row.sop_uid, row.path) for row in again if row.sop_uid == old[0]] == [
         (old[0], newer)
     ]
+
+
+def test_rows_after_a_timed_out_c_store_are_not_charged_an_attempt(db, tmp_path):
+    """The destination takes the association and leaves the first C-STORE unanswered until
+    ``dispatch.timeout_s``: that row is charged an attempt and retried after the backoff;
+    the rest of the chunk was never tried, so it is pending again with no attempt and no
+    error, and goes on the next association."""
+    objects = _objects(tmp_path / "objects", 5)
+    scp = LoggingStoreSCP(free_port(), hold_max_s=3.0).start()
+    try:
+        scp.gate.clear()  # the first request waits (3 s), past the 1 s DIMSE timeout
+        settings = DispatchSettings(timeout_s=1, retry_initial_s=0.2, retry_max_s=0.5)
+        dest = Destination(**_destination("pacs", scp))
+        dispatcher = Dispatcher(db, {"pacs": dest}, settings, "DICOM_NODE")
+        _queue_results(db, objects, ["pacs"])
+        dispatcher.poll()
+        rows = _rows(db)
+        first, rest = rows[0], rows[1:]
+        assert first.state == "pending" and first.attempts == 1 and first.last_error
+        assert [(r.state, r.attempts, r.last_error) for r in rest] == [("pending", 0, None)] * 4
+        scp.gate.set()
+        wait_until(
+            lambda: dispatcher.poll() >= 0 and _states(db) == Counter(sent=5), 20, "all sent"
+        )
+        assert [r.attempts for r in _rows(db)] == [2, 1, 1, 1, 1]
+    finally:
+        scp.close()
+
+
+def test_rows_a_sender_could_not_finish_go_again_after_a_backoff(db, tmp_path):
+    """A sender that fails itself mid-chunk: rows it recorded keep their outcome, the
+    others get a retry with the error as reason (not ``sending`` until the next start)."""
+    objects = _objects(tmp_path / "objects", 3)
+    _queue_results(db, objects, ["pacs"])
+    claimed = outbox.claim_due(db, 10, destination="pacs", sender="test/pacs#0")
+    outbox.record_outcomes(
+        db, claimed[:1], {claimed[0].id: outbox.SendOutcome("sent", 0, "success")},
+        DispatchSettings(),
+    )  # fmt: skip
+    assert outbox.retry_claimed(db, claimed, "sender error: OSError()", DispatchSettings()) == 2
+    rows = _rows(db)
+    assert [(r.state, r.attempts) for r in rows] == [("sent", 1), ("pending", 1), ("pending", 1)]
+    assert all(r.last_error == "sender error: OSError()" for r in rows[1:])
