@@ -40,7 +40,7 @@ from inference.supervisor import worker_name
 from inference.worker import LocalWorker
 from kernel import webhooks
 from kernel.catalog import PipelineSpec
-from kernel.settings import NodeSettings
+from kernel.settings import ConfigError, NodeSettings
 
 log = logging.getLogger("dicom_node.service")
 
@@ -70,6 +70,17 @@ class Node:
 
     # -- start -------------------------------------------------------------------------
     def start(self) -> Node:
+        """Start every loop, the listener and the web app. A step that fails (a port in
+        use, an unreadable file) stops what was started before the error goes on: a
+        half-started node would keep its threads and never exit."""
+        try:
+            return self._start()
+        except BaseException:
+            log.error("start failed; stopping what was started")
+            self.stop()
+            raise
+
+    def _start(self) -> Node:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(s.db_url)
@@ -273,13 +284,18 @@ class Node:
         self.web_server = uvicorn.Server(config)
         self.web_server.install_signal_handlers = lambda: None  # signals are ours
         self._spawn("web", self.web_server.run)
-        deadline = time.monotonic() + 10
-        while not self.web_server.started and time.monotonic() < deadline:
+        thread = self.threads[-1]
+        deadline = time.monotonic() + 30
+        while not self.web_server.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self.web_server.started:
-            sock = self.web_server.servers[0].sockets[0]
-            self.web_port = sock.getsockname()[1]
-            log.info("web status page on http://%s:%d/", self.settings.web.host, self.web_port)
+        if not self.web_server.started:  # uvicorn logs why and ends its thread
+            raise ConfigError(
+                f"web: the status page cannot listen on {self.settings.web.host}:"
+                f"{self.settings.web.port} (port in use, or not an address of this machine)"
+            )
+        sock = self.web_server.servers[0].sockets[0]
+        self.web_port = sock.getsockname()[1]
+        log.info("web status page on http://%s:%d/", self.settings.web.host, self.web_port)
 
     def _reindex_spool(self) -> None:
         """Index spooled files the database missed (a crash between the acknowledgement
@@ -295,7 +311,8 @@ class Node:
             self.receivers.stop()
         self.stop_event.set()
         # Loops that sleep on their own wake event see the stop now, not at their next poll.
-        self.dispatcher.wake.set()
+        if hasattr(self, "dispatcher"):
+            self.dispatcher.wake.set()
         if hasattr(self, "webhook_sender"):
             self.webhook_sender.wake.set()
         self.wake_retriever()
@@ -312,7 +329,8 @@ class Node:
         if busy:
             log.warning("jobs %s still running at shutdown; they run again at next start", busy)
             queue.requeue_abandoned(self.db, self.local_worker_prefix)
-        self.db.dispose()
+        if hasattr(self, "db"):
+            self.db.dispose()
         log.info("stopped")
 
     def serve_forever(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -68,3 +69,36 @@ def test_serve_from_environment_receives_and_stops_cleanly_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert len(list((tmp_path / "data" / "spool").rglob("*.dcm"))) == 3
+
+
+def test_serve_with_its_web_port_taken_exits_with_the_reason_instead_of_hanging(tmp_path):
+    """The web port is in use: `serve` stops what it had started (listener, loops, the
+    worker) and exits 2 naming the address, instead of running without its console or
+    hanging on the threads it had started."""
+    port = free_port()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    web_port = taken.getsockname()[1]
+    env = {
+        **os.environ,
+        "DICOM_NODE_BIND_ADDRESS": "127.0.0.1",
+        "DICOM_NODE_PORT": str(port),
+        "DICOM_NODE_DATA_DIR": str(tmp_path / "data"),
+        "DICOM_NODE_MIN_FREE_BYTES": "0",
+        "DICOM_NODE_WEB__HOST": "127.0.0.1",
+        "DICOM_NODE_WEB__PORT": str(web_port),
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", "serve"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 2, done.stdout + done.stderr  # a settings error
+    assert f"cannot listen on 127.0.0.1:{web_port}" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
