@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,25 @@ def worker_devices(device: str, devices: list[str], timeout_s: float = 120.0) ->
         return list(devices)
     if device != "auto":
         return [device]
+    count = cuda_device_count(timeout_s)
+    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+
+
+# (interpreter, CUDA_VISIBLE_DEVICES) -> CUDA devices torch counted there
+_cuda_counts: dict[tuple[str, str | None], int] = {}
+
+
+def cuda_device_count(timeout_s: float = 120.0) -> int:
+    """The CUDA devices torch sees, counted in a child process (1-2 s: it imports torch).
+
+    Counted once per process and ``CUDA_VISIBLE_DEVICES``: the count does not change
+    while the machine runs, and a node started again in one process (the tests, a
+    program embedding the node) need not wait for the child again. A failed count is not
+    kept. Raises ``WorkerUnavailableError`` with the child's error output.
+    """
+    key = (sys.executable, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if key in _cuda_counts:
+        return _cuda_counts[key]
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _COUNT_CUDA],
@@ -77,7 +97,8 @@ def worker_devices(device: str, devices: list[str], timeout_s: float = 120.0) ->
         raise WorkerUnavailableError(
             f"device auto: counting CUDA devices with torch failed: {detail.strip()[-500:]}"
         ) from None
-    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    _cuda_counts[key] = count
+    return count
 
 
 def free_memory_mb(device: str) -> int | None:
