@@ -20,8 +20,9 @@ Per pipeline (its latest job):
 
 Forwards are one item per destination, delivered / pending / failed the same way.
 
-The study: work still in progress shows first (DELIVERY_PENDING, HELD, RUNNING, QUEUED,
-RECEIVING, WAITING, in that order); when everything ended, DELIVERED when every item got
+The study: a failure for good shows first, even while other work is in progress (the
+reason names what is still in progress); then work in progress (DELIVERY_PENDING, HELD,
+RUNNING, QUEUED, RECEIVING, WAITING, in that order); when everything ended, DELIVERED when every item got
 through or had nothing to deliver (found nothing, or its phase never came: NOT_SENT and
 NOT_RUN items are named in the reason), PARTIALLY_DELIVERED when some got through and
 others failed, were rejected or cancelled, else the worst of FAILED, REJECTED, CANCELLED
@@ -575,6 +576,15 @@ def _combined(f: _Facts, items: list[ItemStatus], receiving: list[Any]) -> Study
     present = {i.status for i in items}
     if receiving:
         present.add(S.RECEIVING)
+    failed = [i for i in items if i.status == S.FAILED]
+    if failed and present & set(_ACTIVE):
+        # A failure for good needs someone now: it is not hidden behind work still in
+        # progress (a pipeline waiting up to study_timeout_s for its phase, say).
+        active = [i for i in items if i.status in _ACTIVE]
+        still = ", ".join(f"{i.name} {LABELS[i.status]}" for i in active)
+        if receiving:
+            still = ", ".join(filter(None, [f"{len(receiving)} series arriving", still]))
+        return StudyStatus(S.FAILED, f"{_reasons(items, S.FAILED)} (still: {still})", items)
     for status in _ACTIVE:
         if status in present:
             if status == S.RECEIVING:

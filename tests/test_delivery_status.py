@@ -421,3 +421,24 @@ def test_unreachable_since_is_the_first_failure_of_the_outage_sends_and_echoes_t
     with db.session() as s:
         again = s.scalar(select(func.max(DestinationEcho.at)))
         assert again > first and health.destination_health(s, settings)["pacs"].since == again
+
+
+def test_a_failure_shows_at_once_while_another_pipeline_still_waits(db):
+    """tumor failed for good, ureter waits (up to study_timeout_s) for its D series: the
+    study is failed now, in red, naming the failure and what is still in progress, not
+    "waiting for inputs" for ten minutes."""
+    study_id = _routed_study(db, pipelines=("tumor", "ureter"))
+    with db.session() as s:
+        job_id = queue.enqueue(s, s.get_one(Study, study_id), "tumor", {"image": SERIES}).id
+    assert queue.claim(db, "w", "cpu").id == job_id
+    assert queue.fail(db, job_id, "instance 7 has 131072 of 524288 pixel bytes", retry=False) == "failed"
+    spec = {
+        "tumor": PipelineSpec(models=["tumor"]),
+        "ureter": PipelineSpec(models=["ureter"], inputs={"D": ["D"]}),
+    }
+    with db.session() as s:
+        st = status.study_status(s, s.get_one(Study, study_id), None, spec, study_timeout_s=600)
+    assert st.status == S.FAILED and status.TONES[st.status] == "bad"
+    assert "tumor: " in st.reason and "131072 of 524288" in st.reason
+    assert "still: ureter waiting for inputs" in st.reason
+    assert [(i.name, i.status) for i in st.items] == [("tumor", S.FAILED), ("ureter", S.WAITING)]
