@@ -22,9 +22,10 @@ Forwards are one item per destination, delivered / pending / failed the same way
 
 The study: a failure for good shows first, even while other work is in progress (the
 reason names what is still in progress); then work in progress (DELIVERY_PENDING, HELD,
-RUNNING, QUEUED, RECEIVING, WAITING, in that order); when everything ended, DELIVERED when every item got
-through or had nothing to deliver (found nothing, or its phase never came: NOT_SENT and
-NOT_RUN items are named in the reason), PARTIALLY_DELIVERED when some got through and
+RUNNING, QUEUED, RECEIVING, WAITING, in that order); when everything ended, DELIVERED
+when every item got through or had nothing to deliver (found nothing, or its phase never
+came: NOT_SENT and NOT_RUN items are named in the reason), PARTIALLY_DELIVERED when some
+got through and
 others failed, were rejected or cancelled, else the worst of FAILED, REJECTED, CANCELLED
 (or NOT_SENT / NOT_RUN when that is all there is). A study whose series no rule matched
 says so, with each rule's first failing condition.

@@ -431,7 +431,8 @@ def test_a_failure_shows_at_once_while_another_pipeline_still_waits(db):
     with db.session() as s:
         job_id = queue.enqueue(s, s.get_one(Study, study_id), "tumor", {"image": SERIES}).id
     assert queue.claim(db, "w", "cpu").id == job_id
-    assert queue.fail(db, job_id, "instance 7 has 131072 of 524288 pixel bytes", retry=False) == "failed"
+    error = "instance 7 has 131072 of 524288 pixel bytes"
+    assert queue.fail(db, job_id, error, retry=False) == "failed"
     spec = {
         "tumor": PipelineSpec(models=["tumor"]),
         "ureter": PipelineSpec(models=["ureter"], inputs={"D": ["D"]}),
