@@ -16,6 +16,7 @@ import socket
 import threading
 
 import requests
+import urllib3
 
 from db.session import Database
 from inference.results import product_version
@@ -24,6 +25,7 @@ from kernel.settings import WebhookSettings
 
 log = logging.getLogger("dicom_node.webhooks")
 
+ANSWER_CAP_BYTES = 64 << 10  # of an answer's body: more is never read (status + reason)
 POLL_S = 0.5  # how often the loop looks for due rows when it found none
 BATCH = 8  # rows claimed at a time
 RETRY_STATUSES = frozenset({408, 429})  # 4xx answers that say "later", not "never"
@@ -68,10 +70,17 @@ def _cause(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def classify(response: requests.Response) -> webhooks.Outcome:
-    """An HTTP answer as an outcome (see the module docstring)."""
+def read_capped(response: requests.Response, cap_bytes: int = ANSWER_CAP_BYTES) -> bytes:
+    """At most ``cap_bytes`` of a streamed answer's body; the rest is never read (the
+    connection is closed with the response), so a huge answer costs no memory."""
+    return response.raw.read(cap_bytes, decode_content=True) or b""
+
+
+def classify(response: requests.Response, head: bytes = b"") -> webhooks.Outcome:
+    """An HTTP answer as an outcome (see the module docstring); ``head``: the first
+    bytes of its body (``read_capped``), whose first 200 characters go into the reason."""
     code = response.status_code
-    text = " ".join(response.text[:200].split()) if response.content else ""
+    text = " ".join(head.decode("utf-8", "replace")[:200].split())
     detail = f"HTTP {code} {response.reason or ''}".rstrip() + (f": {text}" if text else "")
     if 200 <= code < 300:
         return webhooks.Outcome("delivered", code, f"HTTP {code}")
@@ -109,6 +118,7 @@ class WebhookSender:
                 headers=headers,
                 timeout=self.settings.timeout_s,
                 allow_redirects=False,
+                stream=True,  # the body is read capped (read_capped), never whole
             )
         except requests.Timeout:
             return webhooks.Outcome(
@@ -117,7 +127,11 @@ class WebhookSender:
         except requests.RequestException as exc:
             return webhooks.Outcome("retry", None, f"no connection: {_cause(exc)}")
         with response:
-            return classify(response)
+            try:
+                head = read_capped(response)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                return webhooks.Outcome("retry", None, f"no complete answer: {_cause(exc)}")
+            return classify(response, head)
 
     def send_due(self, stop: threading.Event) -> int:
         """Claim and POST one batch of due rows; returns how many were claimed."""

@@ -15,6 +15,7 @@ import hmac
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,11 +28,13 @@ import yaml
 from sqlalchemy import select
 
 from db.models import Job, Study, WebhookDelivery
+from devkit.memwatch import peak_rss
 from devkit.net import free_port
 from devkit.synth import generate_study
 from dicom_node.grpc_api import path_inference_pb2 as pb2
 from dicom_node.grpc_api import path_inference_pb2_grpc as pb2_grpc
 from dicom_node.rules import RulesError, parse_rules
+from dicom_node.webhook_sender import WebhookSender
 from inference import queue
 from kernel import webhooks
 from kernel.settings import REPO_ROOT, WebhookSettings
@@ -117,6 +120,81 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.close()
+
+
+class Misbehaving:
+    """An HTTP server on 127.0.0.1 whose answers misbehave: ``/huge`` answers 200 with a
+    400 MiB body, ``/trickle`` 200 with a body of one byte every 0.5 s; others 200 "ok".
+    ``paths`` records the path of every POST as it arrives."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.closed = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers["Content-Length"]))
+                server.paths.append(self.path)
+                try:
+                    if self.path.startswith("/huge"):
+                        self._head(400 << 20)
+                        block = b" " * (1 << 20)
+                        for _ in range(400):
+                            self.wfile.write(block)
+                    elif self.path.startswith("/trickle"):
+                        self._head(100_000)
+                        while not server.closed.wait(0.5):
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                    else:
+                        self._head(2)
+                        self.wfile.write(b"ok")
+                except OSError:  # the node hung up, as it should
+                    self.close_connection = True
+
+            def _head(self, length: int) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.flush()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.closed.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def misbehaving() -> Iterator[Misbehaving]:
+    m = Misbehaving()
+    yield m
+    m.close()
+
+
+def test_a_huge_answer_is_read_capped(misbehaving: Misbehaving) -> None:
+    """A receiver answering 400 MiB: the POST is delivered after reading at most 64 KiB
+    of the answer, and the node's memory hardly grows (it used to grow by ~1 GB)."""
+    sender = WebhookSender(None, WebhookSettings(timeout_s=20))  # type: ignore[arg-type]
+    started = time.monotonic()
+    with peak_rss() as rss:
+        outcome = sender.post(1, misbehaving.url("/huge"), '{"job_id": 1}')
+    assert (outcome.state, outcome.http_status) == ("delivered", 200), outcome
+    assert rss.growth_mb < 40, rss.growth_mb
+    assert time.monotonic() - started < 10
 
 
 def _check_signed(post: dict[str, Any]) -> dict[str, Any]:
