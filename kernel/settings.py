@@ -573,6 +573,13 @@ class WebSettings(StrictModel):
         description="Fewest characters of a password (set by `user add`, `user "
         "reset-password`, the Users page or a user changing their own).",
     )
+    stow_idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A STOW-RS request whose body sends nothing this long ends there: what "
+        "was stored is kept, the part in flight is dropped and its series are released (as "
+        "the DICOM listener's idle_timeout_s does for a silent association).",
+    )
     stow_max_instance_bytes: int = Field(
         1 << 30,
         ge=1 << 20,

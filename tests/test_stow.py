@@ -70,9 +70,13 @@ class Site:
         return requests.post(url, data=data, headers=headers, timeout=60, **kw)
 
 
+STOW_IDLE_S = 3.0  # web.stow_idle_timeout_s of the module's node
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    with running_node(tmp_path_factory.mktemp("stow")) as node:
+    web = {"host": "127.0.0.1", "port": 0, "stow_idle_timeout_s": STOW_IDLE_S}
+    with running_node(tmp_path_factory.mktemp("stow"), web=web) as node:
         yield Site(node, f"http://127.0.0.1:{node.web_port}", role_users(node))
 
 
@@ -323,6 +327,33 @@ def test_a_client_that_disconnects_keeps_what_was_stored_and_releases_its_series
         lambda: audit_rows(site.node, action="stow_received", study_uid=study_uid), 10, "audit"
     )
     assert trail[0].detail["disconnected"] and trail[0].detail["stored"] == 2
+    stored = _instances(site.node, [s.SOPInstanceUID for s in sets])
+    assert set(stored) == {sets[0].SOPInstanceUID, sets[1].SOPInstanceUID}
+    wait_until(lambda: _routed(site.node, {series_uid}), 30, "the series released and routed")
+
+
+def test_a_client_that_stalls_mid_part_is_cut_off_and_its_series_released(site):
+    """Two parts, then 100 bytes of the third, then silence with the connection open: after
+    web.stow_idle_timeout_s the request ends (202: two stored, the body broke off), the
+    series is released and routed; nothing of the third part is kept."""
+    study_uid, series_uid = generate_uid(), generate_uid()
+    sets = [ct_slice(study_uid, series_uid, i) for i in range(3)]
+    head = part(encoded(sets[0])) + part(encoded(sets[1]))
+    last = part(encoded(sets[2]))
+    token = site.headers["operator"]["Authorization"].split()[1]
+    conn = _post_head(site.node.web_port, token, len(head) + len(last) + len(END))
+    started = time.monotonic()
+    conn.send(head + last[:100])
+    answer = conn.getresponse()  # the node answers although the body never ended
+    waited = time.monotonic() - started
+    try:
+        assert answer.status == 202, answer.read()
+        assert STOW_IDLE_S <= waited < STOW_IDLE_S + 20
+        assert "sent nothing for 3 s" in " ".join(answer.headers.get_all("Warning") or [])
+    finally:
+        conn.close()
+    (trail,) = audit_rows(site.node, action="stow_received", study_uid=study_uid)
+    assert trail.detail["disconnected"] and trail.detail["stored"] == 2
     stored = _instances(site.node, [s.SOPInstanceUID for s in sets])
     assert set(stored) == {sets[0].SOPInstanceUID, sets[1].SOPInstanceUID}
     wait_until(lambda: _routed(site.node, {series_uid}), 30, "the series released and routed")

@@ -20,14 +20,17 @@ failed part naming it and why. Before any part is read: 401 / 403 (auth), 406 (A
 Operators (and admins) may store: storing starts pipelines and sends results, the same
 duty as retrieving a study. An API token is the normal client; a browser session needs
 its CSRF token in ``X-CSRF-Token`` like any POST. A client that disconnects keeps what was
-stored before (durable and recorded); the part in flight leaves nothing. Every request is
-an audit record (``stow_received``).
+stored before (durable and recorded); the part in flight leaves nothing. So does one that
+sends nothing for ``web.stow_idle_timeout_s``: the request ends there, its series are
+released. Every request is an audit record (``stow_received``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
@@ -116,9 +119,10 @@ async def _stow(request: Request, who: Principal, study_uid: str | None) -> Resp
     problem: str | None = None
     disconnected = False
     started = time.monotonic()
+    idle_s = node.settings.web.stow_idle_timeout_s
     with intake.carrier(origin, study_uid) as path:
         try:
-            async for chunk in request.stream():
+            async for chunk in _within(request.stream(), idle_s):
                 for part in reader.feed(chunk):
                     outcomes.append(await run_in_threadpool(_store_part, path, part))
                 if reader.error is not None:
@@ -129,6 +133,12 @@ async def _stow(request: Request, who: Principal, study_uid: str | None) -> Resp
         except ClientDisconnect:
             disconnected = True
             problem = f"the client disconnected after {reader.body_bytes} bytes"
+        except TimeoutError:
+            disconnected = True
+            problem = (
+                f"the client sent nothing for {idle_s:g} s after {reader.body_bytes} bytes "
+                "(web.stow_idle_timeout_s)"
+            )
         finally:
             reader.close()
     seconds = time.monotonic() - started
@@ -177,6 +187,18 @@ async def _stow(request: Request, who: Principal, study_uid: str | None) -> Resp
     if status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response
+
+
+async def _within(chunks: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
+    """``chunks`` as they come; ``TimeoutError`` when the next one takes longer than
+    ``idle_s`` (a stalled or half-open client must not hold its series open for ever)."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(iterator), idle_s)
+        except StopAsyncIteration:
+            return
+        yield chunk
 
 
 def _store_part(path: ReceivePath, part: Part) -> PartOutcome:
