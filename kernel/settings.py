@@ -761,7 +761,21 @@ class WebhookSettings(StrictModel):
         description="File holding the HMAC-SHA256 key (its text, surrounding whitespace "
         "removed); every POST carries X-Dicom-Node-Signature. Empty: POSTs are unsigned.",
     )
-    timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout of one POST.")
+    timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Wall-clock limit of one POST in all: connect, send and the whole "
+        "answer (a POST over it is retried).",
+    )
+    senders: int = Field(
+        4, ge=1, le=64, description="POSTs in flight at once (at most 2 to one receiver)."
+    )
+    overdue_alert_s: float = Field(
+        120.0,
+        gt=0,
+        description="A delivery due (or being POSTed) for longer than this makes /healthz "
+        "degraded: the sender does not keep up.",
+    )
     max_attempts: int = Field(
         10, ge=1, description="After this many failed POSTs (5xx, no answer) a delivery fails."
     )

@@ -22,13 +22,14 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Job, Result, WebhookDelivery, utcnow
@@ -244,10 +245,20 @@ def webhook_policy(settings: WebhookSettings) -> RetryPolicy:
     )
 
 
-def claim_due(db: Database, limit: int, sender: str) -> list[WebhookDelivery]:
+# How many due rows ``claim_due`` looks through for ones its ``take`` accepts.
+CLAIM_SCAN_ROWS = 256
+
+
+def claim_due(
+    db: Database, limit: int, sender: str, take: Callable[[str], bool] | None = None
+) -> list[WebhookDelivery]:
     """Up to ``limit`` due pending rows, marked ``sending`` by ``sender`` and committed
     before they are returned (detached). Concurrent claimers get disjoint rows (FOR
-    UPDATE SKIP LOCKED where the database has it)."""
+    UPDATE SKIP LOCKED where the database has it). ``take``: called with each due row's
+    URL, oldest due first (up to ``CLAIM_SCAN_ROWS``), until ``limit`` are taken; a row
+    it says False to stays pending (the sender's limit per receiver)."""
+    if limit <= 0:
+        return []
     now = utcnow()
     with db.session() as s:
         rows = s.scalars(
@@ -257,9 +268,17 @@ def claim_due(db: Database, limit: int, sender: str) -> list[WebhookDelivery]:
                 WebhookDelivery.next_attempt_at <= now,
             )
             .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
-            .limit(limit)
+            .limit(limit if take is None else max(limit, CLAIM_SCAN_ROWS))
             .with_for_update(skip_locked=True)
         ).all()
+        if take is not None:
+            taken: list[WebhookDelivery] = []
+            for row in rows:
+                if len(taken) >= limit:
+                    break
+                if take(row.url):
+                    taken.append(row)
+            rows = taken
         for row in rows:
             row.state = WebhookState.SENDING
             row.sending_since, row.sending_by = now, sender
@@ -356,6 +375,37 @@ def reset_interrupted(db: Database) -> int:
             row.sending_since = row.sending_by = None
             row.next_attempt_at = now
         return len(rows)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Deliveries not yet made: ``undelivered`` (pending or sending), ``overdue`` (due,
+    pending or being POSTed, for longer than ``webhooks.overdue_alert_s``: the sender
+    does not keep up or is stuck) and how long the oldest of those has been due (s)."""
+
+    undelivered: int
+    overdue: int
+    oldest_overdue_s: float | None
+
+
+def backlog(session: Session, settings: WebhookSettings) -> Backlog:
+    """The webhook backlog now (``Backlog``); a delivery waiting for its next attempt
+    after a failed POST is not overdue until that attempt is due."""
+    now = utcnow()
+    waiting = WebhookDelivery.state.in_([WebhookState.PENDING, WebhookState.SENDING])
+    undelivered = session.scalar(select(func.count()).where(waiting)) or 0
+    late = waiting & (
+        WebhookDelivery.next_attempt_at < now - timedelta(seconds=settings.overdue_alert_s)
+    )
+    overdue, oldest = session.execute(
+        select(func.count(), func.min(WebhookDelivery.next_attempt_at)).where(late)
+    ).one()
+    oldest_s = None
+    if oldest is not None:
+        if oldest.tzinfo is None:  # SQLite gives naive UTC
+            oldest = oldest.replace(tzinfo=now.tzinfo)
+        oldest_s = round((now - oldest).total_seconds(), 1)
+    return Backlog(undelivered, overdue or 0, oldest_s)
 
 
 def as_dict(row: WebhookDelivery, pipeline: str | None = None) -> dict[str, Any]:

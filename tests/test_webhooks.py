@@ -197,6 +197,66 @@ def test_a_huge_answer_is_read_capped(misbehaving: Misbehaving) -> None:
     assert time.monotonic() - started < 10
 
 
+def _end_jobs(node: Any, urls: list[str]) -> list[int]:
+    """Queue one job per URL (its ``update_url``) and cancel it: its delivery is due."""
+    with node.db.session() as s:
+        study = Study(study_uid=f"1.2.826.0.1.3680043.10.1.{len(urls)}{id(urls) % 997}")
+        s.add(study)
+        s.flush()
+        ids = [
+            queue.enqueue(s, study, "tumor", {"image": f"1.2.3.{i}"}, update_urls=[url]).id
+            for i, url in enumerate(urls)
+        ]
+    for job_id in ids:
+        assert queue.cancel(node.db, job_id) == "cancelled"
+    return ids
+
+
+def test_a_trickling_receiver_holds_only_its_own_delivery(
+    start_node, receiver: Receiver, misbehaving: Misbehaving
+) -> None:
+    """A receiver sending its answer a byte at a time: its POST ends at timeout_s by the
+    wall clock and is retried, a healthy receiver is POSTed meanwhile, and /healthz says
+    the stuck delivery is overdue (it used to hold every delivery for minutes)."""
+    node = start_node(
+        worker={"enabled": False},
+        webhooks={"timeout_s": 4, "retry_initial_s": 60, "retry_max_s": 60, "overdue_alert_s": 1},
+    )
+    (slow,) = _end_jobs(node, [misbehaving.url("/trickle")])
+    wait_until(lambda: misbehaving.paths, 30, "the POST to the trickling receiver")
+    posted = time.monotonic()
+    (healthy,) = _end_jobs(node, [receiver.url("/ok")])
+    (row,) = _settled(node, healthy)
+    assert row.state == "delivered"
+    (stuck,) = _deliveries(node, slow)
+    assert (stuck.state, stuck.attempts) == ("sending", 0)  # not waited for
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{node.web_port}", timeout=30) as client:
+
+        def overdue() -> dict[str, Any] | None:
+            health = client.get("/healthz").json()
+            return health if health["webhooks"]["overdue"] else None
+
+        health = wait_until(overdue, 30, "/healthz to report the stuck delivery")
+        assert health["status"] == "degraded" and health["webhooks"]["overdue"] == 1
+        assert any("webhook deliveries overdue: 1" in r for r in health["reasons"])
+        (again,) = _settled_or_retried(node, slow)
+        took_s = time.monotonic() - posted
+        assert (again.state, again.attempts, again.last_status) == ("pending", 1, None)
+        assert again.last_error == "no complete answer within 4 s"
+        assert 3 < took_s < 12, took_s  # 4 s by the wall clock (it used to be minutes)
+        health = client.get("/healthz").json()
+        assert health["webhooks"] == {"undelivered": 1, "overdue": 0, "oldest_overdue_s": None}
+
+
+def _settled_or_retried(node: Any, job_id: int) -> list[WebhookDelivery]:
+    def tried() -> list[WebhookDelivery] | None:
+        rows = _deliveries(node, job_id)
+        return rows if all(r.attempts for r in rows) else None
+
+    return wait_until(tried, 30, f"a first POST of job {job_id}'s webhook to end")
+
+
 def _check_signed(post: dict[str, Any]) -> dict[str, Any]:
     """The POST's signature is good (README's verify and by hand); returns its body."""
     headers, body = post["headers"], post["body"]
@@ -285,6 +345,14 @@ def test_a_delivery_is_written_with_the_jobs_end_and_retried_by_the_policy(db) -
         assert body["series_uids"] == {"image": "1.2.3"}
         assert not any("patient" in key for key in body)
 
+    with db.session() as s:
+        assert webhooks.backlog(s, settings) == webhooks.Backlog(2, 0, None)
+        time.sleep(0.05)
+        late = webhooks.backlog(s, WebhookSettings(overdue_alert_s=0.01))
+        assert (late.undelivered, late.overdue) == (2, 2) and late.oldest_overdue_s >= 0
+    # A chooser (the sender's limit per receiver) passes rows over: they stay pending.
+    (only,) = webhooks.claim_due(db, 10, "test", take=lambda url: "b.example" in url)
+    assert only.url == urls[1] and webhooks.release_unsent(db, [only.id]) == 1
     first, second = webhooks.claim_due(db, 10, "test")
     assert webhooks.claim_due(db, 10, "test") == []  # both held
     retry = webhooks.Outcome("retry", 503, "HTTP 503 Service Unavailable")

@@ -20,6 +20,7 @@ from sqlalchemy import text
 
 from dicom_node.health import DestinationHealth, destination_health
 from dicom_node.view import ServiceView
+from kernel import webhooks
 
 
 @dataclass
@@ -93,6 +94,30 @@ def _check_spool(node: ServiceView, details: dict[str, Any]) -> str | None:
     return None
 
 
+def _check_webhooks(node: ServiceView, details: dict[str, Any]) -> str | None:
+    """The webhook backlog into ``details["webhooks"]``; the reason when deliveries are
+    overdue (due longer than ``webhooks.overdue_alert_s``: the sender is stuck or does
+    not keep up, whether or not its thread is alive)."""
+    settings = node.settings.webhooks
+    try:
+        with node.db.session() as s:
+            backlog = webhooks.backlog(s, settings)
+    except Exception as exc:  # report, don't raise
+        details["webhooks"] = {"error": type(exc).__name__}
+        return None  # the database check says it
+    details["webhooks"] = {
+        "undelivered": backlog.undelivered,
+        "overdue": backlog.overdue,
+        "oldest_overdue_s": backlog.oldest_overdue_s,
+    }
+    if not backlog.overdue:
+        return None
+    return (
+        f"webhook deliveries overdue: {backlog.overdue} due for over "
+        f"{settings.overdue_alert_s:g} s (oldest {backlog.oldest_overdue_s:g} s)"
+    )
+
+
 def run_checks(node: ServiceView) -> Checks:
     """Check the receive path and the destinations (never raises)."""
     details: dict[str, Any] = {}
@@ -119,6 +144,9 @@ def run_checks(node: ServiceView) -> Checks:
     if dead:
         reasons.append(f"loop threads stopped: {', '.join(dead)}")
     ready = not reasons
+    webhook_reason = _check_webhooks(node, details)
+    if webhook_reason is not None:
+        reasons.append(webhook_reason)
     for h in health.values():
         if h.alert:
             reasons.append(f"destination {h.name} {h.state}: {h.reason}")
