@@ -14,12 +14,17 @@ How each answer is handled, like the DIMSE statuses:
   ``dispatch.timeout_s``; HTTP 5xx, 408 or 429 -> every row of the request ``retry``
   with the outbox's capped exponential backoff (``dispatch.retry_initial_s`` ..
   ``retry_max_s``, ``max_attempts``, ``max_age_s``);
-- HTTP 200 / 202 / 409 with a Store Instances Response (PS3.18 10.5.3, DICOM JSON): row
-  by row, an instance in ReferencedSOPSequence is ``sent`` (its WarningReason kept as the
-  status), one in FailedSOPSequence is judged by its FailureReason like a C-STORE status
-  (``0xA7xx`` out of resources: ``retry``; any other: ``failed`` at once, the reason
-  recorded); an instance the answer does not list is ``sent`` after a 200 and ``failed``
-  after a 202 or 409 (its fate is unknown: the error says so);
+- HTTP 200 / 202 / 409 with a Store Instances Response (PS3.18 10.5.3, DICOM JSON or
+  XML, read by ``dicom_node.stow_answer``): row by row, an instance in
+  ReferencedSOPSequence is ``sent`` (its WarningReason kept as the status), one in
+  FailedSOPSequence is judged by its FailureReason like a C-STORE status (``0xA7xx`` out
+  of resources: ``retry``; any other: ``failed`` at once, the reason recorded); an
+  instance the answer does not list is ``retry`` ("HTTP 200 but instance ... is not in
+  ReferencedSOPSequence"): only a listed instance counts as stored;
+- HTTP 200 / 202 / 409 without a readable Store Instances Response (an empty body, an
+  HTML page, ``{}``) -> every row ``retry`` with what the answer was instead ("HTTP 200
+  but the answer is not a Store Instances Response (text/html)"), then ``failed`` by the
+  outbox's ``max_attempts`` / ``max_age_s`` like any retry;
 - any other 4xx (400, 401, 403, 404, 413, 415 ...) or an unexpected status -> every row
   ``failed`` at once with the status and its meaning: resending cannot change it;
 - a file that cannot be read -> that row ``failed`` before the request.
@@ -27,8 +32,7 @@ How each answer is handled, like the DIMSE statuses:
 Why not ``DICOMwebClient.store_instances``: it takes decoded data sets, re-encodes each
 one and builds the whole request in memory, and raises on a 409 without its
 FailedSOPSequence. The request goes through the same ``requests`` session conventions as
-dicomweb-client's (``dicom_node.dicomweb_http``), and the answer is read with pydicom's
-DICOM JSON reader.
+dicomweb-client's (``dicom_node.dicomweb_http``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import pydicom
 import requests
@@ -49,6 +53,7 @@ from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, co
 from db.models import Dispatch
 from db.session import Database
 from dicom_node.dicomweb_http import http_status_text, request_error_text, session
+from dicom_node.stow_answer import NotAStoreResponse, parse_store_answer
 from kernel import outbox
 from kernel.outbox import SendOutcome
 from kernel.settings import Destination, DispatchSettings
@@ -60,8 +65,7 @@ STOW_CHUNK = 20
 # Bytes read from a file and handed to the socket at a time.
 BLOCK_BYTES = 1 << 20
 
-REFERENCED_SOP_SEQUENCE = "00081199"
-FAILED_SOP_SEQUENCE = "00081198"
+PROCESSING_FAILURE = 0x0110
 # Failure Reasons a STOW-RS origin server answers (PS3.18 10.5.3, PS3.4 B.2.3).
 FAILURE_MEANING = {
     0x0110: "processing failure",
@@ -150,54 +154,34 @@ def classify_reason(code: int | None, http: int) -> SendOutcome:
     return SendOutcome("failed", code, f"refused by STOW-RS: FailureReason {named} (HTTP {http})")
 
 
-def _int(item: pydicom.Dataset, keyword: str) -> int | None:
-    value = item.get(keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def read_store_response(response: requests.Response) -> pydicom.Dataset | None:
-    """The Store Instances Response data set of ``response`` (DICOM JSON, PS3.18 F.2),
-    or None when it has none or it cannot be read."""
-    if not response.content:
-        return None
-    try:
-        payload: Any = response.json()
-        if isinstance(payload, list):  # some servers wrap the one data set in an array
-            payload = payload[0] if payload else {}
-        return pydicom.Dataset.from_json(payload)
-    except (ValueError, TypeError, KeyError, IndexError):
-        return None
-
-
-def outcomes_of(response: requests.Response, rows: list[Dispatch]) -> dict[int, SendOutcome]:
-    """Every row's outcome from one STOW-RS answer (module docstring)."""
-    code = response.status_code
-    status = http_status_text(code, response.reason)
+def outcomes_of(
+    code: int, reason: str | None, content_type: str | None, body: bytes, rows: list[Dispatch]
+) -> dict[int, SendOutcome]:
+    """Every row's outcome from one STOW-RS answer: HTTP status ``code`` (``reason``
+    phrase), its Content-Type and ``body`` (module docstring)."""
+    status = http_status_text(code, reason)
     if code >= 500 or code in RETRY_HTTP:
         return {r.id: SendOutcome("retry", None, status) for r in rows}
     if code not in (200, 202, 409):
         if 300 <= code < 400:
             status += " (a redirect: set url to the address it names)"
         return {r.id: SendOutcome("failed", None, status) for r in rows}
-    answer = read_store_response(response)
-    listed: dict[str, SendOutcome] = {}
-    if answer is not None:
-        for item in answer.get("ReferencedSOPSequence") or []:
-            uid = str(item.get("ReferencedSOPInstanceUID", ""))
-            listed[uid] = classify_reason(_int(item, "WarningReason"), code)
-        for item in answer.get("FailedSOPSequence") or []:
-            uid = str(item.get("ReferencedSOPInstanceUID", ""))
-            reason = _int(item, "FailureReason")
-            listed[uid] = classify_reason(0x0110 if reason is None else reason, code)
-    unlisted = (
-        SendOutcome("sent", 0, "stored (HTTP 200)")
-        if code == 200
-        else SendOutcome("failed", None, f"{status}; the Store Instances Response does not list it")
-    )
-    return {r.id: listed.get(r.sop_uid, unlisted) for r in rows}
+    try:
+        answer = parse_store_answer(body, content_type)
+    except NotAStoreResponse as exc:
+        why = f"HTTP {code} but the answer is not a Store Instances Response ({exc})"
+        return {r.id: SendOutcome("retry", None, why) for r in rows}
+    out = {}
+    for r in rows:
+        if r.sop_uid in answer.failed:
+            failure = answer.failed[r.sop_uid]
+            out[r.id] = classify_reason(PROCESSING_FAILURE if failure is None else failure, code)
+        elif r.sop_uid in answer.referenced:
+            out[r.id] = classify_reason(answer.referenced[r.sop_uid], code)
+        else:
+            why = f"HTTP {code} but instance {r.sop_uid} is not in ReferencedSOPSequence"
+            out[r.id] = SendOutcome("retry", None, why)
+    return out
 
 
 class DicomwebSender:
@@ -305,11 +289,19 @@ class DicomwebSender:
             log.warning("STOW-RS to %s: %s", self.dest.name, why)
             return {r.id: SendOutcome("retry", None, why) for r in rows}
         with response:
-            outcomes = outcomes_of(response, rows)
-        if response.status_code not in (200, 202):
+            outcomes = outcomes_of(
+                response.status_code,
+                response.reason,
+                response.headers.get("Content-Type"),
+                response.content,
+                rows,
+            )
+        unsure = [o.detail for o in outcomes.values() if o.state == "retry" and o.status is None]
+        if response.status_code not in (200, 202) or unsure:
             log.warning(
                 "STOW-RS of %d instances to %s: %s",
-                len(rows), self.dest.name, http_status_text(response.status_code, response.reason),
+                len(rows), self.dest.name,
+                unsure[0] if unsure else http_status_text(response.status_code, response.reason),
             )  # fmt: skip
         return outcomes
 

@@ -21,7 +21,7 @@ import base64
 import io
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,6 +45,8 @@ from devkit.orthanc import OrthancServer
 from devkit.synth import generate_study
 from dicom_node.dispatch import Dispatcher
 from dicom_node.health import echo_destination
+from dicom_node.stow_answer import NotAStoreResponse, parse_store_answer
+from dicom_node.stow_response import render
 from dicom_node.web.users import add_user, create_token
 from inference.engine import Engine
 from inference.seg_reader import seg_label_map
@@ -255,6 +257,9 @@ class Origin:
     credentials: str  # "user:password" it accepts (basic)
     failures: dict[str, int] = field(default_factory=dict)
     status: int = 409
+    media_type: str = "application/dicom+json"  # of the Store Instances Response
+    # SOP UIDs received -> (HTTP status, Content-Type, body): an answer of its own instead
+    reply: Callable[[list[str]], tuple[int, str, bytes]] | None = None
     received: list[list[str]] = field(default_factory=list)  # SOP UIDs per request
     headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -313,14 +318,18 @@ class _Handler(BaseHTTPRequestHandler):
             for p in _parts(body, self.headers["Content-Type"])
         ]
         self.origin.received.append(uids)
-        answer = Dataset()
-        answer.ReferencedSOPSequence = [_item(u) for u in uids if u not in self.origin.failures]
-        failed = [_item(u, self.origin.failures[u]) for u in uids if u in self.origin.failures]
-        if failed:
-            answer.FailedSOPSequence = failed
-        payload = json.dumps(answer.to_json_dict()).encode()
-        self.send_response(self.origin.status if failed else 200)
-        self.send_header("Content-Type", "application/dicom+json")
+        if self.origin.reply is not None:
+            code, content_type, payload = self.origin.reply(uids)
+        else:
+            answer = Dataset()
+            answer.ReferencedSOPSequence = [_item(u) for u in uids if u not in self.origin.failures]
+            failed = [_item(u, self.origin.failures[u]) for u in uids if u in self.origin.failures]
+            if failed:
+                answer.FailedSOPSequence = failed
+            code, content_type = self.origin.status if failed else 200, self.origin.media_type
+            payload = render(answer, content_type)
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -393,6 +402,147 @@ def test_failed_sop_sequence_fails_only_that_instance(tmp_path, db, origin):
     wait_until(lambda: dispatcher.poll() and _rows(db)[busy].state == OutboxState.SENT, 20)
     assert state.received[-1] == [busy]
     assert _rows(db)[refused].state == OutboxState.FAILED
+
+
+# -- an HTTP 200 is not a delivery unless the answer lists the instance ----------------
+
+NGINX = b"<html><head><title>Welcome to nginx!</title></head><body>Welcome to nginx!</body></html>"
+OTHER = {  # a Store Instances Response that lists another instance only
+    "00081199": {
+        "vr": "SQ",
+        "Value": [
+            {
+                "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.66.4"]},
+                "00081155": {"vr": "UI", "Value": ["1.2.3.4.5"]},
+            }
+        ],
+    }
+}
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "expected"),
+    [
+        (
+            "application/dicom+json",
+            b"",
+            "HTTP 200 but the answer is not a Store Instances Response "
+            "(application/dicom+json, empty body)",
+        ),
+        (
+            "text/html",
+            NGINX,
+            "HTTP 200 but the answer is not a Store Instances Response (text/html)",
+        ),
+        (
+            "application/dicom+json",
+            b"{}",
+            "HTTP 200 but the answer is not a Store Instances Response (application/dicom+json "
+            "without ReferencedSOPSequence or FailedSOPSequence)",
+        ),
+        ("application/dicom+json", json.dumps(OTHER).encode(), "is not in ReferencedSOPSequence"),
+        (
+            "application/json",
+            b'{"status": "ok"}',
+            "HTTP 200 but the answer is not a Store Instances Response "
+            "(application/json, not a DICOM JSON data set)",
+        ),
+    ],
+    ids=["empty", "html", "empty-json", "other-uids", "plain-json"],
+)
+def test_http_200_without_a_store_instances_response_listing_it_is_not_delivered(
+    tmp_path, db, origin, content_type, body, expected
+):
+    state, url = origin
+    state.reply = lambda uids: (200, content_type, body)
+    settings = node_settings(
+        tmp_path,
+        destinations=[
+            {"name": "web", "kind": "dicomweb", "url": url, "auth": _basic("right-password")}
+        ],
+        dispatch={"retry_initial_s": 0.3, "retry_max_s": 0.3, "timeout_s": 10, "max_attempts": 2},
+    )
+    dispatcher = Dispatcher(db, {"web": settings.destinations[0]}, settings.dispatch, "NODE")
+    study = generate_study(tmp_path / "study", seed=8, phases="P", **SMALL)
+    by_uid = _queue_files(db, study.series[0].files, "web")
+
+    assert dispatcher.poll() == len(by_uid)
+    rows = _rows(db)
+    assert {(r.state, r.attempts, r.sent_at) for r in rows.values()} == {
+        (OutboxState.PENDING, 1, None)
+    }
+    for uid, row in rows.items():
+        assert expected in row.last_error
+        if "ReferencedSOPSequence" in expected and "answer is not" not in expected:
+            assert row.last_error == f"HTTP 200 but instance {uid} is not in ReferencedSOPSequence"
+    # Then failed by the outbox's policy (max_attempts 2), never counted as sent.
+    wait_until(
+        lambda: (
+            dispatcher.poll() is not None
+            and {r.state for r in _rows(db).values()} == {OutboxState.FAILED}
+        ),
+        20,
+        "every row failed after its second attempt",
+    )
+    rows = _rows(db)
+    assert {(r.state, r.sent_at) for r in rows.values()} == {(OutboxState.FAILED, None)}
+    assert all(expected in r.last_error for r in rows.values())
+
+
+def test_store_instances_response_in_xml_and_partial_listings(tmp_path, db, origin):
+    state, url = origin
+    state.media_type = "application/dicom+xml"  # the server answers XML though asked JSON
+    settings = _settings(
+        tmp_path,
+        [{"name": "web", "kind": "dicomweb", "url": url, "auth": _basic("right-password")}],
+    )
+    dispatcher = Dispatcher(db, {"web": settings.destinations[0]}, settings.dispatch, "NODE")
+    study = generate_study(tmp_path / "study", seed=9, phases="P", **SMALL)
+    by_uid = _queue_files(db, study.series[0].files, "web")
+    refused, missing, *fine = sorted(by_uid)
+    state.failures = {refused: 0xC000}
+
+    def xml_leaving_one_out(uids: list[str]) -> tuple[int, str, bytes]:
+        answer = Dataset()
+        answer.ReferencedSOPSequence = [_item(u) for u in uids if u not in (refused, missing)]
+        answer.FailedSOPSequence = [_item(refused, 0xC000)]
+        return 202, "application/dicom+xml; charset=utf-8", render(answer, "application/dicom+xml")
+
+    state.reply = xml_leaving_one_out
+    assert dispatcher.poll() == len(by_uid)
+    rows = _rows(db)
+    assert {(rows[u].state, rows[u].last_status) for u in fine} == {(OutboxState.SENT, 0)}
+    assert (rows[refused].state, rows[refused].last_status) == (OutboxState.FAILED, 0xC000)
+    assert (rows[missing].state, rows[missing].attempts) == (OutboxState.PENDING, 1)
+    assert rows[missing].last_error == (
+        f"HTTP 202 but instance {missing} is not in ReferencedSOPSequence"
+    )
+    # The same server's full XML answer stores the one left out.
+    state.reply, state.failures = None, {}
+    wait_until(lambda: dispatcher.poll() and _rows(db)[missing].state == OutboxState.SENT, 20)
+    assert state.received[-1] == [missing]
+
+
+def test_store_answer_reader_takes_dicom_json_and_xml_only():
+    answer = Dataset()
+    answer.ReferencedSOPSequence = [_item("1.2.3")]
+    answer.ReferencedSOPSequence[0].WarningReason = 0xB000
+    answer.FailedSOPSequence = [_item("1.2.4", 0xA700)]
+    for media in ("application/dicom+json", "application/dicom+xml"):
+        read = parse_store_answer(render(answer, media), media)
+        assert (read.referenced, read.failed) == ({"1.2.3": 0xB000}, {"1.2.4": 0xA700})
+    wrapped = json.dumps([answer.to_json_dict()]).encode()  # one data set in an array
+    assert parse_store_answer(wrapped, None).referenced == {"1.2.3": 0xB000}
+    for body, media, why in [
+        (b"<html><body>hi</body></html>", "text/html", "text/html"),
+        (b"<html/>", "application/xml", "not a Native DICOM Model (<html>)"),
+        (b"[]", "application/dicom+json", "not a DICOM JSON data set"),
+        (b"{not json", "application/dicom+json", "not JSON"),
+        (b'{"00081199": {"vr": "SQ", "Value": [5]}}', "application/dicom+json", "malformed"),
+        (b"  ", None, "no Content-Type, empty body"),
+    ]:
+        with pytest.raises(NotAStoreResponse, match=why.replace("(", r"\(").replace(")", r"\)")):
+            parse_store_answer(body, media)
 
 
 # -- settings ------------------------------------------------------------------------------
