@@ -236,6 +236,10 @@ class Dispatch(Base):
     # and when, written before its association opens. NULL otherwise (migration 0008).
     sending_since: Mapped[datetime | None] = mapped_column()
     sending_by: Mapped[str | None] = mapped_column(String(128))
+    # Who decided how the last attempt ended (``kernel.vocabulary.SendCause``): the
+    # destination answered, it did not, or this node failed itself. NULL before the first
+    # attempt and on rows from before migration 0010.
+    last_cause: Mapped[str | None] = mapped_column(String(16))
 
 
 class WebhookDelivery(Base):

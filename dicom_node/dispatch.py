@@ -18,11 +18,17 @@ pynetdicom's ``code_to_category``):
 - ``0xA9xx`` dataset does not match SOP class, ``0xCxxx`` cannot understand, any other
   failure status, a SOP class or transfer syntax the destination did not accept, or a file
   that cannot be read -> ``failed`` at once: a resend cannot change the answer;
+- an error of this node while it prepares a send (a file it cannot decompress or encode
+  for what the destination accepted) -> ``failed`` at once, "could not convert for the
+  destination: ...", cause ``node`` (destination health does not count it against the
+  destination, which did answer);
 - a retryable row fails when it was not delivered ``dispatch.max_age_s`` after it was
   queued, or after ``dispatch.max_attempts`` attempts.
 
 A compressed object whose transfer syntax the destination refused is sent decompressed
-(lossless, same SOP Instance UID). With ``storage_commitment`` the batch's successes are
+(lossless, same SOP Instance UID) and encoded in the uncompressed transfer syntax it
+accepted: Explicit VR Little Endian, else Implicit VR Little Endian, which every SCP
+must accept (PS3.5 10.1). With ``storage_commitment`` the batch's successes are
 sent an N-ACTION on the same association (see ``dicom_node.commitment``).
 
 A destination with ``tls`` is sent to over DICOM TLS (``dicom_node.tls``); a failed TLS
@@ -54,7 +60,9 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
@@ -72,6 +80,7 @@ from dicom_node.dispatch_dicomweb import DicomwebSender
 from kernel import outbox
 from kernel.outbox import SendOutcome
 from kernel.settings import Destination, DispatchSettings
+from kernel.vocabulary import SendCause
 
 log = logging.getLogger("dicom_node.dispatch")
 
@@ -87,7 +96,9 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 def classify_status(status: int | None) -> SendOutcome:
     """The outbox verdict for one C-STORE response status (None: no response)."""
     if status is None:
-        return SendOutcome("retry", None, "no response (association lost or timed out)")
+        return SendOutcome(
+            "retry", None, "no response (association lost or timed out)", SendCause.NO_ANSWER
+        )
     category = code_to_category(status)
     if category == STATUS_SUCCESS:
         return SendOutcome("sent", status, "success")
@@ -212,7 +223,9 @@ class Dispatcher:
                 self.db,
                 rows,
                 {
-                    r.id: SendOutcome("failed", None, f"destination {r.destination!r} unknown")
+                    r.id: SendOutcome(
+                        "failed", None, f"destination {r.destination!r} unknown", SendCause.NODE
+                    )
                     for r in rows
                 },
                 self.settings,
@@ -282,9 +295,11 @@ class DestinationSender:
                     assoc.release() if assoc.is_established else None
                     assoc = None
                 if assoc is None:
-                    assoc, why = self._associate(wanted)
+                    assoc, why, cause = self._associate(wanted)
                     if assoc is None:
-                        outcomes = {p.row.id: SendOutcome("retry", None, why) for p in prepared}
+                        outcomes = {
+                            p.row.id: SendOutcome("retry", None, why, cause) for p in prepared
+                        }
                         self._record([p.row for p in prepared], outcomes)
                         break  # the destination does not answer: its backoff decides
                     accepted = wanted
@@ -315,14 +330,16 @@ class DestinationSender:
                     _Prepared(row, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
                 )
             except (OSError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
-                failed[row.id] = SendOutcome("failed", None, f"file unreadable: {exc}")
+                failed[row.id] = SendOutcome(
+                    "failed", None, f"file unreadable: {exc}", SendCause.NODE
+                )
         if failed:
             self._record([r for r in rows if r.id in failed], failed)
         return prepared
 
-    def _associate(self, wanted: set[tuple[str, str]]) -> tuple[Any, str]:
+    def _associate(self, wanted: set[tuple[str, str]]) -> tuple[Any, str, SendCause]:
         """An association with contexts for ``wanted`` (SOP class, transfer syntax), or
-        (None, why not)."""
+        (None, why not, whose fault: no answer, or our own TLS files)."""
         dest, name = self.dest, self.dest.name
         ae = AE(ae_title=dest.calling_ae_title or self.dispatcher.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
@@ -333,7 +350,7 @@ class DestinationSender:
         if dest.storage_commitment:
             ae.add_requested_context(StorageCommitmentPushModel)
             handlers.append((evt.EVT_N_EVENT_REPORT, event_report_handler(self.db)))
-        assoc, tls_args, why = None, None, None
+        assoc, tls_args, why, cause = None, None, None, SendCause.NO_ANSWER
         try:
             tls_args = tls.client_tls_args(dest.tls, dest.host, f"destinations.{name}.tls")
             assoc = ae.associate(
@@ -341,12 +358,12 @@ class DestinationSender:
                 tls_args=tls_args,
             )  # fmt: skip
         except tls.TlsSetupError as exc:  # our own certificate or CA file
-            why = str(exc)
+            why, cause = str(exc), SendCause.NODE
         except Exception as exc:  # socket errors surface here on some platforms
             log.warning("association to %s failed: %s", name, exc)
         if assoc is not None and assoc.is_established:
             _answers_to_the_caller(assoc)
-            return assoc, ""
+            return assoc, "", SendCause.DESTINATION
         why = (
             why
             or tls.association_failure(tls_args, dest.host, dest.port)
@@ -358,7 +375,7 @@ class DestinationSender:
         )
         if tls_args is not None or dest.tls is not None:
             log.warning("sending to %s: %s", name, why)
-        return None, why
+        return None, why, cause
 
     def _send(self, assoc: Any, prepared: list[_Prepared], stop: threading.Event | None) -> None:
         """C-STORE each row, recording its outcome as soon as it is answered; with
@@ -382,7 +399,8 @@ class DestinationSender:
 
     def _store(self, assoc: Any, item: _Prepared) -> SendOutcome:
         """One C-STORE: the file as stored when its transfer syntax was accepted (read
-        from disk as it is sent), else decompressed (``_fit_to_accepted``)."""
+        from disk as it is sent), else converted (``_fit_to_accepted``); a conversion
+        this node cannot make fails the row at once, as its own error."""
         accepted = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
         }
@@ -390,11 +408,16 @@ class DestinationSender:
             if (item.sop_class, item.transfer_syntax) in accepted:
                 rsp = assoc.send_c_store(Path(item.row.path))
             else:
-                rsp = assoc.send_c_store(_fit_to_accepted(assoc, pydicom.dcmread(item.row.path)))
+                ds = _fit_to_accepted(assoc, pydicom.dcmread(item.row.path))
+                rsp = assoc.send_c_store(ds)
+        except ConversionError as exc:
+            return SendOutcome(
+                "failed", None, f"could not convert for the destination: {exc}", SendCause.NODE
+            )
         except ValueError as exc:  # no accepted presentation context
             return SendOutcome("failed", None, f"not accepted: {exc}")
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            return SendOutcome("failed", None, f"file unreadable: {exc}")
+            return SendOutcome("failed", None, f"file unreadable: {exc}", SendCause.NODE)
         status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
         return classify_status(status)
 
@@ -445,27 +468,52 @@ def _answers_to_the_caller(assoc: Any) -> None:
     dimse.get_msg = get_msg
 
 
-def _fit_to_accepted(assoc, ds: pydicom.Dataset) -> pydicom.Dataset:
-    """The dataset as sent: as stored when the destination accepted its transfer syntax,
-    else decompressed to an uncompressed syntax it accepted (the only conversion we make:
-    lossless, and every storage SCP must take uncompressed data)."""
+class ConversionError(Exception):
+    """This node could not convert an object for what the destination accepted (a
+    decompression or an encoding that failed): its own error, not the destination's."""
+
+
+def _fit_to_accepted(assoc: Any, ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The data set as sent: as read when the destination accepted its transfer syntax
+    or it is not compressed (pynetdicom converts between uncompressed syntaxes itself),
+    else decompressed and re-encoded for an uncompressed syntax the destination accepted
+    for its SOP class, Explicit VR Little Endian first (keeps the VRs), else Implicit VR
+    Little Endian (PS3.5 10.1: every SCP accepts it). Lossless, same SOP Instance UID.
+
+    pynetdicom sends a data set in its file meta's transfer syntax and refuses one whose
+    encoding (``original_encoding``) says otherwise, so both are set to the target here,
+    and the data set is encoded once for it to find what cannot be (e.g. a value too long
+    for its VR's length field). Raises ``ConversionError`` (decompression or encoding
+    failed); with no accepted context the data set is returned as it is and
+    ``send_c_store`` says so."""
     sop_class = str(ds.SOPClassUID)
-    stored = str(ds.file_meta.TransferSyntaxUID)
+    stored = ds.file_meta.TransferSyntaxUID
     accepted = {
         str(cx.transfer_syntax[0])
         for cx in assoc.accepted_contexts
         if str(cx.abstract_syntax) == sop_class
     }
-    if not accepted or stored in accepted or not ds.file_meta.TransferSyntaxUID.is_compressed:
-        return ds  # pynetdicom reports a missing context itself
-    for target in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-        if target in accepted:
-            log.info(
-                "%s %s: destination refused %s, sending decompressed as %s",
-                sop_class, ds.SOPInstanceUID, stored, target,
-            )  # fmt: skip
-            ds.decompress(generate_instance_uid=False)  # lossless: same instance
-            if target != ExplicitVRLittleEndian:
-                ds.file_meta.TransferSyntaxUID = target
-            return ds
+    if not accepted or stored in accepted or not stored.is_compressed:
+        return ds
+    target = next((ts for ts in _UNCOMPRESSED if ts in accepted), None)
+    if target is None:
+        return ds  # only other compressed syntaxes: send_c_store reports no context
+    log.info(
+        "%s %s: destination refused %s, sending decompressed as %s",
+        sop_class, ds.SOPInstanceUID, stored.name, target.name,
+    )  # fmt: skip
+    try:
+        ds.decompress(generate_instance_uid=False)  # lossless: same instance
+        ds.file_meta.TransferSyntaxUID = target
+        ds.set_original_encoding(target.is_implicit_VR, target.is_little_endian)
+        encoded = DicomBytesIO()
+        encoded.is_implicit_VR, encoded.is_little_endian = target.is_implicit_VR, True
+        write_dataset(encoded, ds)
+    except Exception as exc:  # a codec's or pydicom's error: the reason is the message
+        raise ConversionError(
+            f"{stored.name} -> {target.name} of {ds.SOPInstanceUID}: {type(exc).__name__}: {exc}"
+        ) from exc
     return ds
+
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)

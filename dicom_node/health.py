@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import DestinationEcho, Dispatch, Event, utcnow
@@ -40,6 +40,7 @@ from kernel.vocabulary import (
     EventKind,
     EventLevel,
     OutboxState,
+    SendCause,
 )
 
 log = logging.getLogger("dicom_node.health")
@@ -202,6 +203,7 @@ def _has_backoff(db: Database, name: str) -> bool:
                     Dispatch.state == OutboxState.PENDING,
                     Dispatch.attempts > 0,
                     Dispatch.last_status.is_(None),
+                    or_(Dispatch.last_cause.is_(None), Dispatch.last_cause != SendCause.NODE),
                     Dispatch.next_attempt_at > utcnow(),
                 )
                 .limit(1)
@@ -254,7 +256,9 @@ def _latest_echo(s: Session, name: str, ok: bool | None = None) -> DestinationEc
 
 
 def _latest_send(s: Session, name: str) -> Evidence | None:
-    """The newest send attempt that tells something: delivered, or no answer."""
+    """The newest send attempt that tells something: delivered, answered, or no answer.
+    An attempt this node failed itself (``SendCause.NODE``, e.g. a conversion it could
+    not make) tells nothing about the destination and is passed over."""
     rows = s.scalars(
         select(Dispatch)
         .where(Dispatch.destination == name, Dispatch.last_attempt_at.is_not(None))
@@ -263,6 +267,8 @@ def _latest_send(s: Session, name: str) -> Evidence | None:
     ).all()
     for row in rows:
         at = row.last_attempt_at
+        if row.last_cause == SendCause.NODE:
+            continue
         if row.state in DELIVERED_STATES and row.sent_at is not None and row.sent_at >= at:
             return Evidence(at, True, "send", "delivered")
         if row.last_status is not None:  # it answered (maybe refusing): it is there

@@ -29,7 +29,14 @@ from db.session import Database
 from kernel.events import add_event, add_event_on
 from kernel.retry import RetryPolicy
 from kernel.settings import DispatchSettings
-from kernel.vocabulary import REVIEW_STATES, EventKind, EventLevel, OutboxKind, OutboxState
+from kernel.vocabulary import (
+    REVIEW_STATES,
+    EventKind,
+    EventLevel,
+    OutboxKind,
+    OutboxState,
+    SendCause,
+)
 
 Verdict = Literal["sent", "retry", "failed"]
 
@@ -40,12 +47,21 @@ class SendOutcome:
 
     ``state``: ``sent`` (delivered, warnings included), ``retry`` (a later attempt may
     succeed: out of resources, no association) or ``failed`` (a retry cannot change it).
-    ``status`` is the DIMSE status when the destination answered one.
+    ``status`` is the DIMSE status when the destination answered one. ``cause``: who
+    decided (``SendCause``); when not given, a retry without a status is "no answer" and
+    anything else the destination's answer.
     """
 
     state: Verdict
     status: int | None
     detail: str
+    cause: SendCause | None = None
+
+    def __post_init__(self) -> None:
+        if self.cause is None:
+            unanswered = self.state == "retry" and self.status is None
+            cause = SendCause.NO_ANSWER if unanswered else SendCause.DESTINATION
+            object.__setattr__(self, "cause", cause)
 
 
 def _refused_for_good(outcome: object) -> bool:
@@ -72,6 +88,7 @@ def _requeue(row: Dispatch, now: datetime, path: str | None = None) -> None:
     row.queued_at = now
     row.last_error = None
     row.last_status = None
+    row.last_cause = None
     row.commit_uid = None
     if path is not None:
         row.path = path
@@ -539,8 +556,8 @@ def retry_claimed(
 ) -> int:
     """Rows a sender claimed and could not finish (it failed itself, not the
     destination): those still its claim get a retryable attempt with ``detail`` as the
-    reason (backoff as for any retry); rows it recorded already are left. Returns how
-    many."""
+    reason (backoff as for any retry, cause ``node``); rows it recorded already are
+    left. Returns how many."""
     rows = list(rows)
     if not rows:
         return 0
@@ -552,7 +569,10 @@ def retry_claimed(
         mine = [r for r in rows if r.id in current and _still_claimed(current[r.id], r)]
     if mine:
         record_outcomes(
-            db, mine, {r.id: SendOutcome("retry", None, detail) for r in mine}, settings
+            db,
+            mine,
+            {r.id: SendOutcome("retry", None, detail, SendCause.NODE) for r in mine},
+            settings,
         )
     return len(mine)
 
@@ -590,6 +610,7 @@ def record_outcomes(
             row.attempts += 1
             row.last_attempt_at = now
             row.last_status = out.status
+            row.last_cause = out.cause
             row.last_error = None if out.state == "sent" else out.detail
             if out.state == "sent":
                 row.state, row.sent_at, row.commit_uid = OutboxState.SENT, now, commit_uid
@@ -663,6 +684,7 @@ _SENT = (
         state=OutboxState.SENT, sent_at=bindparam("now"), commit_uid=bindparam("commit_uid"),
         sending_since=None, sending_by=None, attempts=Dispatch.__table__.c.attempts + 1,
         last_attempt_at=bindparam("now"), last_status=bindparam("status"), last_error=None,
+        last_cause=bindparam("cause"),
     )
 )  # fmt: skip
 
@@ -691,6 +713,7 @@ def _record_sent(
                         "now": now,
                         "commit_uid": commit_uid,
                         "status": out.status,
+                        "cause": out.cause,
                         "claimed_at": row.sending_since,
                     },
                 ).rowcount

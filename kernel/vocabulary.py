@@ -119,6 +119,20 @@ ACTIVE_RETRIEVE_STATES = (
 )
 
 
+class SendCause(StrEnum):
+    """Who decided how one delivery attempt ended (``dispatches.last_cause``).
+
+    DESTINATION: it answered (stored, refused, out of resources); NO_ANSWER: it did not
+    (no association, connection refused, timed out, association lost); NODE: this node
+    failed itself (an unreadable file, a conversion it could not make): that says
+    nothing about the destination's health.
+    """
+
+    DESTINATION = "destination"
+    NO_ANSWER = "no answer"
+    NODE = "node"
+
+
 class OutboxKind(StrEnum):
     """What an outbox row carries: a RESULT the node made, or a FORWARDed original."""
 

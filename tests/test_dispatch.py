@@ -1,4 +1,5 @@
-"""The outbox against a real Orthanc: retries while it is down, delivery once it is up."""
+"""The outbox against a real Orthanc: retries while it is down, delivery once it is up;
+against pynetdicom SCPs: refusals, and compressed objects for an Implicit-VR-only PACS."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import threading
 import time
 from datetime import timedelta
 
+import numpy as np
 import pydicom
+import pytest
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -21,6 +28,7 @@ from db.models import Dispatch, Event, utcnow
 from devkit.net import free_port
 from devkit.orthanc import OrthancServer
 from dicom_node.dispatch import Dispatcher, classify_status
+from dicom_node.health import health_of
 from kernel.outbox import resend
 from kernel.settings import Destination, DispatchSettings
 from tests.conftest import wait_until
@@ -306,3 +314,94 @@ def test_commitment_report_with_failures_sends_those_again(db, tmp_path):
     # A report for a transaction nobody asked for changes nothing.
     report.TransactionUID = "9.9.9"
     assert record_report(db, 1, report) == 0
+
+
+class _ImplicitOnlyPACS:
+    """A real storage SCP that takes CT Image Storage only in Implicit VR Little Endian
+    (the one transfer syntax every SCP must accept, PS3.5 10.1) and keeps each data set
+    it receives, decoded, with the transfer syntax it came in."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, tuple[str, pydicom.Dataset]] = {}
+        self.ae = AE(ae_title="IMPLONLY")
+        self.ae.add_supported_context(CTImageStorage, [ImplicitVRLittleEndian])
+        self.port = free_port()
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+
+    def _on_store(self, event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta  # the transfer syntax it came in, to decode pixels
+        self.received[str(ds.SOPInstanceUID)] = (str(event.context.transfer_syntax), ds)
+        return 0x0000
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("stored_syntax", [JPEG2000Lossless, RLELossless], ids=["j2k", "rle"])
+def test_compressed_images_reach_a_pacs_that_takes_only_implicit_vr(db, tmp_path, stored_syntax):
+    """Stored compressed, refused in that syntax: decompressed and sent as Implicit VR
+    Little Endian, pixels and SOP Instance UID unchanged, one attempt each."""
+    study, series = generate_uid(), generate_uid()
+    originals = [ct_slice(study, series, i) for i in range(3)]
+    pixels = {ds.SOPInstanceUID: ds.pixel_array.copy() for ds in originals}
+    for ds in originals:
+        ds.compress(stored_syntax, generate_instance_uid=False)
+    pacs = _ImplicitOnlyPACS()
+    try:
+        dest = Destination(name="pacs", ae_title="IMPLONLY", host="127.0.0.1", port=pacs.port)
+        dispatcher = Dispatcher(
+            db, {"pacs": dest}, DispatchSettings(retry_initial_s=0.01, timeout_s=5), "NODE"
+        )
+        _queue(db, originals, tmp_path)
+        assert dispatcher.poll() == 3
+        with db.session() as s:
+            rows = list(s.scalars(select(Dispatch)))
+            assert [(r.state, r.attempts, r.last_status, r.last_cause) for r in rows] == [
+                ("sent", 1, 0, "destination")
+            ] * 3
+        assert set(pacs.received) == set(pixels)
+        for sop_uid, (syntax, received) in pacs.received.items():
+            assert syntax == ImplicitVRLittleEndian
+            assert np.array_equal(received.pixel_array, pixels[sop_uid])
+    finally:
+        pacs.close()
+
+
+def test_a_conversion_the_node_cannot_make_fails_at_once_as_its_own_error(db, tmp_path):
+    """A JPEG 2000 file whose codestream is broken, for a PACS that takes only Implicit VR:
+    failed at once, saying it could not be converted, no retry loop, and the destination
+    (which answered) is not reported unreachable."""
+    study, series = generate_uid(), generate_uid()
+    good, broken = ct_slice(study, series, 0), ct_slice(study, series, 1)
+    for ds in (good, broken):
+        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(64)])
+    pacs = _ImplicitOnlyPACS()
+    try:
+        dest = Destination(name="pacs", ae_title="IMPLONLY", host="127.0.0.1", port=pacs.port)
+        dispatcher = Dispatcher(
+            db, {"pacs": dest}, DispatchSettings(retry_initial_s=0.01, timeout_s=5), "NODE"
+        )
+        _queue(db, [good, broken], tmp_path)
+        assert dispatcher.poll() == 2
+        time.sleep(0.05)
+        assert dispatcher.poll() == 0  # nothing is due again: no retry loop
+        with db.session() as s:
+            rows = {r.sop_uid: r for r in s.scalars(select(Dispatch))}
+            assert rows[good.SOPInstanceUID].state == "sent"
+            bad = rows[broken.SOPInstanceUID]
+            assert (bad.state, bad.attempts, bad.last_status, bad.last_cause) == (
+                "failed", 1, None, "node"
+            )  # fmt: skip
+            assert bad.last_error.startswith("could not convert for the destination: ")
+            assert "JPEG 2000" in bad.last_error and broken.SOPInstanceUID in bad.last_error
+            health = health_of(s, dest, pending_alert_s=3600)
+            assert health.state == "ok", health.reason
+        assert set(pacs.received) == {good.SOPInstanceUID}
+    finally:
+        pacs.close()

@@ -333,7 +333,7 @@ def test_the_association_reactor_leaves_responses_to_the_waiting_sender(tmp_path
         dest = Destination(name="pacs", ae_title="LOGSCP", host="127.0.0.1", port=pacs.port)
         db = Database(f"sqlite:///{tmp_path / 'node.db'}")  # not used by _associate
         dispatcher = Dispatcher(db, {"pacs": dest}, DispatchSettings(timeout_s=5), "NODE")
-        assoc, why = DestinationSender(dispatcher, dest, 0)._associate(
+        assoc, why, _ = DestinationSender(dispatcher, dest, 0)._associate(
             {(CTImageStorage, ExplicitVRLittleEndian)}
         )
         assert assoc is not None, why
