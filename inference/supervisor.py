@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -58,10 +59,16 @@ class DeviceSupervisor:
         self.children_started = 0
 
     # -- the child -----------------------------------------------------------------
-    def ensure_child(self) -> None:
-        """Start the child if there is none (or it died) and wait until it is ready."""
+    def ensure_child(self, stop: threading.Event | None = None) -> bool:
+        """Start the child if there is none (or it died) and wait until it is ready.
+
+        Returns True when it is ready, False when ``stop`` was set meanwhile: a child still
+        starting (importing torch, reading the registry: seconds) runs nothing yet, so it
+        is killed and a stopping node does not wait for it. Raises ``ChildStartError``
+        when the child exits or does not answer within ``CHILD_START_TIMEOUT_S``.
+        """
         if self.process is not None and self.process.is_alive():
-            return
+            return True
         self._discard()
         parent_conn, child_conn = _SPAWN.Pipe()
         data = self.settings.model_dump(mode="json")
@@ -81,11 +88,14 @@ class DeviceSupervisor:
                 try:
                     if parent_conn.recv()[0] == "ready":
                         log.info("worker child %s on %s ready", process.pid, self.device)
-                        return
+                        return True
                 except EOFError:
                     break
             if not process.is_alive():
                 break
+            if stop is not None and stop.is_set():
+                self._discard()
+                return False
         code = process.exitcode
         self._discard()
         raise ChildStartError(f"worker child on {self.device} did not start (exit code {code})")

@@ -37,8 +37,10 @@ class LocalWorker:
         self.name = worker_name("local", device)
         self.supervisor = DeviceSupervisor(db, settings, device, self.name)
         self.current_job: int | None = None
+        self.stop: threading.Event | None = None  # run_forever's: ends a child's start
 
     def run_forever(self, stop: threading.Event) -> None:
+        self.stop = stop
         poll_s = self.settings.worker.poll_interval_s
         while not stop.is_set():
             try:
@@ -52,7 +54,9 @@ class LocalWorker:
 
     def run_one(self) -> bool:
         """Claim and run one job; False when nothing was due (or admitted)."""
-        self.supervisor.ensure_child()  # a warm child before the job's clock starts
+        # A warm child before the job's clock starts; none when the node stops meanwhile.
+        if not self.supervisor.ensure_child(self.stop):
+            return False
         job = queue.claim(
             self.db,
             self.name,

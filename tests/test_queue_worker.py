@@ -122,3 +122,36 @@ def test_an_unreadable_series_is_retried_then_failed_with_the_error(tmp_path, ru
     row = job_row(r.db, job_id)
     assert row.attempts == 2 and row.last_error
     assert r.worker.supervisor.children_started == 1  # an error is not a crash
+
+
+def _never_ready(conn: object, settings_data: object, device: str) -> None:
+    """A worker child that never answers "ready" (a slow torch import, stretched)."""
+    time.sleep(600)
+
+
+def test_a_stop_while_the_child_starts_does_not_wait_for_it(tmp_path):
+    """The node stops seconds after it started, its child still starting: the worker
+    thread ends at once and the child (running nothing yet) is killed, instead of the
+    stop waiting for the child to come up (CHILD_START_TIMEOUT_S at worst)."""
+    settings = worker_settings(tmp_path)
+    upgrade(settings.db_url)
+    db = Database(settings.db_url)
+    worker = LocalWorker(db, settings, "cpu")
+    worker.supervisor.child_target = _never_ready
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,))
+    thread.start()
+    try:
+        child = wait_until(lambda: worker.supervisor.process, 60, "the child started")
+        assert child.is_alive()
+        asked = time.monotonic()
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert time.monotonic() - asked < 5.0  # the child would answer in 600 s
+        assert not child.is_alive() and worker.supervisor.process is None
+    finally:
+        stop.set()
+        worker.shutdown()
+        thread.join(30)
+        db.dispose()
