@@ -233,7 +233,11 @@ def submit(view: ServiceView, caller: Caller, pipeline: str, body: dict[str, Any
         )
     update_url = body.get("update_url")
     try:
-        update_url = None if update_url in (None, "") else webhooks.check_url(update_url)
+        if update_url not in (None, ""):
+            allowed = view.settings.webhooks.allowed_hosts
+            update_url = webhooks.check_url(update_url, "update_url", allowed)
+        else:
+            update_url = None
     except webhooks.WebhookUrlError as exc:
         raise PathRequestError(Problem.INVALID, f"pipeline {pipeline}: {exc}") from None
     try:

@@ -177,12 +177,14 @@ def parse_rules(
     source: str = "<rules>",
     known_destinations: set[str] | None = None,
     known_models: dict[str, list[str]] | None = None,
+    webhook_allowed_hosts: list[str] | None = None,
 ) -> RuleSet:
     """Parse and validate a rules document; raises RulesError naming line and reason.
 
     ``known_destinations`` (destination names) and ``known_models`` (model id -> the
     input roles it reads) check forwards and pipelines against the node's settings and
-    registry.
+    registry; ``webhook_allowed_hosts`` (``webhooks.allowed_hosts``) the hosts of the
+    pipelines' ``update_url`` (``kernel.webhooks.check_url``; None: not checked).
     """
     try:
         raw = yaml.safe_load(text) or {}
@@ -193,7 +195,8 @@ def parse_rules(
     if not isinstance(raw, dict):
         raise RulesError(f"{source}: the rules file must be a mapping")
     try:
-        spec = RulesFile(**raw)
+        context = {"webhook_allowed_hosts": webhook_allowed_hosts}
+        spec = RulesFile.model_validate(raw, context=context)
     except ValidationError as exc:
         lines = []
         for e in exc.errors():

@@ -95,6 +95,7 @@ class Node:
             self.db,
             known_destinations={d.name for d in s.destinations},
             known_models={m: spec.channels for m, spec in self.registry.models.items()},
+            webhook_allowed_hosts=s.webhooks.allowed_hosts,
         )
         self._reindex_spool()
         # Only this node's own local workers: Celery workers' jobs are left to the lease.

@@ -12,7 +12,10 @@ first 200 characters); the rest is never read.
 
 Outcomes: 2xx delivered; 5xx, 408, 429, a refused connection or no complete answer
 within the deadline retried with backoff; any other answer (a 4xx, a redirect) failed at
-once with the reason. Reasons name the URL's host only, never its path or query (which
+once with the reason, and so is a URL ``kernel.webhooks.check_url`` refuses now or whose
+host resolves, at send time, to a loopback, link-local, unspecified, multicast or
+metadata address not in ``webhooks.allowed_hosts`` (the addresses checked are the ones
+connected to). Reasons name the URL's host only, never its path or query (which
 may hold a token). A stop aborts the POSTs in flight and leaves their rows pending, no
 attempt counted: they go again (a receiver may see one twice, never lose one).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
 import logging
 import os
 import socket
@@ -114,6 +118,10 @@ def read_head(response: http.client.HTTPResponse, cap_bytes: int = ANSWER_CAP_BY
     return bytes(head)
 
 
+class RefusedAddressError(Exception):
+    """The URL's host resolves to an address the node does not POST to (SSRF)."""
+
+
 class Watchdog:
     """The wall-clock deadline of one POST: at ``deadline_s`` (or on ``abort``) the
     socket in use is shut down, which ends any read or write blocked on it at once."""
@@ -191,6 +199,11 @@ class WebhookSender:
         conn: http.client.HTTPConnection | None = None
         stage = "connection"
         try:
+            webhooks.check_url(url, allowed_hosts=self.settings.allowed_hosts)
+        except webhooks.WebhookUrlError as exc:  # a row older than the check, or a URL
+            dog.cancel()  # from rules loaded before allowed_hosts changed
+            return webhooks.Outcome("failed", None, str(exc))
+        try:
             parts = urlsplit(url)
             conn = self._connect(parts.scheme.lower(), parts.hostname or "", parts.port, dog)
             stage = "answer"
@@ -201,6 +214,8 @@ class WebhookSender:
             if dog.expired.is_set() or dog.aborted.is_set():
                 raise TimeoutError  # the socket was shut under the last read
             return classify(response.status, response.reason, head)
+        except RefusedAddressError as exc:
+            return webhooks.Outcome("failed", None, f"update_url refused: {exc}")
         except (OSError, http.client.HTTPException, ValueError) as exc:
             if dog.aborted.is_set():
                 return webhooks.Outcome("retry", None, "interrupted by the node's stop")
@@ -223,9 +238,14 @@ class WebhookSender:
         port = port or (443 if https else 80)
         last: OSError | None = None
         sock: socket.socket | None = None
-        for family, kind, proto, _, address in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM
-        ):
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        # What the name resolves to now is what is checked and connected to (no second
+        # lookup a rebinding DNS server could answer otherwise).
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in found]
+        refused = webhooks.host_refusal(host, addresses, self.settings.allowed_hosts)
+        if refused is not None:
+            raise RefusedAddressError(refused)
+        for family, kind, proto, _, address in found:
             sock = socket.socket(family, kind, proto)
             dog.watch(sock)
             try:

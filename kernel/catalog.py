@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from kernel.strict import StrictModel
 from kernel.vocabulary import Priority
@@ -83,8 +83,11 @@ class PipelineSpec(StrictModel):
 
     @field_validator("update_url")
     @classmethod
-    def _http_url(cls, v: str | None) -> str | None:
-        return None if v is None else check_url(v)
+    def _http_url(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """An http(s) URL; its host checked against ``webhooks.allowed_hosts`` when the
+        validation context carries them (``webhook_allowed_hosts``: the node's load)."""
+        allowed = (info.context or {}).get("webhook_allowed_hosts")
+        return None if v is None else check_url(v, allowed_hosts=allowed)
 
     @field_validator("inputs")
     @classmethod

@@ -770,6 +770,12 @@ class WebhookSettings(StrictModel):
     senders: int = Field(
         4, ge=1, le=64, description="POSTs in flight at once (at most 2 to one receiver)."
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names (exact) or networks (CIDR, e.g. 127.0.0.1/32) an update_url "
+        "may reach although they are loopback, link-local, unspecified, multicast or "
+        "metadata addresses, which are refused otherwise. Private ranges need no entry.",
+    )
     overdue_alert_s: float = Field(
         120.0,
         gt=0,
@@ -783,6 +789,26 @@ class WebhookSettings(StrictModel):
     retry_max_s: float = Field(600.0, gt=0, description="Cap of the retry delay.")
 
     _files = field_validator("secret_file")(classmethod(lambda cls, v: _existing_file(v)))
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        """Each entry a network (an address alone: that one) or a host name, lower case."""
+        out = []
+        for entry in v:
+            text = entry.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+            try:
+                net = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                if not text or text[0] in "-." or not all(c.isalnum() or c in "-._" for c in text):
+                    raise ValueError(
+                        f"{entry!r} is neither a host name nor a network (CIDR); give no "
+                        "scheme, port or path"
+                    ) from None
+                out.append(text)
+            else:
+                out.append(str(net))
+        return out
 
 
 class NodeSettings(BaseSettings):

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -61,9 +63,93 @@ class WebhookUrlError(ValueError):
     """An ``update_url`` the node will not POST to; the message says what is wrong."""
 
 
-def check_url(url: object, what: str = "update_url") -> str:
+# Never POSTed to unless listed in webhooks.allowed_hosts: the node's own and the cloud's
+# internal services (SSRF). Private ranges (10/8, 172.16/12, 192.168/16) stay allowed.
+_METADATA_NETWORKS = (
+    ipaddress.ip_network("fd00:ec2::254/128"),  # AWS instance metadata over IPv6
+    ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud metadata
+)
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # "this host" on Linux
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def address_refusal(address: Address) -> str | None:
+    """What kind of address the node will not POST to ``address`` is ("a loopback
+    address", ...), None for one it will: loopback, link-local (169.254.0.0/16 with the
+    cloud metadata service, fe80::/10), unspecified (0.0.0.0/8, ::), multicast,
+    broadcast and known cloud metadata addresses. IPv4-mapped IPv6 counts as its IPv4."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address in net for net in _METADATA_NETWORKS):
+        return "a cloud metadata address"
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_unspecified or (address.version == 4 and address in _THIS_NETWORK):
+        return "an unspecified address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        return "a broadcast address"
+    return None
+
+
+def _literal_address(host: str) -> Address | None:
+    """The address a URL's host is written as (IPv4 also in the short, decimal and hex
+    forms the resolver takes, e.g. 127.1 or 2130706433), None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def _listed(host: str, address: Address | None, allowed_hosts: Sequence[str]) -> bool:
+    """Whether ``webhooks.allowed_hosts`` names ``host`` exactly or holds ``address``."""
+    name = host.lower().rstrip(".")
+    for entry in allowed_hosts:
+        if entry == name:
+            return True
+        if address is not None and "/" in entry:
+            net = ipaddress.ip_network(entry, strict=False)
+            mapped = getattr(address, "ipv4_mapped", None) or address
+            if mapped.version == net.version and mapped in net:
+                return True
+    return False
+
+
+def host_refusal(
+    host: str, addresses: Sequence[Address], allowed_hosts: Sequence[str]
+) -> str | None:
+    """Why ``host``, reached at ``addresses`` (what it resolved to, or its literal
+    address), is refused; None when every address is allowed or listed in
+    ``webhooks.allowed_hosts``."""
+    for address in addresses:
+        kind = address_refusal(address)
+        if kind is not None and not _listed(host, address, allowed_hosts):
+            shown = host if str(address) == host else f"{host} ({address})"
+            return (
+                f"{shown} is {kind}; the node does not POST to its own or internal services "
+                "unless webhooks.allowed_hosts lists the host"
+            )
+    return None
+
+
+def check_url(
+    url: object, what: str = "update_url", allowed_hosts: Sequence[str] | None = ()
+) -> str:
     """``url`` stripped, when it is an absolute http:// or https:// URL with a host;
-    raises ``WebhookUrlError`` naming ``what`` otherwise (file:, ftp:, relative, ...)."""
+    raises ``WebhookUrlError`` naming ``what`` otherwise (file:, ftp:, relative, ...).
+
+    Refused too: a user name or password in the URL, and (unless ``allowed_hosts``,
+    ``webhooks.allowed_hosts``, lists the host) a host written as a loopback, link-local,
+    unspecified, multicast or metadata address or named ``localhost`` (``host_refusal``;
+    the sender checks what a name resolves to when it sends). ``allowed_hosts`` None
+    skips the address check (a tool reading a rules file without the node's settings)."""
     if not isinstance(url, str) or not url.strip():
         raise WebhookUrlError(f"{what} must be an http:// or https:// URL")
     url = url.strip()
@@ -79,6 +165,23 @@ def check_url(url: object, what: str = "update_url") -> str:
     if parts.scheme.lower() not in ("http", "https"):
         shown = f"{parts.scheme}:" if parts.scheme else "a relative URL"
         raise WebhookUrlError(f"{what} must be an http:// or https:// URL with a host, not {shown}")
+    if "@" in parts.netloc:
+        raise WebhookUrlError(
+            f"{what} {display_url(url)} must not carry a user name or password (a token "
+            "may go in the path or query; webhooks.secret_file signs every POST)"
+        )
+    if allowed_hosts is not None:
+        host = parts.hostname or ""
+        address = _literal_address(host)
+        if address is not None:
+            reason = host_refusal(host, [address], allowed_hosts)
+        elif host.rstrip(".") == "localhost" or host.rstrip(".").endswith(".localhost"):
+            loopback = ipaddress.ip_address("127.0.0.1")
+            reason = host_refusal(host, [loopback], allowed_hosts)
+        else:
+            reason = None
+        if reason is not None:
+            raise WebhookUrlError(f"{what} refused: {reason}")
     return url
 
 

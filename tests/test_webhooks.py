@@ -14,10 +14,12 @@ import hashlib
 import hmac
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from tests.conftest import node_settings, storescu, wait_until
 from tests.web_helpers import client_for, login, make_users
 
 SECRET = b"correct-horse-webhook-key"
+LOCAL = ["127.0.0.1"]  # webhooks.allowed_hosts of the tests: their receivers are local
 SMALL = {"rows": 64, "columns": 64, "pixel_spacing_mm": 6.0, "slice_thickness_mm": 6.0}
 
 
@@ -188,7 +191,8 @@ def misbehaving() -> Iterator[Misbehaving]:
 def test_a_huge_answer_is_read_capped(misbehaving: Misbehaving) -> None:
     """A receiver answering 400 MiB: the POST is delivered after reading at most 64 KiB
     of the answer, and the node's memory hardly grows (it used to grow by ~1 GB)."""
-    sender = WebhookSender(None, WebhookSettings(timeout_s=20))  # type: ignore[arg-type]
+    settings = WebhookSettings(timeout_s=20, allowed_hosts=LOCAL)
+    sender = WebhookSender(None, settings)  # type: ignore[arg-type]
     started = time.monotonic()
     with peak_rss() as rss:
         outcome = sender.post(1, misbehaving.url("/huge"), '{"job_id": 1}')
@@ -220,7 +224,13 @@ def test_a_trickling_receiver_holds_only_its_own_delivery(
     the stuck delivery is overdue (it used to hold every delivery for minutes)."""
     node = start_node(
         worker={"enabled": False},
-        webhooks={"timeout_s": 4, "retry_initial_s": 60, "retry_max_s": 60, "overdue_alert_s": 1},
+        webhooks={
+            "timeout_s": 4,
+            "retry_initial_s": 60,
+            "retry_max_s": 60,
+            "overdue_alert_s": 1,
+            "allowed_hosts": LOCAL,
+        },
     )
     (slow,) = _end_jobs(node, [misbehaving.url("/trickle")])
     wait_until(lambda: misbehaving.paths, 30, "the POST to the trickling receiver")
@@ -312,6 +322,82 @@ def test_update_urls_must_be_http_or_https() -> None:
     assert shown == "https://ris.example:8443"
 
 
+def test_update_urls_to_internal_services_are_refused() -> None:
+    """SSRF: credentials always, loopback / link-local / unspecified / multicast /
+    metadata hosts unless webhooks.allowed_hosts lists them; private ranges pass."""
+    refused = {
+        "http://169.254.169.254/latest/meta-data/": "a link-local address",
+        "http://127.0.0.1:6379/": "a loopback address",
+        "http://127.1:6379/": "a loopback address",
+        "http://2130706433/": "a loopback address",
+        "http://[::1]:8080/": "a loopback address",
+        "http://[::ffff:127.0.0.1]/": "a loopback address",
+        "http://[fe80::1]/": "a link-local address",
+        "http://0.0.0.0:8080/": "an unspecified address",
+        "http://224.0.0.1/": "a multicast address",
+        "http://[fd00:ec2::254]/": "a cloud metadata address",
+        "http://localhost:9000/": "a loopback address",
+        "http://user:pw@ris.example/h": "must not carry a user name or password",
+        "http://user@10.0.0.5/h": "must not carry a user name or password",
+    }
+    for url, reason in refused.items():
+        with pytest.raises(webhooks.WebhookUrlError, match=reason):
+            webhooks.check_url(url)
+    for url in ("http://10.1.2.3/h", "https://172.16.0.9/h", "http://192.168.1.20:8080/h"):
+        assert webhooks.check_url(url) == url  # hospital receivers live there
+    allowed = WebhookSettings(allowed_hosts=["LOCALHOST", "127.0.0.0/8", "[::1]"]).allowed_hosts
+    assert allowed == ["localhost", "127.0.0.0/8", "::1/128"]
+    for url in ("http://localhost:9000/", "http://127.0.0.1:6379/", "http://[::1]:8080/"):
+        assert webhooks.check_url(url, allowed_hosts=allowed) == url
+    with pytest.raises(webhooks.WebhookUrlError, match="link-local"):
+        webhooks.check_url("http://169.254.169.254/", allowed_hosts=allowed)
+    with pytest.raises(webhooks.WebhookUrlError, match="user name"):
+        webhooks.check_url("http://u:p@127.0.0.1/", allowed_hosts=allowed)
+    for bad in ("http://ris.example", "ris.example:80", "ris example"):
+        with pytest.raises(ValueError, match="neither a host name nor a network"):
+            WebhookSettings(allowed_hosts=[bad])
+
+    # At rules load (the node passes its allowed_hosts): refused with the reason.
+    text = (REPO_ROOT / "routing_rules.yaml").read_text()
+    metadata = text.replace(
+        "    models: [tumor]\n",
+        "    models: [tumor]\n    update_url: http://169.254.169.254/latest/\n",
+        1,
+    )
+    with pytest.raises(RulesError, match=r"tumor.*update_url.*link-local.*allowed_hosts"):
+        parse_rules(metadata, "rules.yaml", webhook_allowed_hosts=[])
+    local = metadata.replace("169.254.169.254", "127.0.0.1")
+    parse_rules(local, webhook_allowed_hosts=["127.0.0.1/32"])
+    with pytest.raises(RulesError, match="user name or password"):
+        parse_rules(local.replace("http://", "http://u:p@"), webhook_allowed_hosts=None)
+
+    # At send time: what the name resolves to is checked; the delivery fails, unsent.
+    assert webhooks.host_refusal("ris.example", [ip_address("10.0.0.5")], []) is None
+    reason = webhooks.host_refusal("ris.example", [ip_address("169.254.169.254")], [])
+    assert reason and reason.startswith("ris.example (169.254.169.254) is a link-local")
+
+
+def test_a_name_resolving_to_an_internal_address_fails_unsent(misbehaving: Misbehaving) -> None:
+    """The host name of the machine resolves to loopback here (/etc/hosts): the POST is
+    refused at send time, before a connection; with the host allowed it goes."""
+    name = socket.gethostname()
+    try:
+        resolved = {ip_address(i[4][0]) for i in socket.getaddrinfo(name, 80)}
+    except OSError:
+        pytest.skip("this machine's host name does not resolve")
+    if not all(a.is_loopback for a in resolved) or name.lower().endswith("localhost"):
+        pytest.skip("this machine's host name does not resolve to loopback only")
+    url = misbehaving.url("/ok").replace("127.0.0.1", name)
+    sender = WebhookSender(None, WebhookSettings(timeout_s=5))  # type: ignore[arg-type]
+    outcome = sender.post(1, url, '{"job_id": 1}')
+    assert (outcome.state, outcome.http_status) == ("failed", None), outcome
+    assert "is a loopback address" in outcome.detail and "allowed_hosts" in outcome.detail
+    assert misbehaving.paths == []
+    sender = WebhookSender(None, WebhookSettings(timeout_s=5, allowed_hosts=[name]))  # type: ignore[arg-type]
+    assert sender.post(1, url, '{"job_id": 1}').state == "delivered"
+    assert misbehaving.paths == ["/ok"]
+
+
 def test_a_delivery_is_written_with_the_jobs_end_and_retried_by_the_policy(db) -> None:
     """On SQLite and PostgreSQL: no row before the job ends, one per URL in the
     transaction that ends it; retry with backoff, a refusal or used-up attempts fail it,
@@ -386,7 +472,12 @@ def test_every_job_gets_one_signed_post_after_a_retry(
     node = start_node(
         rules_file=rules_file,
         path_api={"allowed_roots": [tmp_path]},
-        webhooks={"secret_file": secret, "retry_initial_s": 0.3, "retry_max_s": 1.0},
+        webhooks={
+            "secret_file": secret,
+            "retry_initial_s": 0.3,
+            "retry_max_s": 1.0,
+            "allowed_hosts": LOCAL,
+        },
     )
     token = make_users(node)
     study = generate_study(tmp_path / "study", seed=61, phases="P", **SMALL)
@@ -407,6 +498,18 @@ def test_every_job_gets_one_signed_post_after_a_retry(
             json={"image_path": str(broken), "update_url": "file:///etc/passwd"},
         )
         assert r.status_code == 400 and "http:// or https://" in r.text, r.text
+        # Internal services and credentials are refused (SSRF); 127.0.0.1 is allowed here.
+        for url, reason in (
+            ("http://169.254.169.254/latest/meta-data/", "a link-local address"),
+            ("http://[::1]:6379/", "a loopback address"),
+            ("http://127.0.0.2:6379/", "a loopback address"),
+            ("http://user:pw@ris.example/h", "must not carry a user name or password"),
+        ):
+            r = api.post(
+                "/inference/kidney_api", json={"image_path": str(broken), "update_url": url}
+            )
+            assert r.status_code == 400 and reason in r.text, (url, r.text)
+            assert "pw@" not in r.text
         # Queued at once (wait_s=0), so the three path jobs run while the DICOM one does.
         api_url = receiver.url("/flaky/api/job?key=abc")
         ids = {}
@@ -499,7 +602,12 @@ def test_an_undelivered_webhook_survives_a_restart(tmp_path: Path) -> None:
         worker={"enabled": False},  # the jobs never run: they end by being cancelled
         path_api={"allowed_roots": [tmp_path]},
         grpc={"enabled": True, "host": "127.0.0.1", "port": free_port()},
-        webhooks={"secret_file": secret, "retry_initial_s": 0.3, "retry_max_s": 0.6},
+        webhooks={
+            "secret_file": secret,
+            "retry_initial_s": 0.3,
+            "retry_max_s": 0.6,
+            "allowed_hosts": ["127.0.0.0/8"],  # a network works as well
+        },
     )
     node = Node(settings, stop_grace_s=3).start()
     ids = []
