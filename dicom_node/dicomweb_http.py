@@ -1,28 +1,30 @@
 """HTTP plumbing shared by DICOMweb destinations: the session (credentials, CA bundle),
-HTTP answers and request errors in words, and the QIDO-RS health probe.
+HTTP answers and request errors in words, answers read with a size cap, and the QIDO-RS
+health probe.
 
 Conventions are those of DICOMweb sources (``dicom_node.source_dicomweb``): ``auth`` is
 basic (RFC 7617) or bearer (RFC 6750) and lives in the ``requests`` session only, never
 in a URL, page or log line; ``ca_bundle`` is the PEM file the server's certificate is
-verified against (empty: the system's trust store). dicomweb-client logs request headers
-(credentials included) at DEBUG, so its logger is held at WARNING.
+verified against (empty: the system's trust store).
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import re
 import time
 from pathlib import Path
 
 import requests
-from dicomweb_client.api import DICOMwebClient
+import urllib3
 
 from dicom_node.echo import EchoAnswer
 from kernel.settings import Destination, DicomwebAuth
 
-# Its DEBUG lines carry the Authorization header (basic or bearer credentials).
-logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+# At most this much of a QIDO-RS health check's answer is read (one study: a few KiB).
+QIDO_MAX_BYTES = 1 << 20
+# Bytes asked of the socket per read of an answer.
+READ_BLOCK_BYTES = 64 << 10
 
 # What an HTTP error status means for a DICOMweb client (PS3.18 8.7.4 and 10.5.3).
 HTTP_MEANING = {
@@ -74,31 +76,96 @@ def request_error_text(exc: requests.RequestException, url: str, timeout_s: floa
     return f"request to {url} failed: {why}"
 
 
+class AnswerUnread(Exception):
+    """An HTTP answer's body was not read whole: larger than the cap, not complete in
+    time, or broken off. The message says which ("the answer is too large (more than
+    16 MiB)")."""
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:g} MiB"
+
+
+def read_capped(response: requests.Response, max_bytes: int, within_s: float) -> bytes:
+    """The body of ``response`` (sent with ``stream=True``), at most ``max_bytes`` of it,
+    in ``READ_BLOCK_BYTES`` reads that return what has arrived (so a trickle is bounded
+    by ``within_s`` too, not only by each read's socket timeout). Content-Encoding is
+    decoded and the cap counts decoded bytes.
+
+    Raises ``AnswerUnread`` when a Content-Length above the cap is announced (nothing is
+    read), more than ``max_bytes`` arrive, the body is not complete within ``within_s``
+    seconds, or the connection breaks. Memory: at most ``max_bytes + READ_BLOCK_BYTES``.
+    """
+    declared = (response.headers.get("Content-Length") or "").strip()
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise AnswerUnread(
+            f"the answer is too large ({_mib(int(declared))} announced, at most "
+            f"{_mib(max_bytes)} is read)"
+        )
+    deadline = time.monotonic() + within_s
+    body = bytearray()
+    try:
+        while block := response.raw.read1(READ_BLOCK_BYTES, decode_content=True):
+            body += block
+            if len(body) > max_bytes:
+                raise AnswerUnread(f"the answer is too large (more than {_mib(max_bytes)})")
+            if time.monotonic() > deadline:
+                raise AnswerUnread(f"the answer was not complete within {within_s:g} s")
+    except urllib3.exceptions.ReadTimeoutError:
+        raise AnswerUnread(f"the answer was not complete within {within_s:g} s") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise AnswerUnread(f"the answer broke off: {str(exc)[:200]}") from None
+    return bytes(body)
+
+
 def check_dicomweb(dest: Destination, timeout_s: float = 5) -> EchoAnswer:
     """The DICOMweb counterpart of a C-ECHO: ``GET {url}/studies?limit=1`` (QIDO-RS,
-    PS3.18 10.6) with the destination's credentials; ok when it answers 2xx.
+    PS3.18 10.6) with the destination's credentials; ok when it answers 200 with a DICOM
+    JSON array (or 204, no studies).
+
+    One plain GET with the destination's session: the answer is read with a cap of
+    ``QIDO_MAX_BYTES`` (a one-study answer is a few KiB) and within ``timeout_s``, so a
+    peer answering hundreds of MiB cannot fill the node's memory.
 
     Never raises for network trouble: every failure is an answer with ``ok`` False
-    (refused, timed out, TLS, HTTP 401 ...).
+    (refused, timed out, TLS, HTTP 401, too large ...).
     """
     started = time.perf_counter()
 
     def answer(ok: bool, detail: str) -> EchoAnswer:
         return EchoAnswer(ok, detail, round((time.perf_counter() - started) * 1000, 1))
 
-    url = dest.url or ""
+    url = f"{dest.url or ''}/studies"
     with session(dest.auth, dest.ca_bundle) as http:
-        client = DICOMwebClient(url=url, session=http, timeout=(timeout_s, timeout_s))
-        client.set_http_retry_params(retry=False)  # one request: the answer, now
         try:
-            client.search_for_studies(limit=1)
-        except requests.HTTPError as exc:
-            response = exc.response
-            code = response.status_code if response is not None else 0
-            reason = response.reason if response is not None else None
-            return answer(False, f"QIDO-RS {http_status_text(code, reason)}")
+            with http.get(
+                url,
+                params={"limit": "1"},
+                headers={"Accept": "application/dicom+json"},
+                timeout=(timeout_s, timeout_s),
+                stream=True,
+            ) as response:
+                code, reason = response.status_code, response.reason
+                if code not in (200, 204):
+                    return answer(False, f"QIDO-RS {http_status_text(code, reason)}")
+                body = read_capped(response, QIDO_MAX_BYTES, timeout_s)
+                content_type = response.headers.get("Content-Type") or "no Content-Type"
+        except AnswerUnread as exc:
+            return answer(False, f"QIDO-RS HTTP {code} but {exc}")
         except requests.RequestException as exc:
             return answer(False, request_error_text(exc, url, timeout_s))
-        except ValueError as exc:  # an answer that is not DICOM JSON
-            return answer(False, f"QIDO-RS answer from {url} is not DICOM JSON: {exc}")
+    if code == 200 and not _is_json_array(body):
+        kind = content_type.split(";", 1)[0].strip()
+        return answer(False, f"QIDO-RS HTTP 200 but the answer is not DICOM JSON ({kind})")
     return answer(True, "success")
+
+
+def _is_json_array(body: bytes) -> bool:
+    """Whether ``body`` is a JSON array (a QIDO-RS answer, PS3.18 F.2); an empty body
+    (no studies) counts as one."""
+    if not body.strip():
+        return True
+    try:
+        return isinstance(json.loads(body), list)
+    except (ValueError, UnicodeDecodeError):
+        return False

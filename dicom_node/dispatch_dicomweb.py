@@ -25,6 +25,10 @@ How each answer is handled, like the DIMSE statuses:
   HTML page, ``{}``) -> every row ``retry`` with what the answer was instead ("HTTP 200
   but the answer is not a Store Instances Response (text/html)"), then ``failed`` by the
   outbox's ``max_attempts`` / ``max_age_s`` like any retry;
+- an answer larger than ``ANSWER_MAX_BYTES`` (16 MiB) or not complete within
+  ``dispatch.timeout_s`` -> every row ``retry`` ("HTTP 200 but the answer is too large
+  ..."): the answer is read with a cap (``dicomweb_http.read_capped``), never whole;
+  the body of any other status is not read at all;
 - any other 4xx (400, 401, 403, 404, 413, 415 ...) or an unexpected status -> every row
   ``failed`` at once with the status and its meaning: resending cannot change it;
 - a file that cannot be read -> that row ``failed`` before the request.
@@ -52,7 +56,13 @@ from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, co
 
 from db.models import Dispatch
 from db.session import Database
-from dicom_node.dicomweb_http import http_status_text, request_error_text, session
+from dicom_node.dicomweb_http import (
+    AnswerUnread,
+    http_status_text,
+    read_capped,
+    request_error_text,
+    session,
+)
 from dicom_node.stow_answer import NotAStoreResponse, parse_store_answer
 from kernel import outbox
 from kernel.outbox import SendOutcome
@@ -64,6 +74,10 @@ log = logging.getLogger("dicom_node.dispatch_dicomweb")
 STOW_CHUNK = 20
 # Bytes read from a file and handed to the socket at a time.
 BLOCK_BYTES = 1 << 20
+# At most this much of a STOW-RS answer is read (20 instances answer a few KiB).
+ANSWER_MAX_BYTES = 16 << 20
+# HTTP statuses whose answer is read (a Store Instances Response); others are not.
+READ = (200, 202, 409)
 
 PROCESSING_FAILURE = 0x0110
 # Failure Reasons a STOW-RS origin server answers (PS3.18 10.5.3, PS3.4 B.2.3).
@@ -162,7 +176,7 @@ def outcomes_of(
     status = http_status_text(code, reason)
     if code >= 500 or code in RETRY_HTTP:
         return {r.id: SendOutcome("retry", None, status) for r in rows}
-    if code not in (200, 202, 409):
+    if code not in READ:
         if 300 <= code < 400:
             status += " (a redirect: set url to the address it names)"
         return {r.id: SendOutcome("failed", None, status) for r in rows}
@@ -274,6 +288,7 @@ class DicomwebSender:
                 headers={"Content-Type": body.content_type, "Accept": "application/dicom+json"},
                 timeout=(timeout, timeout),
                 allow_redirects=False,
+                stream=True,  # the answer is read below, with a cap
             )
         except FileChanged as exc:
             self.close()  # the connection carried a cut-off body
@@ -288,20 +303,24 @@ class DicomwebSender:
             why = request_error_text(exc, self.url, timeout)
             log.warning("STOW-RS to %s: %s", self.dest.name, why)
             return {r.id: SendOutcome("retry", None, why) for r in rows}
+        code = response.status_code
         with response:
+            try:
+                answer = read_capped(response, ANSWER_MAX_BYTES, timeout) if code in READ else b""
+            except AnswerUnread as exc:
+                self.close()  # the rest of the answer is not read: the connection goes
+                why = f"HTTP {code} but {exc}"
+                log.warning("STOW-RS of %d instances to %s: %s", len(rows), self.dest.name, why)
+                return {r.id: SendOutcome("retry", None, why) for r in rows}
             outcomes = outcomes_of(
-                response.status_code,
-                response.reason,
-                response.headers.get("Content-Type"),
-                response.content,
-                rows,
+                code, response.reason, response.headers.get("Content-Type"), answer, rows
             )
         unsure = [o.detail for o in outcomes.values() if o.state == "retry" and o.status is None]
-        if response.status_code not in (200, 202) or unsure:
+        if code not in (200, 202) or unsure:
             log.warning(
                 "STOW-RS of %d instances to %s: %s",
                 len(rows), self.dest.name,
-                unsure[0] if unsure else http_status_text(response.status_code, response.reason),
+                unsure[0] if unsure else http_status_text(code, response.reason),
             )  # fmt: skip
         return outcomes
 

@@ -21,6 +21,7 @@ import base64
 import io
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +41,7 @@ from sqlalchemy import select
 from db.models import Dispatch, Event
 from db.session import Database
 from devkit.expect import expected_result_uids
+from devkit.memwatch import peak_rss
 from devkit.net import free_port
 from devkit.orthanc import OrthancServer
 from devkit.synth import generate_study
@@ -543,6 +545,93 @@ def test_store_answer_reader_takes_dicom_json_and_xml_only():
     ]:
         with pytest.raises(NotAStoreResponse, match=why.replace("(", r"\(").replace(")", r"\)")):
             parse_store_answer(body, media)
+
+
+# -- answers are read with a cap -------------------------------------------------------
+
+BIG_BYTES = 64 << 20
+
+
+class _FloodHandler(BaseHTTPRequestHandler):
+    """Answers every request HTTP 200 ``application/dicom+json`` with ``mode``:
+    ``announced``: 64 MiB of spaces with their Content-Length; ``until-close``: the same
+    without a length (HTTP/1.0, ends when the connection closes); ``trickle``: a
+    Content-Length of 1000 and one byte every 0.3 s."""
+
+    mode = "announced"
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        if self.mode != "until-close":
+            size = 1000 if self.mode == "trickle" else BIG_BYTES
+            self.send_header("Content-Length", str(size))
+        self.end_headers()
+        block = b" " * (1 << 20)
+        try:
+            if self.mode == "trickle":
+                for _ in range(1000):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+                return
+            for _ in range(BIG_BYTES // len(block)):
+                self.wfile.write(block)
+        except OSError:  # the node stopped reading and closed the connection
+            pass
+
+    do_GET = do_POST = _answer
+
+
+@pytest.mark.parametrize("mode", ["announced", "until-close", "trickle"])
+def test_a_huge_or_endless_answer_is_not_read_whole(tmp_path, db, mode):
+    handler = type("Flood", (_FloodHandler,), {"mode": mode})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    settings = node_settings(
+        tmp_path,
+        destinations=[{"name": "web", "kind": "dicomweb", "url": url}],
+        dispatch={"retry_initial_s": 0.5, "retry_max_s": 2.0, "timeout_s": 2},
+        health={"echo_timeout_s": 2},
+    )
+    dispatcher = Dispatcher(db, {"web": settings.destinations[0]}, settings.dispatch, "NODE")
+    study = generate_study(tmp_path / "study", seed=10, phases="P", **SMALL)
+    by_uid = _queue_files(db, study.series[0].files, "web")
+    try:
+        started = time.monotonic()
+        with peak_rss() as memory:
+            assert dispatcher.poll() == len(by_uid)
+            check = echo_destination(db, settings, "web", "manual")
+        elapsed_s = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    expected = {
+        "announced": "the answer is too large (64 MiB announced, at most 16 MiB is read)",
+        "until-close": "the answer is too large (more than 16 MiB)",
+        "trickle": "the answer was not complete within 2 s",
+    }[mode]
+    rows = _rows(db).values()
+    assert {(r.state, r.attempts, r.sent_at) for r in rows} == {(OutboxState.PENDING, 1, None)}
+    assert {r.last_error for r in rows} == {f"HTTP 200 but {expected}"}
+    assert not check.ok
+    if mode == "announced":
+        assert "(64 MiB announced, at most 1 MiB is read)" in check.detail
+    elif mode == "until-close":
+        assert "the answer is too large (more than 1 MiB)" in check.detail
+    else:
+        assert expected in check.detail
+    # The node read at most the caps (16 MiB for STOW-RS, 1 MiB for the check), not the
+    # 64 MiB (which, read whole, took over 128 MiB: the body and its pieces).
+    assert memory.growth_mb < 40, memory.growth_mb
+    assert elapsed_s < 30  # the trickle is cut at timeout_s (2 s), twice
 
 
 # -- settings ------------------------------------------------------------------------------
