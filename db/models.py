@@ -240,6 +240,10 @@ class Dispatch(Base):
     # destination answered, it did not, or this node failed itself. NULL before the first
     # attempt and on rows from before migration 0010.
     last_cause: Mapped[str | None] = mapped_column(String(16))
+    # How many of ``attempts`` the destination did not answer (no association, refused
+    # connection, timeout): those retry until ``dispatch.max_age_s``; ``max_attempts``
+    # bounds only the others (migration 0011).
+    unanswered: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class WebhookDelivery(Base):

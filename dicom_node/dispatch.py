@@ -23,7 +23,8 @@ pynetdicom's ``code_to_category``):
   destination: ...", cause ``node`` (destination health does not count it against the
   destination, which did answer);
 - a retryable row fails when it was not delivered ``dispatch.max_age_s`` after it was
-  queued, or after ``dispatch.max_attempts`` attempts.
+  queued; "no answer" is retried until then (a PACS down for hours of maintenance), while
+  ``dispatch.max_attempts`` bounds the refusals the destination answered (``0xA7xx``).
 
 A compressed object whose transfer syntax the destination refused is sent decompressed
 (lossless, same SOP Instance UID) and encoded in the uncompressed transfer syntax it
@@ -100,13 +101,14 @@ def classify_status(status: int | None) -> SendOutcome:
             "retry", None, "no response (association lost or timed out)", SendCause.NO_ANSWER
         )
     category = code_to_category(status)
+    answered = SendCause.DESTINATION
     if category == STATUS_SUCCESS:
-        return SendOutcome("sent", status, "success")
+        return SendOutcome("sent", status, "success", answered)
     if category == STATUS_WARNING:
-        return SendOutcome("sent", status, f"warning 0x{status:04X}")
+        return SendOutcome("sent", status, f"warning 0x{status:04X}", answered)
     if category == STATUS_FAILURE and status & OUT_OF_RESOURCES_MASK == OUT_OF_RESOURCES:
-        return SendOutcome("retry", status, f"out of resources 0x{status:04X}")
-    return SendOutcome("failed", status, f"refused 0x{status:04X}")
+        return SendOutcome("retry", status, f"out of resources 0x{status:04X}", answered)
+    return SendOutcome("failed", status, f"refused 0x{status:04X}", answered)
 
 
 class _Wake:
@@ -415,7 +417,7 @@ class DestinationSender:
                 "failed", None, f"could not convert for the destination: {exc}", SendCause.NODE
             )
         except ValueError as exc:  # no accepted presentation context
-            return SendOutcome("failed", None, f"not accepted: {exc}")
+            return SendOutcome("failed", None, f"not accepted: {exc}", SendCause.DESTINATION)
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             return SendOutcome("failed", None, f"file unreadable: {exc}", SendCause.NODE)
         status = int(rsp.Status) if rsp is not None and "Status" in rsp else None

@@ -48,8 +48,8 @@ class SendOutcome:
     ``state``: ``sent`` (delivered, warnings included), ``retry`` (a later attempt may
     succeed: out of resources, no association) or ``failed`` (a retry cannot change it).
     ``status`` is the DIMSE status when the destination answered one. ``cause``: who
-    decided (``SendCause``); when not given, a retry without a status is "no answer" and
-    anything else the destination's answer.
+    decided (``SendCause``); None when the sender does not say: such a retry counts
+    toward ``max_attempts`` like a refusal, and health reads ``last_status`` as before.
     """
 
     state: Verdict
@@ -57,19 +57,14 @@ class SendOutcome:
     detail: str
     cause: SendCause | None = None
 
-    def __post_init__(self) -> None:
-        if self.cause is None:
-            unanswered = self.state == "retry" and self.status is None
-            cause = SendCause.NO_ANSWER if unanswered else SendCause.DESTINATION
-            object.__setattr__(self, "cause", cause)
-
 
 def _refused_for_good(outcome: object) -> bool:
     return isinstance(outcome, SendOutcome) and outcome.state == "failed"
 
 
 def send_policy(settings: DispatchSettings) -> RetryPolicy:
-    """The retry policy of sends: ``dispatch.*`` with 50 % jitter; refusals are final."""
+    """The retry policy of sends: ``dispatch.*`` with 50 % jitter; refusals are final.
+    ``max_attempts`` counts only attempts the destination answered (``record_outcomes``)."""
     return RetryPolicy(
         max_attempts=settings.max_attempts,
         base_s=settings.retry_initial_s,
@@ -84,6 +79,7 @@ def _requeue(row: Dispatch, now: datetime, path: str | None = None) -> None:
     row.state = OutboxState.PENDING
     row.sending_since = row.sending_by = None
     row.attempts = 0
+    row.unanswered = 0
     row.next_attempt_at = now
     row.queued_at = now
     row.last_error = None
@@ -451,7 +447,12 @@ def reject(
 
 def due_now(db: Database, destination: str) -> int:
     """Pending rows to ``destination`` waiting out a retry backoff become due now (the
-    destination answers again: deliveries resume at once); returns how many."""
+    destination answers again: deliveries resume at once); returns how many.
+
+    Failed rows stay failed: a row the destination did not answer fails only at
+    ``max_age_s``, so a failed row was refused, or waited longer than the node
+    promised, and a user may have seen it failed and acted on it; sending it again
+    unasked could duplicate what they did. ``resend`` sends it again when they choose."""
     now = utcnow()
     with db.session() as s:
         rows = s.scalars(
@@ -588,7 +589,12 @@ def record_outcomes(
     """Record one attempt per row: sent, pending again after a backoff, or failed.
 
     A retryable outcome fails the row when it has waited ``max_age_s`` since it was
-    queued, or used up ``max_attempts``. ``commit_uid`` marks sent rows as awaiting the
+    queued. One the destination did not answer (``SendCause.NO_ANSWER``: no
+    association, refused connection, timeout) is retried until then, however many
+    attempts that takes (a destination down for a maintenance window of hours); the
+    others (a refusal it answered, e.g. 0xA7xx out of resources, or an error of this
+    node) fail the row after ``max_attempts`` of them. The delay grows with every
+    attempt, up to ``retry_max_s``. ``commit_uid`` marks sent rows as awaiting the
     destination's storage commitment report for that transaction. ``cache``: what rows
     carry (``carried``), kept by a caller that records its rows one at a time.
     """
@@ -610,7 +616,9 @@ def record_outcomes(
             row.attempts += 1
             row.last_attempt_at = now
             row.last_status = out.status
-            row.last_cause = out.cause
+            row.last_cause = out.cause or (SendCause.DESTINATION if out.state == "sent" else None)
+            unanswered = out.state == "retry" and out.cause == SendCause.NO_ANSWER
+            row.unanswered = (row.unanswered or 0) + int(unanswered)
             row.last_error = None if out.state == "sent" else out.detail
             if out.state == "sent":
                 row.state, row.sent_at, row.commit_uid = OutboxState.SENT, now, commit_uid
@@ -624,7 +632,12 @@ def record_outcomes(
                 continue
             queued = row.queued_at or row.created_at
             too_old = (now - queued).total_seconds() >= settings.max_age_s
-            delay = None if too_old else policy.next_delay_s(row.attempts, out)
+            if too_old:
+                delay = None
+            elif unanswered:  # max_age_s bounds these, not max_attempts
+                delay = policy.delay_s(row.attempts)
+            else:
+                delay = policy.next_delay_s(row.attempts, out, row.attempts - row.unanswered)
             if delay is not None:
                 row.state = OutboxState.PENDING
                 row.next_attempt_at = now + timedelta(seconds=delay)
@@ -645,6 +658,12 @@ def record_outcomes(
                     f"{settings.max_age_s:g} s of being queued"
                 )
                 message = f"{{what}} to {row.destination} failed: {row.last_error}"
+            elif out.state == "retry" and row.unanswered:
+                message = (
+                    f"{{what}} to {row.destination} failed after {row.attempts} attempts "
+                    f"({row.unanswered} not answered; max_attempts="
+                    f"{settings.max_attempts} bounds the others): {out.detail}"
+                )
             else:
                 message = (
                     f"{{what}} to {row.destination} failed after {row.attempts} attempts: "
@@ -713,7 +732,7 @@ def _record_sent(
                         "now": now,
                         "commit_uid": commit_uid,
                         "status": out.status,
-                        "cause": out.cause,
+                        "cause": out.cause or SendCause.DESTINATION,
                         "claimed_at": row.sending_since,
                     },
                 ).rowcount

@@ -44,9 +44,14 @@ class RetryPolicy:
             base *= (rng or random).uniform(1.0 - self.jitter, 1.0)
         return base
 
-    def next_delay_s(self, attempts: int, error: object = None) -> float | None:
+    def next_delay_s(
+        self, attempts: int, error: object = None, counted: int | None = None
+    ) -> float | None:
         """The delay before the next attempt, or None when ``attempts`` was the last one
-        (attempts used up, or ``error`` is one a retry cannot fix)."""
-        if self.permanent(error) or attempts >= self.max_attempts:
+        (attempts used up, or ``error`` is one a retry cannot fix). ``counted``: how many
+        of ``attempts`` count toward ``max_attempts`` (default all; the delay still grows
+        with every attempt)."""
+        counted = attempts if counted is None else counted
+        if self.permanent(error) or counted >= self.max_attempts:
             return None
         return self.delay_s(attempts)

@@ -742,12 +742,20 @@ class DispatchSettings(StrictModel):
 
     retry_initial_s: float = Field(5.0, gt=0, description="First retry delay after a failed send.")
     retry_max_s: float = Field(300.0, gt=0, description="Cap of the exponential retry delay.")
-    max_attempts: int = Field(20, ge=1, description="After this many failed sends a row is failed.")
+    max_attempts: int = Field(
+        20,
+        ge=1,
+        description="After this many retryable refusals the destination answered (e.g. "
+        "0xA7xx out of resources) a row is failed. Sends it did not answer (no association, "
+        "connection refused, timeout) do not count: they retry until max_age_s.",
+    )
     max_age_s: float = Field(
         86400.0,
         gt=0,
         description="A row still not delivered this long after it was queued is failed "
-        "(visible on the status page; resend queues it again).",
+        "(visible on the status page; resend queues it again): how long results wait out a "
+        "destination that does not answer (e.g. a maintenance window), retried every "
+        "retry_max_s at most.",
     )
     timeout_s: float = Field(30.0, gt=0, description="Association / DIMSE timeout.")
 

@@ -8,6 +8,8 @@
   every C-STORE it receives.
 - Rows for a destination removed from the settings fail, saying so; rows a sender had
   claimed but not tried when the node stops are pending again, with no attempt counted.
+- A destination that does not answer is waited for until ``dispatch.max_age_s``, past
+  ``max_attempts``, which bounds only the refusals it answers (0xA7xx).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +27,14 @@ import pytest
 from pydicom.uid import CTImageStorage, generate_uid
 from sqlalchemy import select
 
-from db.models import Dispatch, Event
+from db.models import Dispatch, Event, utcnow
 from db.session import Database
 from devkit.net import free_port, wait_for_port
 from dicom_node.dispatch import Dispatcher
 from dicom_node.service import Node
 from kernel import outbox
 from kernel.settings import Destination, DispatchSettings
-from kernel.vocabulary import OutboxKind
+from kernel.vocabulary import OutboxKind, SendCause
 from tests.conftest import node_settings, wait_until
 from tests.dicom_factory import ct_slice, write
 from tests.logging_store_scp import LoggingStoreSCP, read_log
@@ -424,3 +427,93 @@ def test_rows_a_sender_could_not_finish_go_again_after_a_backoff(db, tmp_path):
     rows = _rows(db)
     assert [(r.state, r.attempts) for r in rows] == [("sent", 1), ("pending", 1), ("pending", 1)]
     assert all(r.last_error == "sender error: OSError()" for r in rows[1:])
+
+
+# -- how long a destination is waited for (dispatch.max_age_s, max_attempts) --------------
+
+NO_ANSWER = outbox.SendOutcome(
+    "retry", None, "association refused or aborted (destination down?)", SendCause.NO_ANSWER
+)
+OUT_OF_RESOURCES = outbox.SendOutcome("retry", 0xA700, "out of resources 0xA700")
+SHORT = DispatchSettings(max_attempts=3, max_age_s=3600, retry_initial_s=1, retry_max_s=4)
+
+
+def _attempt(db: Database, outcome: outbox.SendOutcome) -> Dispatch:
+    """One attempt of the one queued row: its backoff skipped, claimed, ``outcome``
+    recorded; the row as it is then."""
+    with db.session() as s:
+        s.scalars(select(Dispatch)).one().next_attempt_at = utcnow()
+    claimed = outbox.claim_due(db, 10, destination="pacs", sender="test/pacs#0")
+    assert len(claimed) == 1
+    outbox.record_outcomes(db, claimed, {claimed[0].id: outcome}, SHORT)
+    return _rows(db)[0]
+
+
+def test_a_destination_that_does_not_answer_is_retried_until_max_age_not_max_attempts(
+    db, tmp_path
+):
+    """A PACS down for a maintenance window: unanswered sends go on past max_attempts
+    (3 here) with the capped backoff, and the row fails only when it is max_age_s old."""
+    _queue_results(db, _objects(tmp_path / "objects", 1), ["pacs"])
+    for n in range(1, 11):
+        row = _attempt(db, NO_ANSWER)
+        assert (row.state, row.attempts, row.unanswered, row.last_cause) == (
+            "pending", n, n, "no answer"
+        )  # fmt: skip
+    assert 1.5 < (row.next_attempt_at - utcnow()).total_seconds() <= 4  # capped, jitter
+    assert not _events(db, "send_failed")
+    with db.session() as s:  # the outage outlasts max_age_s
+        s.scalars(select(Dispatch)).one().queued_at = utcnow() - timedelta(seconds=3601)
+    row = _attempt(db, NO_ANSWER)
+    assert (row.state, row.attempts) == ("failed", 11)
+    assert "max_age_s=3600" in row.last_error
+    assert len(_events(db, "send_failed")) == 1
+
+
+def test_refusals_the_destination_answers_still_stop_at_max_attempts(db, tmp_path):
+    """0xA7xx out of resources is retried max_attempts times, also when the row waited
+    out an outage first: the unanswered attempts do not use up its refusals."""
+    _queue_results(db, _objects(tmp_path / "objects", 1), ["pacs"])
+    assert [_attempt(db, OUT_OF_RESOURCES).state for _ in range(3)] == [
+        "pending", "pending", "failed"
+    ]  # fmt: skip
+    row = _rows(db)[0]
+    assert (row.attempts, row.unanswered, row.last_status) == (3, 0, 0xA700)
+
+    assert outbox.resend(db, [row.id]) == 1  # a fresh delivery: counts start again
+    for _ in range(5):
+        assert _attempt(db, NO_ANSWER).state == "pending"
+    states = [_attempt(db, OUT_OF_RESOURCES).state for _ in range(3)]
+    assert states == ["pending", "pending", "failed"]
+    row = _rows(db)[0]
+    assert (row.attempts, row.unanswered) == (8, 5)
+    assert any("after 8 attempts (5 not answered" in m for m in _events(db, "send_failed"))
+
+
+def test_sends_to_a_closed_port_wait_past_max_attempts_and_go_when_it_opens(db, tmp_path):
+    """Through the dispatcher, against a real port: connection refused 6 times with
+    max_attempts=2 leaves the rows pending; once a storage SCP listens there and the
+    destination is seen answering (``due_now``), they are delivered."""
+    objects = _objects(tmp_path / "objects", 2)
+    port = free_port()
+    dest = Destination(name="pacs", ae_title="LOGSCP", host="127.0.0.1", port=port)
+    settings = DispatchSettings(max_attempts=2, retry_initial_s=60, timeout_s=5)
+    dispatcher = Dispatcher(db, {"pacs": dest}, settings, "DICOM_NODE")
+    _queue_results(db, objects, ["pacs"])
+    for _ in range(6):
+        with db.session() as s:
+            for row in s.scalars(select(Dispatch)):
+                row.next_attempt_at = utcnow()
+        assert dispatcher.poll() == 2
+    assert [(r.state, r.attempts, r.unanswered) for r in _rows(db)] == [("pending", 6, 6)] * 2
+    assert dispatcher.poll() == 0  # waiting out the backoff (60 s and more)
+    scp = LoggingStoreSCP(port).start()
+    try:
+        assert outbox.due_now(db, "pacs") == 2
+        assert dispatcher.poll() == 2
+        assert [(r.state, r.attempts, r.last_cause) for r in _rows(db)] == [
+            ("sent", 7, "destination")
+        ] * 2
+        assert sorted(scp.received) == sorted(sop for sop, _, _ in objects)
+    finally:
+        scp.close()
