@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from db.session import Database
 from inference import queue
@@ -29,8 +30,12 @@ class LocalWorker:
         settings: NodeSettings,
         device: str,
         admission: Admission | None = None,
+        on_job_end: Callable[[], None] | None = None,
     ) -> None:
+        """``on_job_end``: called after each job this worker ran (whatever its end), so
+        the node's senders look for the rows the job queued now, not at their next poll."""
         self.db = db
+        self.on_job_end = on_job_end
         self.settings = settings
         self.device = device
         self.admission = admission
@@ -71,6 +76,8 @@ class LocalWorker:
             self.supervisor.run(job)
         finally:
             self.current_job = None
+            if self.on_job_end is not None:
+                self.on_job_end()
         return True
 
     def shutdown(self, grace_s: float = 5.0) -> None:
