@@ -14,6 +14,7 @@ import json
 import re
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -21,6 +22,8 @@ import urllib3
 from dicom_node.echo import EchoAnswer
 from kernel.settings import Destination, DicomwebAuth
 
+# How a QIDO-RS check's detail begins when the server answered but not with success.
+CHECK_ANSWERED = "QIDO-RS check"
 # At most this much of a QIDO-RS health check's answer is read (one study: a few KiB).
 QIDO_MAX_BYTES = 1 << 20
 # Bytes asked of the socket per read of an answer.
@@ -123,12 +126,17 @@ def check_dicomweb(dest: Destination, timeout_s: float = 5) -> EchoAnswer:
     PS3.18 10.6) with the destination's credentials; ok when it answers 200 with a DICOM
     JSON array (or 204, no studies).
 
-    One plain GET with the destination's session: the answer is read with a cap of
-    ``QIDO_MAX_BYTES`` (a one-study answer is a few KiB) and within ``timeout_s``, so a
-    peer answering hundreds of MiB cannot fill the node's memory.
+    One plain GET with the destination's session, redirects not followed (a 302 is
+    reported as such, naming where it points, as STOW-RS sends do not follow it either);
+    the answer is read with a cap of ``QIDO_MAX_BYTES`` (a one-study answer is a few KiB)
+    and within ``timeout_s``, so a peer answering hundreds of MiB cannot fill the node's
+    memory.
 
-    Never raises for network trouble: every failure is an answer with ``ok`` False
-    (refused, timed out, TLS, HTTP 401, too large ...).
+    Never raises for network trouble: every failure is an answer with ``ok`` False.
+    Without an HTTP answer the detail says why (refused connection, timed out, TLS);
+    with one it begins ``CHECK_ANSWERED`` and says what came ("QIDO-RS check refused:
+    HTTP 401 Unauthorized: ...", "QIDO-RS check redirected: HTTP 302 Found to ...",
+    "QIDO-RS check failed: HTTP 200 but the answer is not DICOM JSON (text/html)").
     """
     started = time.perf_counter()
 
@@ -143,21 +151,51 @@ def check_dicomweb(dest: Destination, timeout_s: float = 5) -> EchoAnswer:
                 params={"limit": "1"},
                 headers={"Accept": "application/dicom+json"},
                 timeout=(timeout_s, timeout_s),
+                allow_redirects=False,  # as STOW-RS: a redirect is reported, not followed
                 stream=True,
             ) as response:
                 code, reason = response.status_code, response.reason
+                status = http_status_text(code, reason)
+                if 300 <= code < 400:
+                    where = _location(response)
+                    return answer(
+                        False,
+                        f"{CHECK_ANSWERED} redirected: {status}{where} "
+                        "(set url to the address it names)",
+                    )
+                if 400 <= code < 500:
+                    return answer(False, f"{CHECK_ANSWERED} refused: {status}")
                 if code not in (200, 204):
-                    return answer(False, f"QIDO-RS {http_status_text(code, reason)}")
+                    return answer(False, f"{CHECK_ANSWERED} failed: {status}")
                 body = read_capped(response, QIDO_MAX_BYTES, timeout_s)
                 content_type = response.headers.get("Content-Type") or "no Content-Type"
         except AnswerUnread as exc:
-            return answer(False, f"QIDO-RS HTTP {code} but {exc}")
+            return answer(False, f"{CHECK_ANSWERED} failed: HTTP {code} but {exc}")
         except requests.RequestException as exc:
             return answer(False, request_error_text(exc, url, timeout_s))
     if code == 200 and not _is_json_array(body):
         kind = content_type.split(";", 1)[0].strip()
-        return answer(False, f"QIDO-RS HTTP 200 but the answer is not DICOM JSON ({kind})")
+        return answer(
+            False, f"{CHECK_ANSWERED} failed: HTTP 200 but the answer is not DICOM JSON ({kind})"
+        )
     return answer(True, "success")
+
+
+def check_answered(detail: str) -> bool:
+    """Whether a QIDO-RS check's ``detail`` (``check_dicomweb``) reports an HTTP answer
+    that was not a success (refused, redirected, unreadable), rather than none."""
+    return detail.startswith(CHECK_ANSWERED)
+
+
+def _location(response: requests.Response) -> str:
+    """`` to <Location>`` of a redirect, without any user name or password in it."""
+    location = response.headers.get("Location")
+    if not location:
+        return ""
+    parts = urlsplit(location)
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname or "")
+    return f" to {urlunsplit(parts)}"
 
 
 def _is_json_array(body: bytes) -> bool:

@@ -11,9 +11,11 @@ memory stays bounded whatever the instances weigh.
 How each answer is handled, like the DIMSE statuses:
 
 - connection refused, name not resolved, TLS failure, no answer within
-  ``dispatch.timeout_s``; HTTP 5xx, 408 or 429 -> every row of the request ``retry``
-  with the outbox's capped exponential backoff (``dispatch.retry_initial_s`` ..
-  ``retry_max_s``, ``max_attempts``, ``max_age_s``);
+  ``dispatch.timeout_s`` -> every row of the request ``retry`` with the outbox's capped
+  exponential backoff (``dispatch.retry_initial_s`` .. ``retry_max_s``), cause
+  ``SendCause.NO_ANSWER``: retried until ``max_age_s`` like a DIMSE destination down;
+- HTTP 5xx, 408 or 429 -> every row ``retry`` the same way, cause
+  ``SendCause.DESTINATION`` (it answered): failed after ``max_attempts``;
 - HTTP 200 / 202 / 409 with a Store Instances Response (PS3.18 10.5.3, DICOM JSON or
   XML, read by ``dicom_node.stow_answer``): row by row, an instance in
   ReferencedSOPSequence is ``sent`` (its WarningReason kept as the status), one in
@@ -31,7 +33,12 @@ How each answer is handled, like the DIMSE statuses:
   the body of any other status is not read at all;
 - any other 4xx (400, 401, 403, 404, 413, 415 ...) or an unexpected status -> every row
   ``failed`` at once with the status and its meaning: resending cannot change it;
-- a file that cannot be read -> that row ``failed`` before the request.
+- a file that cannot be read -> that row ``failed`` before the request (cause
+  ``SendCause.NODE``: nothing about the destination's health).
+
+Every outcome the destination answered over HTTP has cause ``SendCause.DESTINATION``
+even without a DICOM status: health words it "latest send refused: HTTP 401 ...", not
+"no answer".
 
 Why not ``DICOMwebClient.store_instances``: it takes decoded data sets, re-encodes each
 one and builds the whole request in memory, and raises on a 409 without its
@@ -67,6 +74,7 @@ from dicom_node.stow_answer import NotAStoreResponse, parse_store_answer
 from kernel import outbox
 from kernel.outbox import SendOutcome
 from kernel.settings import Destination, DispatchSettings
+from kernel.vocabulary import SendCause
 
 log = logging.getLogger("dicom_node.dispatch_dicomweb")
 
@@ -90,6 +98,10 @@ FAILURE_MEANING = {
     0xC000: "cannot understand",
     0xC122: "transfer syntax not supported",
 }
+# Who decided an outcome the destination answered over HTTP: a refusal (401), an error
+# (503) or an answer that is no Store Instances Response. Health words it "refused".
+ANSWERED = SendCause.DESTINATION
+AGAIN = "sent again: another file of its request changed"
 # HTTP statuses that a later attempt may not get (besides every 5xx).
 RETRY_HTTP = {408, 429}
 
@@ -157,15 +169,16 @@ def classify_reason(code: int | None, http: int) -> SendOutcome:
     """The outbox verdict for one instance's WarningReason / FailureReason (a DICOM
     status code) in a Store Instances Response answered with HTTP ``http``."""
     if code is None or code_to_category(code) == STATUS_SUCCESS:
-        return SendOutcome("sent", 0, f"stored (HTTP {http})")
+        return SendOutcome("sent", 0, f"stored (HTTP {http})", ANSWERED)
     meaning = FAILURE_MEANING.get(code, "")
     named = f"0x{code:04X}" + (f" {meaning}" if meaning else "")
     category = code_to_category(code)
     if category == STATUS_WARNING:
-        return SendOutcome("sent", code, f"stored with warning {named} (HTTP {http})")
+        return SendOutcome("sent", code, f"stored with warning {named} (HTTP {http})", ANSWERED)
     if category == STATUS_FAILURE and code & 0xFF00 == 0xA700:
-        return SendOutcome("retry", code, f"STOW-RS FailureReason {named} (HTTP {http})")
-    return SendOutcome("failed", code, f"refused by STOW-RS: FailureReason {named} (HTTP {http})")
+        return SendOutcome("retry", code, f"STOW-RS FailureReason {named} (HTTP {http})", ANSWERED)
+    why = f"refused by STOW-RS: FailureReason {named} (HTTP {http})"
+    return SendOutcome("failed", code, why, ANSWERED)
 
 
 def outcomes_of(
@@ -175,16 +188,16 @@ def outcomes_of(
     phrase), its Content-Type and ``body`` (module docstring)."""
     status = http_status_text(code, reason)
     if code >= 500 or code in RETRY_HTTP:
-        return {r.id: SendOutcome("retry", None, status) for r in rows}
+        return {r.id: SendOutcome("retry", None, status, ANSWERED) for r in rows}
     if code not in READ:
         if 300 <= code < 400:
             status += " (a redirect: set url to the address it names)"
-        return {r.id: SendOutcome("failed", None, status) for r in rows}
+        return {r.id: SendOutcome("failed", None, status, ANSWERED) for r in rows}
     try:
         answer = parse_store_answer(body, content_type)
     except NotAStoreResponse as exc:
         why = f"HTTP {code} but the answer is not a Store Instances Response ({exc})"
-        return {r.id: SendOutcome("retry", None, why) for r in rows}
+        return {r.id: SendOutcome("retry", None, why, ANSWERED) for r in rows}
     out = {}
     for r in rows:
         if r.sop_uid in answer.failed:
@@ -194,7 +207,7 @@ def outcomes_of(
             out[r.id] = classify_reason(answer.referenced[r.sop_uid], code)
         else:
             why = f"HTTP {code} but instance {r.sop_uid} is not in ReferencedSOPSequence"
-            out[r.id] = SendOutcome("retry", None, why)
+            out[r.id] = SendOutcome("retry", None, why, ANSWERED)
     return out
 
 
@@ -269,7 +282,9 @@ class DicomwebSender:
                 read_file_meta_info(row.path)  # a Part 10 file, as STOW-RS wants
                 parts.append(_Part(row, os.stat(row.path).st_size))
             except (OSError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
-                failed[row.id] = SendOutcome("failed", None, f"file unreadable: {exc}")
+                failed[row.id] = SendOutcome(
+                    "failed", None, f"file unreadable: {exc}", SendCause.NODE
+                )
         if failed:
             self._record([r for r in rows if r.id in failed], failed)
         return parts
@@ -293,16 +308,16 @@ class DicomwebSender:
         except FileChanged as exc:
             self.close()  # the connection carried a cut-off body
             return {
-                r.id: SendOutcome("failed", None, str(exc))
+                r.id: SendOutcome("failed", None, str(exc), SendCause.NODE)
                 if r.id == exc.row_id
-                else SendOutcome("retry", None, "sent again: another file of its request changed")
+                else SendOutcome("retry", None, AGAIN, SendCause.NODE)
                 for r in rows
             }
         except requests.RequestException as exc:
             self.close()
             why = request_error_text(exc, self.url, timeout)
             log.warning("STOW-RS to %s: %s", self.dest.name, why)
-            return {r.id: SendOutcome("retry", None, why) for r in rows}
+            return {r.id: SendOutcome("retry", None, why, SendCause.NO_ANSWER) for r in rows}
         code = response.status_code
         with response:
             try:
@@ -311,7 +326,7 @@ class DicomwebSender:
                 self.close()  # the rest of the answer is not read: the connection goes
                 why = f"HTTP {code} but {exc}"
                 log.warning("STOW-RS of %d instances to %s: %s", len(rows), self.dest.name, why)
-                return {r.id: SendOutcome("retry", None, why) for r in rows}
+                return {r.id: SendOutcome("retry", None, why, ANSWERED) for r in rows}
             outcomes = outcomes_of(
                 code, response.reason, response.headers.get("Content-Type"), answer, rows
             )

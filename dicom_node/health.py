@@ -6,7 +6,9 @@ kept the same way) goes to every destination every
 ``health.echo_interval_s`` (``EchoLoop``) and whenever a user asks on the destinations
 page; each answer is kept (``health.keep_echoes_days``). ``destination_health`` judges each
 destination from its latest evidence, the newest of its latest C-ECHO and its latest send
-attempt (``dispatches.last_attempt_at``): no answer makes it unreachable; results waiting
+attempt (``dispatches.last_attempt_at``): no answer, or a refusal without a DICOM status
+(an HTTP 401 to a DICOMweb destination: "latest send refused: HTTP 401 ...", "QIDO-RS
+check refused: HTTP 401 ..."), makes it unreachable; results waiting
 longer than ``health.pending_alert_s`` are a backlog. The dashboard banner, ``/healthz``,
 the study statuses ("delivery pending: pacs unreachable") and the metrics all read it.
 
@@ -28,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from db.models import DestinationEcho, Dispatch, Event, utcnow
 from db.session import Database
-from dicom_node.dicomweb_http import check_dicomweb
+from dicom_node.dicomweb_http import check_answered, check_dicomweb
 from dicom_node.echo import EchoAnswer, check
 from kernel import outbox
 from kernel.events import add_event
@@ -54,6 +56,7 @@ class Evidence:
     ok: bool
     what: str  # "C-ECHO (periodic)", "send"
     detail: str
+    answered: bool = False  # not ok, but the destination answered (refused, HTTP 401 ...)
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,8 @@ def _latest_send(s: Session, name: str) -> Evidence | None:
         if row.last_status is not None:  # it answered (maybe refusing): it is there
             return Evidence(at, True, "send", f"answered 0x{row.last_status:04X}")
         if row.last_error and row.attempts > 0:
-            return Evidence(at, False, "send", row.last_error)
+            answered = row.last_cause == SendCause.DESTINATION  # e.g. HTTP 401, no status
+            return Evidence(at, False, "send", row.last_error, answered)
     return None
 
 
@@ -330,6 +334,16 @@ def _echo_dict(row: DestinationEcho | None) -> dict[str, Any] | None:
     }
 
 
+def _failure_reason(latest: Evidence) -> str:
+    """Why the latest evidence is not ok, in words: no answer, or what the answer was."""
+    if not latest.answered:
+        return f"no answer to the latest {latest.what}: {latest.detail}"
+    if latest.what != "send":
+        return latest.detail  # "QIDO-RS check refused: HTTP 401 ..." says it all
+    verb = "not confirmed" if latest.detail.startswith("HTTP 2") else "refused"
+    return f"latest send {verb}: {latest.detail}"
+
+
 def health_of(
     s: Session, dest: Destination, pending_alert_s: float, now: datetime | None = None
 ) -> DestinationHealth:
@@ -339,7 +353,10 @@ def health_of(
     evidence = [e for e in (_latest_send(s, dest.name),) if e is not None]
     if echo is not None:
         probe = "QIDO-RS" if dest.kind == "dicomweb" else "C-ECHO"
-        evidence.append(Evidence(echo.at, echo.ok, f"{probe} ({echo.trigger})", echo.detail))
+        answered = dest.kind == "dicomweb" and check_answered(echo.detail)
+        evidence.append(
+            Evidence(echo.at, echo.ok, f"{probe} ({echo.trigger})", echo.detail, answered)
+        )
     latest = max(evidence, key=lambda e: e.at) if evidence else None
     ok_echo = _latest_echo(s, dest.name, ok=True)
     successes = [
@@ -379,7 +396,7 @@ def health_of(
     elif not latest.ok:
         state = DestinationState.UNREACHABLE
         since = _outage_start(s, dest.name, last_success) or latest.at
-        reason = f"no answer to the latest {latest.what}: {latest.detail}"
+        reason = _failure_reason(latest)
         if pending:
             reason += f"; {pending} waiting to be sent"
     elif overdue:

@@ -46,7 +46,7 @@ from devkit.net import free_port
 from devkit.orthanc import OrthancServer
 from devkit.synth import generate_study
 from dicom_node.dispatch import Dispatcher
-from dicom_node.health import echo_destination
+from dicom_node.health import DestinationHealth, echo_destination, health_of
 from dicom_node.stow_answer import NotAStoreResponse, parse_store_answer
 from dicom_node.stow_response import render
 from dicom_node.web.users import add_user, create_token
@@ -55,7 +55,7 @@ from inference.seg_reader import seg_label_map
 from inference.volume import load_series
 from kernel import outbox
 from kernel.settings import ConfigError, NodeSettings, load_settings
-from kernel.vocabulary import EventKind, OutboxKind, OutboxState
+from kernel.vocabulary import DestinationState, EventKind, OutboxKind, OutboxState
 from tests.conftest import node_settings, wait_until
 from tests.web_helpers import PASSWORD, client_for, login
 
@@ -369,9 +369,94 @@ def test_refused_credentials_fail_every_row_at_once_with_the_reason(tmp_path, db
     assert {(r.state, r.attempts) for r in rows} == {(OutboxState.FAILED, 1)}
     assert all("HTTP 401" in r.last_error and "credentials" in r.last_error for r in rows)
     assert dispatcher.poll() == 0  # nothing left to retry
+    # The destination answered: health says it refused, not that nothing answered.
+    assert _health(db, settings, "web").reason == (
+        "latest send refused: HTTP 401 Unauthorized: credentials missing or refused (auth)"
+    )
     check = echo_destination(db, settings, "web", "manual")
-    assert not check.ok and "HTTP 401" in check.detail
+    assert not check.ok
+    assert check.detail == (
+        "QIDO-RS check refused: HTTP 401 Unauthorized: credentials missing or refused (auth)"
+    )
+    health = _health(db, settings, "web")
+    assert (health.state, health.reason) == (DestinationState.UNREACHABLE, check.detail)
     assert "wrong" not in json.dumps([r.last_error for r in rows])
+
+
+def _health(db: Database, settings: NodeSettings, name: str) -> DestinationHealth:
+    with db.session() as s:
+        return health_of(s, settings.destination(name), settings.health.pending_alert_s)
+
+
+@pytest.fixture
+def canned() -> Iterator[Callable[[int, dict[str, str], bytes], str]]:
+    """Starts HTTP servers that answer every request with one (status, headers, body);
+    ``{path}`` in a header value becomes the request's path. Returns a server's URL."""
+    servers = []
+
+    def start(code: int, headers: dict[str, str], body: bytes) -> str:
+        class Canned(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(code)
+                for key, value in headers.items():
+                    self.send_header(key, value.replace("{path}", self.path))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Canned)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_qido_check_reports_a_redirect_and_an_html_answer_as_they_are(tmp_path, db, origin, canned):
+    _, target = origin  # answers 401 to a request without credentials
+    redirect = canned(302, {"Location": f"{target[: -len('/dicom-web')]}{{path}}"}, b"")
+    html = canned(200, {"Content-Type": "text/html"}, NGINX)
+    settings = _settings(
+        tmp_path,
+        [
+            {"name": "moved", "kind": "dicomweb", "url": redirect},
+            {"name": "html", "kind": "dicomweb", "url": html},
+        ],
+    )
+
+    moved = echo_destination(db, settings, "moved", "manual")
+    assert not moved.ok
+    assert moved.detail == (
+        f"QIDO-RS check redirected: HTTP 302 Found to {target}/studies?limit=1 "
+        "(set url to the address it names)"
+    )  # not followed: not the 401 of where it points
+    page = echo_destination(db, settings, "html", "manual")
+    assert not page.ok
+    assert page.detail == (
+        "QIDO-RS check failed: HTTP 200 but the answer is not DICOM JSON (text/html)"
+    )
+    for name, answer in (("moved", moved), ("html", page)):
+        health = _health(db, settings, name)
+        assert (health.state, health.reason) == (DestinationState.UNREACHABLE, answer.detail)
+
+    # A send to the redirect fails at once, naming it; health words it as a refusal.
+    dispatcher = Dispatcher(db, {"moved": settings.destinations[0]}, settings.dispatch, "NODE")
+    study = generate_study(tmp_path / "study", seed=11, phases="P", **SMALL)
+    _queue_files(db, study.series[0].files[:2], "moved")
+    assert dispatcher.poll() == 2
+    assert {r.state for r in _rows(db).values()} == {OutboxState.FAILED}
+    assert _health(db, settings, "moved").reason == (
+        "latest send refused: HTTP 302 Found (a redirect: set url to the address it names)"
+    )
 
 
 def test_failed_sop_sequence_fails_only_that_instance(tmp_path, db, origin):
@@ -477,6 +562,8 @@ def test_http_200_without_a_store_instances_response_listing_it_is_not_delivered
         assert expected in row.last_error
         if "ReferencedSOPSequence" in expected and "answer is not" not in expected:
             assert row.last_error == f"HTTP 200 but instance {uid} is not in ReferencedSOPSequence"
+    reason = _health(db, settings, "web").reason
+    assert reason.startswith("latest send not confirmed: HTTP 200 but") and expected in reason
     # Then failed by the outbox's policy (max_attempts 2), never counted as sent.
     wait_until(
         lambda: (
