@@ -393,8 +393,18 @@ def test_syslog_forwarding_is_rfc5424_in_order_and_resumes(sqlite_db, protocol):
     if protocol == "tcp":  # the collector is down: the cursor stays, then everything goes
         _records(db, 2)
         before = forwarder.cursor()
-        with pytest.raises(OSError):
-            forwarder.forward_once()
+        # A port held bound but not listening refuses every connection, and no other
+        # process can take it meanwhile (the closed collector's port could be reused).
+        down = socket.socket()
+        down.bind(("127.0.0.1", 0))
+        forwarder.settings = SyslogSettings(
+            host="127.0.0.1", port=down.getsockname()[1], protocol="tcp"
+        )
+        try:
+            with pytest.raises(OSError):
+                forwarder.forward_once()
+        finally:
+            down.close()
         assert forwarder.cursor() == before
         again = Collector("tcp")
         forwarder.settings = SyslogSettings(host="127.0.0.1", port=again.port, protocol="tcp")

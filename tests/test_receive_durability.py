@@ -70,7 +70,13 @@ class Serve:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for_port("127.0.0.1", self.port, 60)
+        try:
+            wait_for_port("127.0.0.1", self.port, 60)
+        except TimeoutError as exc:  # say why: the node's own log
+            exited = self.process.poll()
+            raise AssertionError(
+                f"{exc} (serve exit status {exited}); its log ends:\n{self.log_text()[-3000:]}"
+            ) from None
         wait_until(lambda: echo("127.0.0.1", self.port, AET), 30, "the node to answer C-ECHO")
         if self.env["DICOM_NODE_LISTENER__PROCESSES"] != "1":
             wait_until(lambda: "receiving processes" in self.log_text(), 30, "receivers")
