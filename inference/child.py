@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing.util
 import os
 import sys
 import threading
@@ -154,6 +155,10 @@ def _exit_now() -> None:
     thread pools) that a stopping node would wait. Nothing is left to finalise: the
     database engine is disposed, logs are flushed here, and a job's files are written and
     closed before its ``done`` answer (an unanswered job is requeued by the parent)."""
+    # Named semaphores this process made (torch, nnU-Net) are unlinked by their
+    # finalizers; skipped, the parent's resource tracker warns of them as leaked.
+    with contextlib.suppress(Exception):
+        multiprocessing.util._run_finalizers(0)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
