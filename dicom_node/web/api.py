@@ -658,7 +658,7 @@ async def echo_destination(
         raise HTTPException(503, "C-ECHO is not available in this node")
     answer = node.echo_destination(name, who.username)
     probe = "QIDO-RS check of" if dest.kind == "dicomweb" else "C-ECHO to"
-    message = f"{probe} {name}: " + ("success" if answer.ok else f"no answer ({answer.detail})")
+    message = f"{probe} {name}: " + ("success" if answer.ok else f"failed: {answer.detail}")
     audit_record(
         request,
         who,
