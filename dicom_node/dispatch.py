@@ -305,6 +305,10 @@ class DestinationSender:
                         self._record([p.row for p in prepared], outcomes)
                         break  # the destination does not answer: its backoff decides
                     accepted = wanted
+                    # It answers: rows waiting out a backoff because it did not go now
+                    # (this sender claims them next), not at the next C-ECHO.
+                    if outbox.due_now(self.db, self.dest.name, unanswered_only=True):
+                        self.dispatcher.wake.set()
                 self._send(assoc, prepared, stop)
         except Exception as exc:
             # Rows of the chunk whose outcome was not recorded go again after a backoff

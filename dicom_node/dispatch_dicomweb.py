@@ -272,6 +272,9 @@ class DicomwebSender:
             self._record([p.row for p in parts], outcomes)
             if all(o.state == "retry" and o.status is None for o in outcomes.values()):
                 break  # no answer, or a busy server: its backoff decides
+            if any(o.cause == SendCause.DESTINATION for o in outcomes.values()):
+                # It answers: rows waiting out a backoff because it did not go now.
+                outbox.due_now(self.db, self.dest.name, unanswered_only=True)
         return len(tried)
 
     def _prepare(self, rows: list[Dispatch]) -> list[_Part]:

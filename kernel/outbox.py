@@ -445,9 +445,11 @@ def reject(
         return len(rows)
 
 
-def due_now(db: Database, destination: str) -> int:
+def due_now(db: Database, destination: str, unanswered_only: bool = False) -> int:
     """Pending rows to ``destination`` waiting out a retry backoff become due now (the
     destination answers again: deliveries resume at once); returns how many.
+    ``unanswered_only``: only rows whose last attempt got no answer (a sender's
+    association was just accepted: rows the destination refused keep their backoff).
 
     Failed rows stay failed: a row the destination did not answer fails only at
     ``max_age_s``, so a failed row was refused, or waited longer than the node
@@ -455,13 +457,14 @@ def due_now(db: Database, destination: str) -> int:
     unasked could duplicate what they did. ``resend`` sends it again when they choose."""
     now = utcnow()
     with db.session() as s:
-        rows = s.scalars(
-            select(Dispatch).where(
-                Dispatch.destination == destination,
-                Dispatch.state == OutboxState.PENDING,
-                Dispatch.next_attempt_at > now,
-            )
-        ).all()
+        query = select(Dispatch).where(
+            Dispatch.destination == destination,
+            Dispatch.state == OutboxState.PENDING,
+            Dispatch.next_attempt_at > now,
+        )
+        if unanswered_only:
+            query = query.where(Dispatch.last_cause == SendCause.NO_ANSWER)
+        rows = s.scalars(query).all()
         for row in rows:
             row.next_attempt_at = now
         return len(rows)

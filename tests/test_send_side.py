@@ -517,3 +517,33 @@ def test_sends_to_a_closed_port_wait_past_max_attempts_and_go_when_it_opens(db, 
         assert sorted(scp.received) == sorted(sop for sop, _, _ in objects)
     finally:
         scp.close()
+
+
+def test_a_destination_that_answers_again_gets_its_waiting_rows_at_once(db, tmp_path):
+    """PACS down: three rows wait out a 60 s backoff. It comes back and a new result goes
+    on a fresh association: the three waiting rows go with it, not a minute later (or at
+    the next C-ECHO). A row the destination itself refused keeps its backoff."""
+    port = free_port()
+    settings = DispatchSettings(retry_initial_s=60, retry_max_s=60, timeout_s=5)
+    dest = Destination(name="pacs", ae_title="LOGSCP", host="127.0.0.1", port=port)
+    dispatcher = Dispatcher(db, {"pacs": dest}, settings, "DICOM_NODE")
+    waiting = _objects(tmp_path / "waiting", 3)
+    _queue_results(db, waiting, ["pacs"])
+    dispatcher.poll()  # nobody listens: refused, unanswered, 60 s backoff
+    assert _states(db) == Counter(pending=3)
+    refused = _objects(tmp_path / "refused", 1)
+    _queue_results(db, refused, ["pacs"])
+    (row,) = [r for r in _rows(db) if r.sop_uid == refused[0][0]]
+    claimed = outbox.claim_due(db, 1, destination="pacs", sender="test")
+    outbox.record_outcomes(
+        db, claimed, {row.id: outbox.SendOutcome("retry", 0xA700, "refused 0xA700")}, settings
+    )
+    scp = LoggingStoreSCP(port).start()
+    try:
+        fresh = _objects(tmp_path / "fresh", 1)
+        _queue_results(db, fresh, ["pacs"])
+        dispatcher.poll()
+        assert sorted(scp.received) == sorted(uid for uid, _, _ in waiting + fresh)
+        assert _states(db) == Counter(sent=4, pending=1)
+    finally:
+        scp.close()
