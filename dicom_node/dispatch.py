@@ -78,6 +78,7 @@ from dicom_node.commitment import (
     request_commitment,
 )
 from dicom_node.dispatch_dicomweb import DicomwebSender
+from dicom_node.sender import Sender
 from kernel import outbox
 from kernel.outbox import SendOutcome
 from kernel.settings import Destination, DispatchSettings
@@ -249,29 +250,13 @@ class _Prepared:
     transfer_syntax: str
 
 
-class DestinationSender:
+class DestinationSender(Sender):
     """Sends one destination's due rows, on one association at a time (``slot`` of its
     ``max_associations``). Outcomes are recorded row by row as the answers come."""
 
     def __init__(self, dispatcher: Dispatcher, dest: Destination, slot: int) -> None:
+        super().__init__(dispatcher, dest, slot)
         self.dispatcher = dispatcher
-        self.dest = dest
-        self.db = dispatcher.db
-        self.settings = dispatcher.settings
-        self.name = f"{dispatcher.name}/{dest.name}#{slot}"
-        self.wake = threading.Event()
-        self._carried: dict[str, outbox.Carried] = {}
-
-    def run_forever(self, stop: threading.Event, interval_s: float = 1.0) -> None:
-        while not stop.is_set():
-            try:
-                sent = self.send_due(stop)
-            except Exception:
-                log.exception("sending to %s failed", self.dest.name)
-                sent = 0
-            if not sent:
-                self.wake.wait(interval_s)
-                self.wake.clear()
 
     def send_due(self, stop: threading.Event | None = None) -> int:
         """Send this destination's due rows until none is left; returns how many were

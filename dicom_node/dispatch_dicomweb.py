@@ -54,7 +54,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import pydicom
 import requests
@@ -62,7 +61,6 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from db.models import Dispatch
-from db.session import Database
 from dicom_node.dicomweb_http import (
     AnswerUnread,
     http_status_text,
@@ -70,10 +68,11 @@ from dicom_node.dicomweb_http import (
     request_error_text,
     session,
 )
+from dicom_node.sender import Sender, SenderHost
 from dicom_node.stow_answer import NotAStoreResponse, parse_store_answer
 from kernel import outbox
 from kernel.outbox import SendOutcome
-from kernel.settings import Destination, DispatchSettings
+from kernel.settings import Destination
 from kernel.vocabulary import SendCause
 
 log = logging.getLogger("dicom_node.dispatch_dicomweb")
@@ -104,14 +103,6 @@ ANSWERED = SendCause.DESTINATION
 AGAIN = "sent again: another file of its request changed"
 # HTTP statuses that a later attempt may not get (besides every 5xx).
 RETRY_HTTP = {408, 429}
-
-
-class SenderHost(Protocol):
-    """What a sender needs of its dispatcher (``dicom_node.dispatch.Dispatcher``)."""
-
-    db: Database
-    settings: DispatchSettings
-    name: str
 
 
 class FileChanged(ValueError):
@@ -211,31 +202,15 @@ def outcomes_of(
     return out
 
 
-class DicomwebSender:
+class DicomwebSender(Sender):
     """Sends one DICOMweb destination's due rows, one STOW-RS request per claimed chunk
     (``slot`` of its ``max_associations``). The interface of ``DestinationSender``:
     ``wake``, ``run_forever``, ``send_due``."""
 
     def __init__(self, host: SenderHost, dest: Destination, slot: int) -> None:
-        self.dest = dest
-        self.db = host.db
-        self.settings = host.settings
-        self.name = f"{host.name}/{dest.name}#{slot}"
-        self.wake = threading.Event()
+        super().__init__(host, dest, slot)
         self.url = f"{dest.url}/studies"
-        self._carried: dict[str, outbox.Carried] = {}
         self._session: requests.Session | None = None
-
-    def run_forever(self, stop: threading.Event, interval_s: float = 1.0) -> None:
-        while not stop.is_set():
-            try:
-                sent = self.send_due(stop)
-            except Exception:
-                log.exception("sending to %s failed", self.dest.name)
-                sent = 0
-            if not sent:
-                self.wake.wait(interval_s)
-                self.wake.clear()
 
     def close(self) -> None:
         """Close the HTTP connections (kept open between the requests of one
