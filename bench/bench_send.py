@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ from db.migrate import upgrade
 from db.models import Dispatch
 from db.session import Database
 from devkit.dcmtk import dcmtk_tool
-from dicom_node.dispatch import DestinationSender, Dispatcher
+from devkit.memwatch import peak_rss
+from dicom_node.dispatch import Dispatcher
 from kernel import outbox
 from kernel.settings import Destination, DispatchSettings
 from kernel.vocabulary import OutboxKind
@@ -99,34 +101,48 @@ def sop_objects(files: list[Path]) -> list[tuple[str, str, str]]:
 def node_send(
     objects: list[tuple[str, str, str]], aet: str, port: int, associations: int, workdir: Path
 ) -> float:
-    """The node's senders deliver ``objects`` from a fresh outbox; returns the seconds from
-    their start until the last row was recorded. Raises when a row is not ``sent``."""
+    """The node's senders deliver ``objects`` over ``associations`` C-STORE associations
+    from a fresh outbox; returns the seconds (``deliver``)."""
+    dest = Destination(
+        name="bench", ae_title=aet, host=HOST, port=port, max_associations=associations
+    )
+    return deliver(objects, dest, workdir)[0]
+
+
+def deliver(
+    objects: list[tuple[str, str, str]],
+    dest: Destination,
+    workdir: Path,
+    measure_memory: bool = False,
+) -> tuple[float, float | None]:
+    """``dest``'s senders (its kind's, ``max_associations`` of them) deliver ``objects``
+    from a fresh outbox in ``workdir``: (seconds from their start until the last row was
+    recorded, peak RSS growth in MiB when ``measure_memory``, else None). Raises when a
+    row is not ``sent``."""
     url = f"sqlite:///{workdir / 'node.db'}"
     upgrade(url)
     db = Database(url)
     try:
         with db.session() as s:
             outbox.queue_many(
-                s, study_id=None, kind=OutboxKind.FORWARD, objects=objects, destination="bench"
+                s, study_id=None, kind=OutboxKind.FORWARD, objects=objects, destination=dest.name
             )
-        dest = Destination(
-            name="bench", ae_title=aet, host=HOST, port=port, max_associations=associations
-        )
-        dispatcher = Dispatcher(db, {"bench": dest}, DispatchSettings(), CALLING_AE)
-        senders = [DestinationSender(dispatcher, dest, slot) for slot in range(associations)]
+        dispatcher = Dispatcher(db, {dest.name: dest}, DispatchSettings(), CALLING_AE)
+        senders = [dispatcher.sender(dest, slot) for slot in range(dest.max_associations)]
         threads = [threading.Thread(target=sender.send_due) for sender in senders]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        seconds = time.perf_counter() - started
+        with peak_rss() if measure_memory else nullcontext() as memory:
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            seconds = time.perf_counter() - started
         with db.session() as s:
             states = Counter(s.scalars(select(Dispatch.state)))
             errors = sorted({e for e in s.scalars(select(Dispatch.last_error)) if e})
         if states != {"sent": len(objects)}:
             raise RuntimeError(f"rows {dict(states)}; errors: {errors[:3]}")
-        return seconds
+        return seconds, memory.growth_mb if memory is not None else None
     finally:
         db.dispose()
 

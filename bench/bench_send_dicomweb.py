@@ -23,26 +23,15 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
-import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench_receive import make_instances
-from bench_send import sop_objects
-from sqlalchemy import select
+from bench_send import deliver, sop_objects
 
-from db.migrate import upgrade
-from db.models import Dispatch
-from db.session import Database
-from devkit.memwatch import peak_rss
 from devkit.orthanc import OrthancServer
-from dicom_node.dispatch import Dispatcher
-from kernel import outbox
-from kernel.settings import Destination, DispatchSettings
-from kernel.vocabulary import OutboxKind
+from kernel.settings import Destination
 
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 PROTOCOLS = ("dimse", "dicomweb")
@@ -57,38 +46,6 @@ class Run:
     seconds: float | None = None
     rss_growth_mb: float | None = None
     error: str | None = None
-
-
-def send(
-    objects: list[tuple[str, str, str]], dest: Destination, workdir: Path
-) -> tuple[float, float]:
-    """Deliver ``objects`` to ``dest`` with its senders; (seconds, peak RSS growth MiB)."""
-    url = f"sqlite:///{workdir / 'node.db'}"
-    upgrade(url)
-    db = Database(url)
-    try:
-        with db.session() as s:
-            outbox.queue_many(
-                s, study_id=None, kind=OutboxKind.FORWARD, objects=objects, destination=dest.name
-            )
-        dispatcher = Dispatcher(db, {dest.name: dest}, DispatchSettings(), "BENCH_SCU")
-        senders = [dispatcher.sender(dest, slot) for slot in range(dest.max_associations)]
-        threads = [threading.Thread(target=sender.send_due) for sender in senders]
-        with peak_rss() as memory:
-            started = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            seconds = time.perf_counter() - started
-        with db.session() as s:
-            states = Counter(s.scalars(select(Dispatch.state)))
-            errors = sorted({e for e in s.scalars(select(Dispatch.last_error)) if e})
-        if states != {"sent": len(objects)}:
-            raise RuntimeError(f"rows {dict(states)}; errors: {errors[:3]}")
-        return seconds, memory.growth_mb
-    finally:
-        db.dispose()
 
 
 def run_once(
@@ -111,7 +68,7 @@ def run_once(
                 name="bench", ae_title=pacs.aet, host=pacs.host, port=pacs.dicom_port,
                 max_associations=k,
             )  # fmt: skip
-        run.seconds, run.rss_growth_mb = send(objects, dest, workdir)
+        run.seconds, run.rss_growth_mb = deliver(objects, dest, workdir, measure_memory=True)
         held = pacs.count_instances()
         if held != len(objects):
             run.error = f"Orthanc holds {held} of {len(objects)} instances"
