@@ -79,6 +79,7 @@ from dicom_node.commitment import (
 )
 from dicom_node.dispatch_dicomweb import DicomwebSender
 from dicom_node.sender import Sender
+from dicom_node.store_send import FileStore, NotStorable, data_set_offset
 from kernel import outbox
 from kernel.outbox import SendOutcome
 from kernel.settings import Destination, DispatchSettings
@@ -95,8 +96,18 @@ OUT_OF_RESOURCES_MASK, OUT_OF_RESOURCES = 0xFF00, 0xA700
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 
-def classify_status(status: int | None) -> SendOutcome:
-    """The outbox verdict for one C-STORE response status (None: no response)."""
+def classify_status(status: int | None, error_comment: str | None = None) -> SendOutcome:
+    """The outbox verdict for one C-STORE response status (None: no response); the
+    destination's Error Comment (0000,0902), if it gave one, ends the reason."""
+    outcome = _verdict(status)
+    if error_comment and outcome.status is not None and outcome.status != 0x0000:
+        return SendOutcome(
+            outcome.state, outcome.status, f"{outcome.detail}: {error_comment}", outcome.cause
+        )
+    return outcome
+
+
+def _verdict(status: int | None) -> SendOutcome:
     if status is None:
         return SendOutcome(
             "retry", None, "no response (association lost or timed out)", SendCause.NO_ANSWER
@@ -243,10 +254,12 @@ SENDER_CHUNK = 20
 
 @dataclass
 class _Prepared:
-    """A claimed row, ready to go: its file's SOP class and transfer syntax."""
+    """A claimed row, ready to go: its file's SOP class, SOP instance and transfer
+    syntax (File Meta Information)."""
 
     row: Dispatch
     sop_class: str
+    sop_instance: str
     transfer_syntax: str
 
 
@@ -318,7 +331,12 @@ class DestinationSender(Sender):
             try:
                 meta = read_file_meta_info(row.path)
                 prepared.append(
-                    _Prepared(row, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+                    _Prepared(
+                        row,
+                        str(meta.MediaStorageSOPClassUID),
+                        str(meta.MediaStorageSOPInstanceUID),
+                        str(meta.TransferSyntaxUID),
+                    )
                 )
             except (OSError, AttributeError, pydicom.errors.InvalidDicomError) as exc:
                 failed[row.id] = SendOutcome(
@@ -354,6 +372,8 @@ class DestinationSender(Sender):
             log.warning("association to %s failed: %s", name, exc)
         if assoc is not None and assoc.is_established:
             _answers_to_the_caller(assoc)
+            assoc.file_store = FileStore(assoc, self.settings.timeout_s)
+            assoc.file_store.install()
             return assoc, "", SendCause.DESTINATION
         why = (
             why
@@ -390,14 +410,21 @@ class DestinationSender(Sender):
 
     def _store(self, assoc: Any, item: _Prepared) -> SendOutcome:
         """One C-STORE: the file as stored when its transfer syntax was accepted (read
-        from disk as it is sent), else converted (``_fit_to_accepted``); a conversion
-        this node cannot make fails the row at once, as its own error."""
-        accepted = {
-            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
-        }
+        from disk as it is written, ``dicom_node.store_send``), else converted
+        (``_fit_to_accepted``); a conversion this node cannot make fails the row at once,
+        as its own error."""
+        context_id = _accepted_context(assoc, item.sop_class, item.transfer_syntax)
         try:
-            if (item.sop_class, item.transfer_syntax) in accepted:
-                rsp = assoc.send_c_store(Path(item.row.path))
+            if context_id is not None:
+                with contextlib.suppress(NotStorable):
+                    offset = data_set_offset(item.row.path)
+                    answer = assoc.file_store.store(
+                        item.row.path, offset, context_id, item.sop_class, item.sop_instance
+                    )
+                    if answer is None:
+                        return classify_status(None)
+                    return classify_status(answer.status, answer.error_comment)
+                rsp = assoc.send_c_store(Path(item.row.path))  # no File Meta: pynetdicom's way
             else:
                 ds = _fit_to_accepted(assoc, pydicom.dcmread(item.row.path))
                 rsp = assoc.send_c_store(ds)
@@ -410,7 +437,8 @@ class DestinationSender(Sender):
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             return SendOutcome("failed", None, f"file unreadable: {exc}", SendCause.NODE)
         status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
-        return classify_status(status)
+        comment = str(rsp.ErrorComment) if rsp is not None and "ErrorComment" in rsp else None
+        return classify_status(status, comment)
 
     def _record(
         self,
@@ -421,6 +449,15 @@ class DestinationSender(Sender):
         outbox.record_outcomes(
             self.db, rows, outcomes, self.settings, transaction, cache=self._carried
         )
+
+
+def _accepted_context(assoc: Any, sop_class: str, transfer_syntax: str) -> int | None:
+    """The ID of the accepted presentation context for ``sop_class`` whose transfer
+    syntax is ``transfer_syntax``, or None."""
+    for cx in assoc.accepted_contexts:
+        if str(cx.abstract_syntax) == sop_class and str(cx.transfer_syntax[0]) == transfer_syntax:
+            return int(cx.context_id)
+    return None
 
 
 def _no_delay(event: evt.Event) -> None:
