@@ -75,7 +75,10 @@ UNLIMITED_FRAGMENT_BYTES = 4 * 1024 * 1024
 _ALIVE_CHECK_S = 0.05
 # How long the DUL's reader waits in ``select`` for the socket before it looks at its
 # queues again (``FileStore.install``); a primitive queued meanwhile waits at most this.
-_READER_WAIT_S = 0.005
+_READER_WAIT_S = 0.02
+# How long the association's reactor waits for work before it looks anyway (it also
+# notices that the DUL ended); a release or abort queued for it wakes it at once.
+_REACTOR_WAIT_S = 0.05
 
 
 class NotStorable(ValueError):
@@ -189,6 +192,12 @@ class FileStore:
 
         dul._is_transport_event = transport_event
         dul._run_loop_delay = 0  # the select above is the loop's pause now
+        # The association's reactor (it serves the peer's requests, sees a release or an
+        # abort) looked every 1 ms; now it waits until one of those is queued for it.
+        gate = _ReactorGate()
+        for queue in (dul.to_user_queue, dimse.msg_queue):
+            queue.put = _nudging(queue.put, gate.nudge)
+        assoc._reactor_checkpoint = gate
 
     def next_message_id(self) -> int:
         """1..65535, then round again (PS3.7 9.1.1.1: unique among outstanding ones)."""
@@ -310,6 +319,45 @@ class FileStore:
         if self.assoc.is_established:
             with contextlib.suppress(Exception):
                 self.assoc.abort()
+
+
+class _ReactorGate:
+    """Stands in for an association's ``_reactor_checkpoint`` (a ``threading.Event``
+    that is set unless a ``send_*`` call pauses the reactor). pynetdicom's reactor calls
+    ``wait()`` once per turn, right after sleeping 1 ms; here ``wait()`` first waits up to
+    ``_REACTOR_WAIT_S`` for ``nudge()`` (something was queued for the reactor), then
+    honours a pause as before."""
+
+    def __init__(self) -> None:
+        self._go = threading.Event()
+        self._go.set()
+        self._nudged = threading.Event()
+
+    def nudge(self) -> None:
+        self._nudged.set()
+
+    def set(self) -> None:
+        self._go.set()
+        self._nudged.set()
+
+    def clear(self) -> None:
+        self._go.clear()
+
+    def is_set(self) -> bool:
+        return self._go.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._nudged.wait(_REACTOR_WAIT_S)
+        self._nudged.clear()
+        return self._go.wait(timeout)
+
+
+def _nudging(put: Any, nudge: Any) -> Any:
+    def put_and_nudge(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        nudge()
+
+    return put_and_nudge
 
 
 def _us(value: bytes | None) -> int | None:
