@@ -159,6 +159,11 @@ class FileStore:
         instead of sleeping 1 ms between looks (an answer is read when it arrives)."""
         assoc, dul = self.assoc, self.assoc.dul
         transport = dul.socket
+        # pynetdicom leaves a connected socket blocking without a limit: a destination
+        # that stops reading would hold the sender in sendall for ever. With a timeout,
+        # a write (and a PDU the DUL has begun to read) that does not finish within
+        # timeout_s raises, and the C-STORE counts as not answered.
+        transport.socket.settimeout(self.timeout_s)
         send = transport.send
 
         def locked_send(bytestream: bytes) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -287,3 +288,33 @@ def test_the_dispatcher_records_the_refusal_with_its_comment(db, tmp_path):
         row = s.scalars(select(Dispatch)).one()
         assert (row.state, row.last_status) == ("failed", 0xA900)
         assert row.last_error == "refused 0xA900: SOP class mismatch"
+
+
+def test_a_destination_that_stops_reading_does_not_hold_the_sender(tmp_path):
+    """storescp stopped (SIGSTOP) after the association: a 32 MB data set fills the
+    socket buffers; the write gives up after the timeout and the association is
+    aborted, instead of blocking the sender for ever."""
+    port = free_port()
+    out = tmp_path / "out"
+    out.mkdir()
+    scp = subprocess.Popen(
+        ["storescp", "-aet", "SCP", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: _listening(port), 10, "storescp listening")
+        ds, path = _file(tmp_path, rows=4096)
+        assoc, store, context_id = _associate(port, timeout_s=2.0)
+        os.kill(scp.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        answer = store.store(
+            path, data_set_offset(path), context_id, CTImageStorage, ds.SOPInstanceUID
+        )
+        waited_s = time.monotonic() - started
+        assert answer is None
+        assert waited_s < 10.0, waited_s
+        assert not assoc.is_established
+    finally:
+        os.kill(scp.pid, signal.SIGCONT)
+        scp.terminate()
+        scp.wait(10)
