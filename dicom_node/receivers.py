@@ -11,8 +11,9 @@ instance rows to the shared database, the same statuses and guarantees) and diff
 three things:
 
 - completeness: its associations are held open in the node process's tracker, which the
-  assembler reads: it sends ``touch`` (before the C-STORE is answered) and ``release``
-  (after the association's rows are written) over a socket pair. A series carried by
+  assembler reads: it sends ``touch`` (for an association's first instance of each
+  series, before that C-STORE is answered) and ``release`` (after the association's rows
+  are written) over a socket pair. A series carried by
   associations in several processes stays open until the last of them is released.
 - limits: ``listener.max_connections`` and ``max_associations`` count the connections and
   associations of all the processes together (``listener.SharedCounts`` in a small
@@ -78,16 +79,31 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 class RemoteTracker:
     """A receiving process's side of the completeness tracker: what its associations
     carry is sent to the node process (thread-safe; a closed pipe is ignored, the
-    process is about to stop)."""
+    process is about to stop).
+
+    Only the first instance of a series on an association is sent: the node process's
+    tracker (``AssociationTracker.touch``) and its record of the series folders carried
+    change only then. Sending every instance cost a pickled message and a wake-up of the
+    node process's reading thread per instance (~0.04 ms of CPU for the two sides,
+    measured alone on the 2-core bench machine, on the cores receiving also needs).
+    """
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self._lock = threading.Lock()
+        self._carried: dict[Hashable, set[str]] = {}  # association -> series sent
 
     def touch(self, assoc_id: Hashable, series_uid: str, study_uid: str | None = None) -> None:
+        with self._lock:
+            carried = self._carried.setdefault(assoc_id, set())
+            if series_uid in carried:
+                return
+            carried.add(series_uid)
         self._send(("touch", assoc_id, series_uid, study_uid))
 
     def release(self, assoc_id: Hashable) -> None:
+        with self._lock:
+            self._carried.pop(assoc_id, None)
         self._send(("release", assoc_id))
 
     def open_series(self) -> set[str]:
