@@ -372,7 +372,6 @@ class DestinationSender(Sender):
         except Exception as exc:  # socket errors surface here on some platforms
             log.warning("association to %s failed: %s", name, exc)
         if assoc is not None and assoc.is_established:
-            _answers_to_the_caller(assoc)
             assoc.file_store = FileStore(assoc, self.settings.timeout_s)
             assoc.file_store.install()
             return assoc, "", SendCause.DESTINATION
@@ -472,29 +471,6 @@ def _no_delay(event: evt.Event) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _answers_to_the_caller(assoc: Any) -> None:
-    """Keep DIMSE responses for the ``send_*`` call that waits for them.
-
-    pynetdicom's association reactor looks for incoming requests with a non-blocking
-    ``get_msg`` between pauses; a ``send_c_store`` that pauses it can slip through the
-    moment between the reactor passing its checkpoint and taking a message, and the
-    reactor then takes the C-STORE-RSP, drops it as "unexpected" and the sender waits
-    ``dispatch.timeout_s`` for nothing (and aborts the association). Seen about once in
-    fifteen 300-instance runs once answers came within a millisecond. Here the reactor
-    only ever takes requests; responses stay queued for the blocking caller."""
-    dimse = assoc.dimse
-    take = dimse.get_msg
-
-    def get_msg(block: bool = False) -> Any:
-        if not block:
-            _, msg = dimse.peek_msg()
-            if msg is not None and getattr(msg, "MessageIDBeingRespondedTo", None) is not None:
-                return None, None
-        return take(block)
-
-    dimse.get_msg = get_msg
 
 
 class ConversionError(Exception):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import select
 import ssl
 import struct
@@ -158,6 +159,7 @@ class FileStore:
         DIMSE provider, and let the DUL's reader wait in ``select`` for the socket
         instead of sleeping 1 ms between looks (an answer is read when it arrives)."""
         assoc, dul = self.assoc, self.assoc.dul
+        keep_answers_for_the_caller(assoc)
         transport = dul.socket
         # pynetdicom leaves a connected socket blocking without a limit: a destination
         # that stops reading would hold the sender in sendall for ever. With a timeout,
@@ -200,8 +202,8 @@ class FileStore:
         # The association's reactor (it serves the peer's requests, sees a release or an
         # abort) looked every 1 ms; now it waits until one of those is queued for it.
         gate = _ReactorGate()
-        for queue in (dul.to_user_queue, dimse.msg_queue):
-            queue.put = _nudging(queue.put, gate.nudge)
+        for waiting in (dul.to_user_queue, dimse.msg_queue):
+            waiting.put = _nudging(waiting.put, gate.nudge)
         assoc._reactor_checkpoint = gate
 
     def next_message_id(self) -> int:
@@ -286,7 +288,8 @@ class FileStore:
         _, msg = self.assoc.dimse.peek_msg()
         if msg is None or getattr(msg, "MessageIDBeingRespondedTo", None) != message_id:
             return None
-        self.assoc.dimse.get_msg(block=False)
+        with contextlib.suppress(queue.Empty):  # not get_msg: it leaves answers queued
+            self.assoc.dimse.msg_queue.get_nowait()
         status = getattr(msg, "Status", None)
         if status is None:
             return None
@@ -299,6 +302,8 @@ class FileStore:
         values = primitive.presentation_data_value_list
         if message_id is None or len(values) != 1:
             return False
+        if self.assoc.dimse.message is not None:
+            return False  # pynetdicom holds the first fragments of a message: the rest too
         _, data = values[0]
         if not data or data[0] & (_COMMAND_BIT | _LAST_BIT) != (_COMMAND_BIT | _LAST_BIT):
             return False
@@ -363,6 +368,29 @@ def _nudging(put: Any, nudge: Any) -> Any:
         nudge()
 
     return put_and_nudge
+
+
+def keep_answers_for_the_caller(assoc: Any) -> None:
+    """Keep DIMSE responses for the ``send_*`` call that waits for them.
+
+    pynetdicom's association reactor looks for incoming requests with a non-blocking
+    ``get_msg`` between pauses; a ``send_c_store`` that pauses it can slip through the
+    moment between the reactor passing its checkpoint and taking a message, and the
+    reactor then takes the C-STORE-RSP, drops it as "unexpected" and the sender waits
+    ``dispatch.timeout_s`` for nothing (and aborts the association). Seen about once in
+    fifteen 300-instance runs once answers came within a millisecond. Here the reactor
+    only ever takes requests; responses stay queued for the blocking caller."""
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if not block:
+            _, msg = dimse.peek_msg()
+            if msg is not None and getattr(msg, "MessageIDBeingRespondedTo", None) is not None:
+                return None, None
+        return take(block)
+
+    dimse.get_msg = get_msg
 
 
 def _us(value: bytes | None) -> int | None:

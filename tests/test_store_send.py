@@ -318,3 +318,32 @@ def test_a_destination_that_stops_reading_does_not_hold_the_sender(tmp_path):
         os.kill(scp.pid, signal.SIGCONT)
         scp.terminate()
         scp.wait(10)
+
+
+def test_an_answer_split_over_several_pdus_is_read_too(tmp_path):
+    """The requestor's PDU limit makes pynetdicom's SCP split its C-STORE-RSP command
+    set over several P-DATA-TF PDUs: pynetdicom assembles it, and the sender takes it
+    from there (no fragment is taken for a whole answer)."""
+    scp = _Scp()
+    try:
+        ae = AE(ae_title="NODE")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        # A command set of ~160 bytes in fragments of at most 58.
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=64)
+        assert assoc.is_established
+        store = FileStore(assoc, 10.0)
+        store.install()
+        context_id = int(assoc.accepted_contexts[0].context_id)
+        for index in range(3):
+            ds, path = _file(tmp_path, index, rows=16)
+            started = time.monotonic()
+            answer = store.store(
+                path, data_set_offset(path), context_id, CTImageStorage, ds.SOPInstanceUID
+            )
+            assert answer == StoreResponse(0x0000)
+            assert time.monotonic() - started < 2.0
+        assoc.release()
+        assert assoc.is_released
+    finally:
+        scp.stop()
+    assert len(scp.received) == 3
