@@ -5,9 +5,11 @@ Readiness is the receive path: the database answers, the spool has room, the DIC
 listener listens and every loop thread is alive; when one fails the node cannot take
 studies safely and ``/readyz`` answers 503. Degraded adds what the node cannot deliver:
 a destination that does not answer, or results waiting longer than
-``health.pending_alert_s``. ``/healthz`` always answers 200 while the process serves
-(liveness) and says ``degraded`` with the reasons, so monitoring can alert on the
-``status`` field (or on ``dicom_node_degraded``) without a restart loop.
+``health.pending_alert_s``, and a rules file edited on disk that the node rejected (it
+routes by the previous rules until the file is fixed). ``/healthz`` always answers 200
+while the process serves (liveness) and says ``degraded`` with the reasons, so
+monitoring can alert on the ``status`` field (or on ``dicom_node_degraded``) without a
+restart loop.
 """
 
 from __future__ import annotations
@@ -118,6 +120,28 @@ def _check_webhooks(node: ServiceView, details: dict[str, Any]) -> str | None:
     )
 
 
+def _check_rules(node: ServiceView, details: dict[str, Any]) -> str | None:
+    """Whether the rules file on disk is the one in force: an edit the node rejected
+    (the previous rules stay in force) degrades the node until the file is fixed, so an
+    administrator's monitoring sees that the change did not take effect."""
+    holder = node.rules
+    try:
+        holder.get()  # re-reads the file when it changed since the last look
+    except Exception as exc:  # report, don't raise
+        details["rules"] = f"error: {type(exc).__name__}"
+        return f"rules: {type(exc).__name__}"
+    last = holder.last_reload
+    details["rules"] = "ok" if last.ok else "rejected"
+    if last.ok:
+        return None
+    first_line = last.message.strip().splitlines()[0] if last.message.strip() else ""
+    return (
+        f"rules file {holder.path} changed and was rejected at "
+        f"{last.at.strftime('%Y-%m-%d %H:%M:%S')} UTC; the previous rules stay in force: "
+        f"{first_line}"
+    )
+
+
 def run_checks(node: ServiceView) -> Checks:
     """Check the receive path and the destinations (never raises)."""
     details: dict[str, Any] = {}
@@ -147,6 +171,9 @@ def run_checks(node: ServiceView) -> Checks:
     webhook_reason = _check_webhooks(node, details)
     if webhook_reason is not None:
         reasons.append(webhook_reason)
+    rules_reason = _check_rules(node, details)
+    if rules_reason is not None:
+        reasons.append(rules_reason)
     for h in health.values():
         if h.alert:
             reasons.append(f"destination {h.name} {h.state}: {h.reason}")
