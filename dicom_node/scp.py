@@ -619,8 +619,8 @@ class StorageSCP:
     def _store(self, request: StoreRequest) -> StoreAnswer:
         """One C-STORE (reader thread of its connection): check, spool, queue its record.
 
-        The bytes are staged (written and synced by a helper thread) while the header is
-        read here; the file gets its final name only once the header passed."""
+        The header is read and checked first; only then is the file written, synced and
+        given its final name (``Spool.write``), all in this thread."""
         assoc = request.assoc
         sop_uid = request.sop_instance_uid
         acceptor = assoc.acceptor
@@ -646,26 +646,16 @@ class StorageSCP:
             )
             return StoreAnswer(Status.OUT_OF_RESOURCES, "database behind; retry later")
         try:
-            # A lone association gains from syncing the file while its header is read;
-            # with others in this process the hand-over is only overhead.
-            staged = self.spool.stage(data, background=self.slots.in_use <= 1)
-        except SpoolFullError as exc:
-            log.error("out of resources, refused instance %s: %s", sop_uid, exc)
-            return StoreAnswer(Status.OUT_OF_RESOURCES, "spool full")
-        try:
             header = parse_header(data, expected_sop_uid=sop_uid)
         except CorruptDatasetError as exc:
-            self.spool.discard(staged)
             log.warning("refused instance %s from %s: %s", sop_uid, self._calling_ae(assoc), exc)
             return StoreAnswer(Status.CANNOT_UNDERSTAND, str(exc))
         try:
             owner = self.recorder.claim_series(header.study_uid, header.series_uid)
         except Exception as exc:
-            self.spool.discard(staged)
             log.error("out of resources, refused instance %s: database: %s", sop_uid, exc)
             return StoreAnswer(Status.OUT_OF_RESOURCES, "database unavailable; retry later")
         if owner is not None:
-            self.spool.discard(staged)
             # Kept, it would be indexed into the other study's series at the next start.
             message = self.recorder.refuse_conflict(
                 header.study_uid, header.series_uid, sop_uid, owner
@@ -673,7 +663,7 @@ class StorageSCP:
             log.warning("refused instance %s: %s", sop_uid, message)
             return StoreAnswer(Status.CANNOT_UNDERSTAND, "series UID belongs to another study")
         try:
-            path = self.spool.commit(staged, header.study_uid, header.series_uid, header.sop_uid)
+            path = self.spool.write(header.study_uid, header.series_uid, header.sop_uid, data)
         except SpoolFullError as exc:
             log.error("out of resources, refused instance %s: %s", sop_uid, exc)
             return StoreAnswer(Status.OUT_OF_RESOURCES, "spool full")

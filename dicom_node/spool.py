@@ -3,6 +3,13 @@
 An instance is written to a temporary file, fsynced, then renamed into place (and the
 folder fsynced), so a file under its final name is always complete. Only after that does
 the SCP answer success. A re-sent instance atomically replaces the earlier file.
+
+The caller's thread writes and syncs. A helper thread that wrote and synced a file while
+the listener read its header (the design until 2026-11) saved nothing: the helper needs
+the interpreter lock back after each system call and got it only when the listener
+stopped parsing, so the sync ran after the parse anyway, plus two thread hand-overs per
+instance (~0.25 ms of CPU) and a timing that varied from run to run (bench/README.md,
+"Receive throughput").
 """
 
 from __future__ import annotations
@@ -16,30 +23,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kernel.uids import require_uid
 
 Buffer = Any  # bytes, bytearray or memoryview (collections.abc.Buffer from Python 3.12)
-# Helper threads that write and sync staged files (each spends its time in the kernel).
-_STAGING_THREADS = 16
 # How long the free space read from the file system is used (less what was written).
 _FREE_SPACE_TTL_S = 0.5
 
 
 class SpoolFullError(OSError):
     """Free space is below the watermark (or the disk is full): nothing was written."""
-
-
-@dataclass
-class Staged:
-    """An instance's bytes in a temporary file of the spool (``Spool.stage``)."""
-
-    tmp: Path
-    written: Future[None]
 
 
 class Spool:
@@ -62,8 +57,6 @@ class Spool:
         self.tmp_dir = self.root / tmp_name
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
-        self._helpers: ThreadPoolExecutor | None = None
-        self._helpers_lock = threading.Lock()
         self._free, self._free_at = 0, -_FREE_SPACE_TTL_S - 1.0
         self._free_lock = threading.Lock()
         # Temporary names: this process's token and a counter (no system call per name).
@@ -123,55 +116,6 @@ class Spool:
         except OSError as exc:
             raise self._failed(tmp, exc) from exc
         return final
-
-    def stage(self, data: bytes | Sequence[Buffer], background: bool = True) -> Staged:
-        """Start writing an instance whose header is still being read: its bytes go to a
-        temporary file and are synced in a helper thread (the fsync waits for the disk,
-        the caller reads the header meanwhile). ``commit`` gives it its final name once
-        the header is known, ``discard`` drops it. ``background=False`` writes and syncs
-        here instead (when other work keeps the process busy anyway, the hand-over to a
-        helper only adds thread switches). Raises ``SpoolFullError`` below the watermark
-        (nothing written)."""
-        parts = _parts(data)
-        self.check_space(sum(p.nbytes for p in parts))
-        tmp = self._temp_name()
-        if not background:
-            done: Future[None] = Future()
-            try:
-                self._write_temp(tmp, parts)
-                done.set_result(None)
-            except OSError as exc:
-                done.set_exception(exc)
-            return Staged(tmp, done)
-        if self._helpers is None:
-            with self._helpers_lock:
-                if self._helpers is None:
-                    self._helpers = ThreadPoolExecutor(
-                        max_workers=_STAGING_THREADS, thread_name_prefix="spool-sync"
-                    )
-        return Staged(tmp, self._helpers.submit(self._write_temp, tmp, parts))
-
-    def commit(self, staged: Staged, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """Wait for a staged file to be on disk, then rename it to its final path (the
-        folder synced too) and return that path. Raises as ``write`` does; nothing is left
-        under any name when it raises."""
-        try:
-            final = self.path_for(study_uid, series_uid, sop_uid)
-        except Exception:
-            self.discard(staged)
-            raise
-        try:
-            staged.written.result()
-            self._place(staged.tmp, final)
-        except OSError as exc:
-            raise self._failed(staged.tmp, exc) from exc
-        return final
-
-    def discard(self, staged: Staged) -> None:
-        """Drop a staged file (its header was refused)."""
-        with contextlib.suppress(OSError):
-            staged.written.result()
-        staged.tmp.unlink(missing_ok=True)
 
     def _temp_name(self) -> Path:
         return self.tmp_dir / f"{self._token}-{next(self._names)}.part"
