@@ -14,8 +14,9 @@ destination accepted as stored goes this way (``FileStore.store``):
 
 - the C-STORE-RQ command set (PS3.7 9.3.1.1) is encoded here, implicit VR little endian
   with its group length (PS3.7 6.3.1);
-- it is written to the association's socket in one P-DATA-TF PDU, then the data set is
-  read from the file in fragments that fill the PDU length the destination accepts
+- it is written to the association's socket in one P-DATA-TF PDU (more if the peer's
+  limit is smaller), then the data set is read from the file in fragments that fill the
+  PDU length the destination accepts
   (PS3.8 9.3.5 and E.2: one presentation data value per PDU, the control header saying
   command or data set and last fragment; the Maximum Length Received of PS3.8 D.1 bounds
   the PDU's variable field, so a fragment carries at most that minus 6 bytes);
@@ -25,8 +26,10 @@ destination accepted as stored goes this way (``FileStore.store``):
   pynetdicom as before.
 
 The DUL writes PDUs of its own (an A-RELEASE-RQ, an A-ABORT, the answer to an
-N-EVENT-REPORT) with the same lock the sender takes for each PDU, so PDUs never mix on
-the wire; one message's fragments are written in order by one thread. The answer is
+N-EVENT-REPORT) with the same lock the sender holds while it writes one message's
+fragments, so nothing the DUL writes lands between them (a peer assembles a message
+from its fragments in order, PS3.8 E.2); the command set is fragmented to the peer's
+limit like the data set. The answer is
 waited for at most ``timeout_s``; no answer (the association aborted, the connection
 lost, the wait ran out) returns ``None``, which the dispatcher retries, and the
 association is aborted when it is still up.
@@ -35,6 +38,7 @@ association is aborted when it is still up.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import queue
@@ -56,6 +60,7 @@ from dicom_node.store_path import (
     ERROR_COMMENT,
     MESSAGE_ID,
     MESSAGE_ID_BEING_RESPONDED_TO,
+    NO_DATA_SET,
     PRIORITY,
     STATUS,
     CommandSetError,
@@ -233,8 +238,12 @@ class FileStore:
             self._answer = None
             self._waiting_for = message_id
             try:
-                self._write(p_data_tf(context_id, _COMMAND_BIT | _LAST_BIT, command))
-                self._write_data_set(fh, context_id)
+                # The whole message under the lock: a PDU the DUL writes meanwhile (the
+                # answer to an N-EVENT-REPORT) must not land inside this message's
+                # fragments, which a peer assembles in order (PS3.8 E.2).
+                with self._write_lock:
+                    self._write_fragments(io.BytesIO(command), context_id, _COMMAND_BIT)
+                    self._write_fragments(fh, context_id, 0x00)
             except OSError as exc:
                 self._waiting_for = None
                 log.warning(
@@ -244,13 +253,17 @@ class FileStore:
                 return None
         return self._wait(message_id, sop_instance_uid)
 
-    def _write_data_set(self, fh: BinaryIO, context_id: int) -> None:
+    def _write_fragments(self, fh: BinaryIO, context_id: int, kind: int) -> None:
+        """Write what ``fh`` holds from where it stands as P-DATA-TF PDUs of the command
+        (``kind`` ``_COMMAND_BIT``) or the data set (0): fragments that fill the PDU
+        length the destination accepts, also for a command set (PS3.8 D.1 bounds every
+        P-DATA-TF), the last one flagged. The caller holds ``_write_lock``."""
         max_length = int(self.assoc.acceptor.maximum_length or 0)
         fragment = max_length - 6 if max_length > 6 else UNLIMITED_FRAGMENT_BYTES
         data = fh.read(fragment)
         while True:
             following = fh.read(fragment) if len(data) == fragment else b""
-            control = 0x00 if following else _LAST_BIT
+            control = kind if following else kind | _LAST_BIT
             self._write(p_data_tf(context_id, control, data))
             if not following:
                 return
@@ -259,8 +272,10 @@ class FileStore:
     def _write(self, pdu: bytes) -> None:
         if not self.assoc.is_established:
             raise ConnectionError("the association is no longer established")
-        with self._write_lock:
-            self.assoc.dul.socket.socket.sendall(pdu)
+        sock = self.assoc.dul.socket.socket
+        if sock is None:  # closed by the DUL between the check and here
+            raise ConnectionError("the connection is closed")
+        sock.sendall(pdu)
 
     def _wait(self, message_id: int, sop_instance_uid: str) -> StoreResponse | None:
         deadline = time.monotonic() + self.timeout_s
@@ -314,6 +329,11 @@ class FileStore:
         if _us(fields.get(COMMAND_FIELD)) != C_STORE_RSP:
             return False
         if _us(fields.get(MESSAGE_ID_BEING_RESPONDED_TO)) != message_id:
+            return False
+        if _us(fields.get(COMMAND_DATA_SET_TYPE)) != NO_DATA_SET:
+            # A data set follows (not allowed, PS3.7 9.3.1.2, yet sent by some): the whole
+            # message is pynetdicom's to assemble, and the waiting sender takes it from
+            # there; taken here, its data set would reach pynetdicom without a command.
             return False
         status = _us(fields.get(STATUS))
         if status is None:
