@@ -624,18 +624,14 @@ class StorageSCP:
         assoc = request.assoc
         sop_uid = request.sop_instance_uid
         acceptor = assoc.acceptor
-        data = b"".join(
-            [
-                file_meta(
-                    request.sop_class_uid,
-                    sop_uid,
-                    request.transfer_syntax_uid,
-                    acceptor.implementation_class_uid,
-                    acceptor.implementation_version_name,
-                ),
-                *request.data,
-            ]
+        meta = file_meta(
+            request.sop_class_uid,
+            sop_uid,
+            request.transfer_syntax_uid,
+            acceptor.implementation_class_uid,
+            acceptor.implementation_version_name,
         )
+        data = b"".join([meta, *request.data])
         backlog = self.recorder.backlog()
         if backlog > MAX_RECORD_BACKLOG:
             log.error(
@@ -646,7 +642,12 @@ class StorageSCP:
             )
             return StoreAnswer(Status.OUT_OF_RESOURCES, "database behind; retry later")
         try:
-            header = parse_header(data, expected_sop_uid=sop_uid)
+            header = parse_header(
+                data,
+                expected_sop_uid=sop_uid,
+                transfer_syntax_uid=request.transfer_syntax_uid,
+                dataset_offset=len(meta),
+            )
         except CorruptDatasetError as exc:
             log.warning("refused instance %s from %s: %s", sop_uid, self._calling_ae(assoc), exc)
             return StoreAnswer(Status.CANNOT_UNDERSTAND, str(exc))
