@@ -276,6 +276,11 @@ class FileStore:
         if sock is None:  # closed by the DUL between the check and here
             raise ConnectionError("the connection is closed")
         sock.sendall(pdu)
+        # Data going out is activity too: pynetdicom's network idle timer (network_timeout,
+        # which the dispatcher sets to timeout_s) counts only PDUs received, and its
+        # reactor aborted a destination that reads a large data set steadily but takes
+        # longer than that to take it all; a stalled write ends by the socket timeout.
+        self.assoc.dul._idle_timer.restart()
 
     def _wait(self, message_id: int, sop_instance_uid: str) -> StoreResponse | None:
         deadline = time.monotonic() + self.timeout_s

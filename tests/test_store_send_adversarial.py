@@ -385,3 +385,37 @@ def test_an_answer_to_another_message_id_is_no_answer(tmp_path):
     finally:
         node.close()
     assert destination.finish() == []
+
+
+def test_a_destination_reading_slowly_but_steadily_is_not_aborted(tmp_path):
+    """An 8 MB data set taken at ~2.5 MB/s (about 3 s) with a 1.5 s timeout: every PDU
+    goes out well within the timeout, so the store is answered; pynetdicom's network
+    idle timer (network_timeout = the dispatcher's timeout_s) counted only PDUs received
+    and aborted the association 1.5 s into the write, at every attempt."""
+
+    def script(peer: _Peer) -> None:
+        read = peer._exact
+
+        def slowly(count: int) -> bytes:
+            time.sleep(count / 2.5e6)
+            return read(count)
+
+        peer._exact = slowly  # type: ignore[method-assign]
+        context_id, fields, _ = peer.read_message()
+        peer.answer_store(context_id, fields)
+        peer.serve_stores()
+
+    destination = _RawPeer(script)
+    node = _Node(destination.port, timeout_s=1.5)
+    node.assoc.network_timeout = 1.5  # as the dispatcher sets it
+    # A small send buffer: the write, not the kernel, waits for the destination.
+    node.assoc.dul.socket.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 128 * 1024)
+    try:
+        ((ds, path),) = _files(tmp_path, 1, rows=2048)
+        started = time.monotonic()
+        assert node.send(ds, path) == StoreResponse(0x0000)
+        assert time.monotonic() - started > 2.0  # it did take longer than the timeout
+        assert node.assoc.is_established
+    finally:
+        node.close()
+    assert destination.finish() == []
