@@ -48,7 +48,8 @@ therefore sends again, at its next start, only the row whose answer it had not r
 disk as they are written to the socket by the sender thread itself
 (``dicom_node.store_send``: pynetdicom's own C-STORE cost ~3 ms more per instance),
 unless the destination refused their transfer syntax (then decompressed, as above, and
-sent with pynetdicom's ``send_c_store``).
+sent with pynetdicom's ``send_c_store``) or the association is TLS (pynetdicom's
+``send_c_store`` of the file: its DUL thread alone uses the SSL object).
 """
 
 from __future__ import annotations
@@ -81,7 +82,12 @@ from dicom_node.commitment import (
 )
 from dicom_node.dispatch_dicomweb import DicomwebSender
 from dicom_node.sender import Sender
-from dicom_node.store_send import FileStore, NotStorable, data_set_offset
+from dicom_node.store_send import (
+    FileStore,
+    NotStorable,
+    data_set_offset,
+    keep_answers_for_the_caller,
+)
 from kernel import outbox
 from kernel.outbox import SendOutcome
 from kernel.settings import Destination, DispatchSettings
@@ -372,8 +378,19 @@ class DestinationSender(Sender):
         except Exception as exc:  # socket errors surface here on some platforms
             log.warning("association to %s failed: %s", name, exc)
         if assoc is not None and assoc.is_established:
-            assoc.file_store = FileStore(assoc, self.settings.timeout_s)
-            assoc.file_store.install()
+            if tls_args is None:
+                assoc.file_store = FileStore(assoc, self.settings.timeout_s)
+                assoc.file_store.install()
+            else:
+                # Over TLS the sender does not write to the socket itself: pynetdicom's
+                # reader thread reads the same SSL object, which OpenSSL does not allow
+                # from two threads at once; pynetdicom's DUL thread does both.
+                assoc.file_store = None
+                keep_answers_for_the_caller(assoc)
+                # pynetdicom leaves the connected socket without a timeout: a destination
+                # that stops reading would block its DUL thread in a write for ever.
+                with contextlib.suppress(OSError, AttributeError):
+                    assoc.dul.socket.socket.settimeout(self.settings.timeout_s)
             return assoc, "", SendCause.DESTINATION
         why = (
             why
@@ -415,7 +432,7 @@ class DestinationSender(Sender):
         as its own error."""
         context_id = _accepted_context(assoc, item.sop_class, item.transfer_syntax)
         try:
-            if context_id is not None:
+            if context_id is not None and assoc.file_store is not None:
                 with contextlib.suppress(NotStorable):
                     offset = data_set_offset(item.row.path)
                     answer = assoc.file_store.store(
@@ -425,6 +442,8 @@ class DestinationSender(Sender):
                         return classify_status(None)
                     return classify_status(answer.status, answer.error_comment)
                 rsp = assoc.send_c_store(Path(item.row.path))  # no File Meta: pynetdicom's way
+            elif context_id is not None:  # over TLS
+                rsp = assoc.send_c_store(Path(item.row.path))
             else:
                 ds = _fit_to_accepted(assoc, pydicom.dcmread(item.row.path))
                 rsp = assoc.send_c_store(ds)

@@ -29,7 +29,7 @@ from devkit.dcmtk import dcmtk_tool
 from devkit.net import free_port, wait_for_port
 from devkit.orthanc import OrthancServer
 from dicom_node.assembler import AssociationTracker
-from dicom_node.dispatch import Dispatcher
+from dicom_node.dispatch import DestinationSender, Dispatcher
 from dicom_node.echo import check
 from dicom_node.health import destination_health, echo_destination
 from dicom_node.scp import AssociationFacts, StorageSCP
@@ -256,6 +256,17 @@ def test_orthanc_stores_over_tls_and_results_go_back_over_tls(node, pki, tmp_pat
         orthanc.wait_for_instance(result.SOPInstanceUID, timeout_s=10)
         with node.db.session() as s:
             assert s.scalars(select(Dispatch.state)).all() == ["sent"]
+        # Over TLS pynetdicom's DUL thread alone uses the SSL object (no FileStore), and
+        # the socket has the dispatch timeout (a destination that stops reading).
+        assoc, why, _ = DestinationSender(dispatcher, dest, 0)._associate(
+            {(str(result.SOPClassUID), str(result.file_meta.TransferSyntaxUID))}
+        )
+        assert assoc is not None, why
+        try:
+            assert assoc.file_store is None
+            assert assoc.dul.socket.socket.gettimeout() == 10
+        finally:
+            assoc.release()
         answer = check("127.0.0.1", orthanc.dicom_port, "PACS", "DICOM_NODE", 5, dest.tls)
         assert answer.ok, answer.detail
         # Without a client certificate Orthanc refuses, and the answer says so.
