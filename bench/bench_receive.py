@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -126,6 +127,22 @@ def reset_peaks(pids: list[int]) -> bool:
 def rss_mb(pids: list[int], peak: bool = False) -> float:
     """Resident memory of ``pids`` together (``peak``: their peaks, VmHWM), MB."""
     return sum(_status_kb(p, "VmHWM" if peak else "VmRSS") for p in pids) / 1024
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU time (user + system) ``pids`` used so far, their ended threads included, s."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (proc(5))
+    return total / tick
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _stop_process(process: subprocess.Popen[bytes] | None, grace_s: float = 15.0) -> None:
@@ -360,6 +377,9 @@ class RunResult:
     seconds: float | None = None
     peak_rss_mb: float | None = None
     rss_growth_mb: float | None = None
+    # CPU per instance, ms: the receiver's processes, and the storescu processes sending.
+    cpu_ms_per_image: float | None = None
+    sender_cpu_ms_per_image: float | None = None
     error: str | None = None
 
     @property
@@ -384,6 +404,8 @@ class Summary:
     median_mb_per_s: float | None
     peak_rss_mb: float | None
     rss_growth_mb: float | None
+    cpu_ms_per_image: float | None = None
+    sender_cpu_ms_per_image: float | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -444,7 +466,11 @@ def run_once(name: str, files: list[Path], parallel: int, repetition: int, base:
         pids = process_tree(receiver.pid())
         reset = reset_peaks(pids)
         before = rss_mb(pids)
+        cpu_before, sender_before = cpu_s(pids), _children_cpu_s()
         result.seconds, output = send_all(files, receiver.aet, receiver.port, parallel)
+        sender_cpu = _children_cpu_s() - sender_before
+        result.cpu_ms_per_image = (cpu_s(pids) - cpu_before) * 1000 / len(files)
+        result.sender_cpu_ms_per_image = sender_cpu * 1000 / len(files)
         pids = process_tree(receiver.pid())  # receiving processes started meanwhile count
         if reset:
             result.peak_rss_mb = rss_mb(pids, peak=True)
@@ -482,6 +508,10 @@ def summarise(name: str, parallel: int, results: list[RunResult], total_bytes: i
         median_mb_per_s=total_bytes / 1e6 / median_s if median_s else None,
         peak_rss_mb=_median([r.peak_rss_mb for r in good if r.peak_rss_mb is not None]),
         rss_growth_mb=_median([r.rss_growth_mb for r in good if r.rss_growth_mb is not None]),
+        cpu_ms_per_image=_median([r.cpu_ms_per_image for r in good if r.cpu_ms_per_image]),
+        sender_cpu_ms_per_image=_median(
+            [r.sender_cpu_ms_per_image for r in good if r.sender_cpu_ms_per_image]
+        ),
         errors=sorted({r.error for r in results if r.error}),
     )
 
@@ -533,7 +563,8 @@ def render_table(report: dict[str, Any]) -> str:
         f"after {cfg['load_average_after']}",
         "",
         f"{'receiver':<11} {'assocs':>6} {'ok/runs':>8} {'median s':>9} {'images/s':>9} "
-        f"{'min':>8} {'max':>8} {'MB/s':>7} {'peak RSS':>9} {'growth':>7}",
+        f"{'min':>8} {'max':>8} {'MB/s':>7} {'peak RSS':>9} {'growth':>7} {'CPU':>6} "
+        f"{'scu CPU':>7}",
     ]
     for s in report["summary"].values():
         lines.append(
@@ -541,9 +572,12 @@ def render_table(report: dict[str, Any]) -> str:
             f"{_fmt(s['median_s'], '.2f'):>9} {_fmt(s['median_images_per_s']):>9} "
             f"{_fmt(s['min_images_per_s']):>8} {_fmt(s['max_images_per_s']):>8} "
             f"{_fmt(s['median_mb_per_s']):>7} {_fmt(s['peak_rss_mb'], '.0f'):>9} "
-            f"{_fmt(s['rss_growth_mb'], '.0f'):>7}"
+            f"{_fmt(s['rss_growth_mb'], '.0f'):>7} {_fmt(s['cpu_ms_per_image'], '.2f'):>6} "
+            f"{_fmt(s['sender_cpu_ms_per_image'], '.2f'):>7}"
         )
-    lines.append("(peak RSS and growth: MB, the receiver's processes together, during the run)")
+    lines.append("(peak RSS and growth: MB, the receiver's processes together, during the run;")
+    lines.append(" CPU, scu CPU: ms per instance, user + system, the receiver's processes and")
+    lines.append(" the storescu processes, medians)")
     if report["ratios"]:
         lines.append("")
         for key, value in report["ratios"].items():
