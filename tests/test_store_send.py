@@ -27,6 +27,7 @@ from pynetdicom.dsutils import split_dataset
 from sqlalchemy import select
 
 from db.models import Dispatch
+from devkit.dcmtk import dcmtk_tool
 from devkit.net import free_port
 from dicom_node.dispatch import Dispatcher
 from dicom_node.store_send import (
@@ -121,7 +122,7 @@ def test_storescp_receives_the_data_set_byte_for_byte_in_4_kib_pdus(tmp_path):
     port = free_port()
     env = dict(os.environ, TCP_NODELAY="1")
     scp = subprocess.Popen(
-        ["storescp", "-aet", "SCP", "-pdu", "4096", "+B", "-od", str(out), str(port)],
+        [_storescp(), "-aet", "SCP", "-pdu", "4096", "+B", "-od", str(out), str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -146,6 +147,15 @@ def test_storescp_receives_the_data_set_byte_for_byte_in_4_kib_pdus(tmp_path):
     for path in files:
         uid = pydicom.filereader.read_file_meta_info(path).MediaStorageSOPInstanceUID
         assert _data_set_bytes(received[uid]) == _data_set_bytes(path)
+
+
+def _storescp() -> str:
+    """DCMTK's storescp (the virtualenv's bin, first on PATH in ./run.sh, has
+    pynetdicom's look-alike, which takes other options)."""
+    exe = dcmtk_tool("storescp")
+    if exe is None:
+        pytest.fail("DCMTK storescp is not installed (apt-get install dcmtk)")
+    return exe
 
 
 def _listening(port: int) -> bool:
@@ -298,7 +308,7 @@ def test_a_destination_that_stops_reading_does_not_hold_the_sender(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     scp = subprocess.Popen(
-        ["storescp", "-aet", "SCP", "-od", str(out), str(port)],
+        [_storescp(), "-aet", "SCP", "-od", str(out), str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
