@@ -5,15 +5,19 @@ attributes routing rules see."""
 from __future__ import annotations
 
 import io
+import re
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -203,6 +207,79 @@ def _read_header(data: bytes, known: tuple[str, int] | None = None) -> pydicom.D
     return ds
 
 
+# -- plain values straight from the bytes ------------------------------------------------
+# pydicom's conversion of an element (value classes, validation) costs ~10-25 us; the
+# numbers and UIDs the receive path needs are read from the element's bytes instead when
+# they are plainly encoded, and converted by pydicom otherwise (an unusual VR, non-ASCII
+# bytes, several values where one is expected, anything that does not parse), so the
+# result is the same either way. ~0.15 ms of the header's ~0.5 ms.
+_PLAIN_INT = re.compile(r" *[+-]?[0-9]+ *\Z")
+_TAGS = {pydicom.datadict.keyword_for_tag(tag): Tag(tag) for tag in _HEADER_TAGS}
+
+
+def _plain_text(ds: pydicom.Dataset, keyword: str, vr: str) -> str | None:
+    """The element's bytes as ASCII without trailing padding, if it is still unconverted
+    and of ``vr`` (or of no stated VR: implicit VR); else None."""
+    raw = ds.get_item(_TAGS[keyword]) if _TAGS[keyword] in ds else None
+    if not isinstance(raw, RawDataElement) or raw.value is None or raw.VR not in (vr, None):
+        return None
+    try:
+        return raw.value.decode("ascii").rstrip(" \x00")
+    except UnicodeDecodeError:
+        return None
+
+
+def _uid_value(ds: pydicom.Dataset, keyword: str) -> Any:
+    text = _plain_text(ds, keyword, "UI")
+    return text if text is not None and "\\" not in text else ds.get(keyword)
+
+
+def _is_value(ds: pydicom.Dataset, keyword: str) -> Any:
+    """An IS value as pydicom gives it (conversion errors included)."""
+    text = _plain_text(ds, keyword, "IS")
+    return int(text) if text is not None and _PLAIN_INT.match(text) else ds.get(keyword)
+
+
+def _int_value(ds: pydicom.Dataset, keyword: str) -> int | None:
+    text = _plain_text(ds, keyword, "IS")
+    return int(text) if text is not None and _PLAIN_INT.match(text) else _int(ds, keyword)
+
+
+def _us_value(ds: pydicom.Dataset, keyword: str) -> Any:
+    raw = ds.get_item(_TAGS[keyword]) if _TAGS[keyword] in ds else None
+    if isinstance(raw, RawDataElement) and raw.VR in ("US", None) and len(raw.value or b"") == 2:
+        return struct.unpack("<H" if raw.is_little_endian else ">H", raw.value)[0]
+    return ds.get(keyword)
+
+
+def _ds_value(ds: pydicom.Dataset, keyword: str) -> Any:
+    """A DS value as pydicom gives it (a float, or a list of floats for several)."""
+    text = _plain_text(ds, keyword, "DS")
+    if text:
+        try:
+            values = [float(part) for part in text.strip().split("\\")]
+        except ValueError:
+            return ds.get(keyword)
+        return values[0] if len(values) == 1 else values
+    return ds.get(keyword)
+
+
+def _stack_fields(ds: pydicom.Dataset) -> SimpleNamespace:
+    """What ``inference.stacks.slice_info`` reads, as plain values."""
+    image_type = _plain_text(ds, "ImageType", "CS")
+    return SimpleNamespace(
+        ImageOrientationPatient=_ds_value(ds, "ImageOrientationPatient"),
+        ImagePositionPatient=_ds_value(ds, "ImagePositionPatient"),
+        PixelSpacing=_ds_value(ds, "PixelSpacing"),
+        Rows=_us_value(ds, "Rows"),
+        Columns=_us_value(ds, "Columns"),
+        AcquisitionNumber=_is_value(ds, "AcquisitionNumber"),
+        InstanceNumber=_is_value(ds, "InstanceNumber"),
+        ImageType=image_type if image_type is not None else ds.get("ImageType"),
+        SOPClassUID=_uid_value(ds, "SOPClassUID"),
+    )
+
+
 def parse_header(
     data: bytes,
     expected_sop_uid: str | None = None,
@@ -220,7 +297,7 @@ def parse_header(
     is not conformant are in ``uid_problems``). Raises ``CorruptDatasetError`` for a
     dataset that cannot be parsed, is truncated, lacks a usable Study / Series / SOP
     Instance / SOP Class UID, or whose SOP Instance UID differs from ``expected_sop_uid``.
-    Only the elements it returns are converted (~0.3 ms for a CT header).
+    Only the elements it returns are converted (~0.35 ms for a CT header).
     """
     try:
         known = None
@@ -231,10 +308,10 @@ def parse_header(
         tsuid = known[0] if known is not None else str(ds.file_meta.TransferSyntaxUID)
         uids, problems = {}, []
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            uids[keyword], problem = accept_uid(ds.get(keyword), keyword)
+            uids[keyword], problem = accept_uid(_uid_value(ds, keyword), keyword)
             if problem:
                 problems.append(problem)
-        stack = slice_info(ds)
+        stack = slice_info(_stack_fields(ds))
         header = InstanceHeader(
             study_uid=uids["StudyInstanceUID"],
             series_uid=uids["SeriesInstanceUID"],
@@ -242,8 +319,8 @@ def parse_header(
             sop_class_uid=uids["SOPClassUID"],
             transfer_syntax_uid=tsuid,
             modality=_text(text, "Modality"),
-            instance_number=_int(ds, "InstanceNumber"),
-            series_number=_int(ds, "SeriesNumber"),
+            instance_number=_int_value(ds, "InstanceNumber"),
+            series_number=_int_value(ds, "SeriesNumber"),
             series_description=_text(text, "SeriesDescription"),
             patient_id=_text(text, "PatientID"),
             patient_name=_text(text, "PatientName"),

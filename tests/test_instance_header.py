@@ -4,9 +4,13 @@ reads exactly what the full parse of the same file reads, and refuses the same d
 from __future__ import annotations
 
 import pytest
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.tag import Tag
 from pydicom.uid import (
+    CTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -70,3 +74,51 @@ def test_listener_path_checks_the_sop_instance_uid_of_the_request():
             transfer_syntax_uid=ExplicitVRLittleEndian,
             dataset_offset=offset,
         )
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+@pytest.mark.parametrize(
+    ("keyword", "vr", "value"),
+    [
+        ("InstanceNumber", "IS", b"5.0 "),  # not a plain integer: pydicom converts it
+        ("InstanceNumber", "IS", b" 7 "),
+        ("AcquisitionNumber", "IS", b"-1"),
+        ("ImagePositionPatient", "DS", b" 1.5\\-2\\3e1"),
+        ("ImagePositionPatient", "DS", b"1\\2 "),  # two values where three belong
+        ("PixelSpacing", "DS", b".5\\.5 "),
+        ("ImageType", "CS", b"LOCALIZER\\X "),
+        ("SeriesInstanceUID", "UI", b"1.2.03.4"),  # tolerated, reported
+        ("SOPClassUID", "UI", b"1.2\\1.3\x00"),  # several values: refused
+    ],
+)
+def test_values_read_from_the_bytes_equal_pydicom_s(monkeypatch, syntax, keyword, vr, value):
+    """Numbers and UIDs taken from the element's bytes, or by pydicom when they are not
+    plainly encoded, give the header pydicom's conversion of every value gives (the
+    reference: the same parse with the bytes path switched off)."""
+    import dicom_node.instance as instance
+
+    ds = ct_slice(generate_uid(), generate_uid(), 3)
+    tag = Tag(tag_for_keyword(keyword))
+    implicit, little = syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian
+    ds[tag] = RawDataElement(tag, vr, len(value), value, 0, implicit, little)
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = implicit, little
+    write_dataset(buf, ds)
+    meta = file_meta(CTImageStorage, ds.SOPInstanceUID, syntax, "1.2.3.4", "TEST")
+    data = meta + buf.getvalue()
+    listener_path = {"transfer_syntax_uid": syntax, "dataset_offset": len(meta)}
+
+    with monkeypatch.context() as patched:
+        patched.setattr(instance, "_plain_text", lambda *args: None)
+        try:
+            expected: object = parse_header(data)
+        except CorruptDatasetError:
+            expected = CorruptDatasetError
+    if expected is CorruptDatasetError:
+        with pytest.raises(CorruptDatasetError):
+            parse_header(data)
+        with pytest.raises(CorruptDatasetError):
+            parse_header(data, **listener_path)
+        return
+    assert parse_header(data) == expected
+    assert parse_header(data, **listener_path) == expected
