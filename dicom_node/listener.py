@@ -69,6 +69,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from dicom_node.reactor_gate import ReactorGate
 from dicom_node.tls import explain
 from kernel.settings import ListenerSettings
 
@@ -339,45 +340,12 @@ class _WakingQueue(queue.Queue):
         self._wake()
 
 
-class _ReactorGate:
-    """Stands in for an association's ``_reactor_checkpoint`` (a ``threading.Event``).
-
-    pynetdicom's reactor calls ``wait()`` once per turn of its loop, right after a 1 ms
-    sleep; other threads ``clear()`` it to pause the reactor and ``set()`` it to let it
-    go on. Here ``wait()`` first waits up to ``REACTOR_WAIT_S`` for ``nudge()`` (there is
-    something for the reactor to look at), then honours a pause as before.
-    """
-
-    def __init__(self) -> None:
-        self._go = threading.Event()
-        self._go.set()
-        self._nudged = threading.Event()
-
-    def nudge(self) -> None:
-        self._nudged.set()
-
-    def set(self) -> None:
-        self._go.set()
-        self._nudged.set()
-
-    def clear(self) -> None:
-        self._go.clear()
-
-    def is_set(self) -> bool:
-        return self._go.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self._nudged.wait(REACTOR_WAIT_S)
-        self._nudged.clear()
-        return self._go.wait(timeout)
-
-
 class Wakeups:
     """Event-driven waiting for one connection's two threads (module docstring).
 
     ``install`` (before the association thread starts) replaces the queues the reader
     and the reactor poll with ones that wake their consumer, the reactor's checkpoint
-    with a ``_ReactorGate``, and the reader's transport check with one that first waits
+    with a ``ReactorGate``, and the reader's transport check with one that first waits
     in ``select`` for the socket or the wake-up pipe. The pipe is closed when the reader
     thread ends; a wake-up after that is a no-op.
     """
@@ -390,7 +358,7 @@ class Wakeups:
         os.set_blocking(self._write_fd, False)
         self._closed = False
         self._reader: int | None = None  # thread ident of the connection's reader
-        self.gate = _ReactorGate()
+        self.gate = ReactorGate(REACTOR_WAIT_S)
 
     def install(self) -> None:
         assoc, dul = self.assoc, self.assoc.dul

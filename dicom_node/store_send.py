@@ -52,6 +52,7 @@ from typing import Any, BinaryIO
 
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicom_node.reactor_gate import ReactorGate
 from dicom_node.store_path import (
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
@@ -206,7 +207,7 @@ class FileStore:
         dul._run_loop_delay = 0  # the select above is the loop's pause now
         # The association's reactor (it serves the peer's requests, sees a release or an
         # abort) looked every 1 ms; now it waits until one of those is queued for it.
-        gate = _ReactorGate()
+        gate = ReactorGate(_REACTOR_WAIT_S)
         for waiting in (dul.to_user_queue, dimse.msg_queue):
             waiting.put = _nudging(waiting.put, gate.nudge)
         assoc._reactor_checkpoint = gate
@@ -354,37 +355,6 @@ class FileStore:
         if self.assoc.is_established:
             with contextlib.suppress(Exception):
                 self.assoc.abort()
-
-
-class _ReactorGate:
-    """Stands in for an association's ``_reactor_checkpoint`` (a ``threading.Event``
-    that is set unless a ``send_*`` call pauses the reactor). pynetdicom's reactor calls
-    ``wait()`` once per turn, right after sleeping 1 ms; here ``wait()`` first waits up to
-    ``_REACTOR_WAIT_S`` for ``nudge()`` (something was queued for the reactor), then
-    honours a pause as before."""
-
-    def __init__(self) -> None:
-        self._go = threading.Event()
-        self._go.set()
-        self._nudged = threading.Event()
-
-    def nudge(self) -> None:
-        self._nudged.set()
-
-    def set(self) -> None:
-        self._go.set()
-        self._nudged.set()
-
-    def clear(self) -> None:
-        self._go.clear()
-
-    def is_set(self) -> bool:
-        return self._go.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self._nudged.wait(_REACTOR_WAIT_S)
-        self._nudged.clear()
-        return self._go.wait(timeout)
 
 
 def _nudging(put: Any, nudge: Any) -> Any:
