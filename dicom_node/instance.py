@@ -152,6 +152,9 @@ _HEADER_TAGS = [
 
 
 _HEADER_TAG_SET = frozenset(_HEADER_TAGS)
+# The group number 0x0002 as the first bytes of an element, as the File Meta Information
+# (explicit VR little endian, PS3.10 7.1) encodes it.
+_GROUP_0002_LE = b"\x02\x00"
 # Transfer syntaxes whose data set is read as is: (implicit VR, little endian). Every
 # encapsulated (compressed pixel data) syntax is explicit VR little endian (PS3.5 A.4).
 _PLAIN_SYNTAXES: dict[str, tuple[bool, bool]] = {
@@ -184,8 +187,16 @@ def _read_header(data: bytes, known: tuple[str, int] | None = None) -> pydicom.D
     ``known``: (transfer syntax UID, offset of the data set in ``data``) when the caller
     wrote the File Meta Information itself (the listener): the data set is read from
     there in that encoding, and the preamble and meta are not parsed again (~0.1 ms of
-    the ~0.6 ms a CT header costs). A deflated or private syntax takes the full path."""
-    if known is not None and known[0] in _PLAIN_SYNTAXES:
+    the ~0.6 ms a CT header costs). A deflated or private syntax takes the full path,
+    and so does a data set that starts with group 0002 elements (a sender that left a
+    file's meta in it; group 0002 belongs to the File Meta Information only, PS3.10 7.1):
+    pydicom reads them as part of the stored file's meta, its (0002,0010) included, so
+    only the full parse reads the data set as the stored file will be read."""
+    if (
+        known is not None
+        and known[0] in _PLAIN_SYNTAXES
+        and data[known[1] : known[1] + 2] != _GROUP_0002_LE
+    ):
         transfer_syntax, offset = known
         fp = io.BytesIO(data)
         fp.seek(offset)
@@ -305,7 +316,9 @@ def parse_header(
             known = (transfer_syntax_uid, dataset_offset)
         ds = _read_header(data, known)
         text = _decoded_text(ds)  # as its Specific Character Set says
-        tsuid = known[0] if known is not None else str(ds.file_meta.TransferSyntaxUID)
+        # As the stored file will be read: from its meta when the full path parsed it.
+        meta = getattr(ds, "file_meta", None)
+        tsuid = str(meta.TransferSyntaxUID) if meta is not None or known is None else known[0]
         uids, problems = {}, []
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
             uids[keyword], problem = accept_uid(_uid_value(ds, keyword), keyword)
@@ -343,6 +356,7 @@ def parse_header(
         KeyError,
         AttributeError,
         TypeError,
+        struct.error,
         zlib.error,
     ) as exc:
         raise CorruptDatasetError(f"dataset cannot be parsed: {exc}") from exc
