@@ -5,7 +5,9 @@ at once got no more through than one (bench/README.md). With ``listener.processe
 the node process binds the listening socket(s) itself and starts N - 1 receiving
 processes that accept from the same socket(s), as pre-forking servers share a port:
 whichever process is free first takes the next connection (a busy one comes back to
-accept later, so associations spread by load). Each receiving process runs the same
+accept later), and one that holds more connections than another leaves a new one to it
+for a moment (``listener.GuardedServer.get_request``), so a burst of associations
+spreads evenly. Each receiving process runs the same
 ``StorageSCP`` as the node process (its own spool writer, its own ``RecordQueue`` writing
 instance rows to the shared database, the same statuses and guarantees) and differs in
 three things:
