@@ -178,6 +178,34 @@ _PLAIN_SYNTAXES: dict[str, tuple[bool, bool]] = {
 }
 
 
+class _ElementEnds:
+    """Where the last top-level element read ends (``read_dataset``'s ``stop_when`` sees
+    each element's header, the stream standing at its value).
+
+    pydicom ends a data set quietly where fewer than 8 bytes are left for the next
+    element's header, so a stream cut inside that header would pass as complete (the
+    element, often Pixel Data, then missing). ``check`` refuses bytes left after the last
+    whole element unless they are all zero (trailing padding some writers leave)."""
+
+    def __init__(self, fp: io.BytesIO) -> None:
+        self.fp = fp
+        self.end: int | None = fp.tell()
+
+    def note(self, tag: Any, vr: str | None, length: int) -> bool:
+        self.end = None if length == _UNDEFINED_LENGTH else self.fp.tell() + length
+        return False  # read on
+
+    def check(self, data: bytes) -> None:
+        if self.end is None or self.end >= len(data):
+            return  # an item or sequence of undefined length ends by its delimiter
+        left = data[self.end :]
+        if left.strip(b"\x00"):
+            raise CorruptDatasetError(
+                f"the data set is truncated: {len(left)} bytes after its last whole "
+                f"element (at byte {self.end} of {len(data)}) are not an element"
+            )
+
+
 def _read_header(data: bytes, known: tuple[str, int] | None = None) -> pydicom.Dataset:
     """The elements of ``_HEADER_TAGS``, with every element of ``data`` checked to be
     complete: an element that is read must hold its whole length (``_check_complete``),
@@ -201,7 +229,9 @@ def _read_header(data: bytes, known: tuple[str, int] | None = None) -> pydicom.D
         fp = io.BytesIO(data)
         fp.seek(offset)
         implicit, little = _PLAIN_SYNTAXES[transfer_syntax]
-        ds = read_dataset(fp, implicit, little, specific_tags=_HEADER_TAG_SET)
+        ends = _ElementEnds(fp)
+        ds = read_dataset(fp, implicit, little, stop_when=ends.note, specific_tags=_HEADER_TAG_SET)
+        ends.check(data)
     else:
         fp = io.BytesIO(data)
         ds = pydicom.dcmread(fp, specific_tags=_HEADER_TAGS)

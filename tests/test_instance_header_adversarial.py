@@ -94,3 +94,28 @@ def test_a_data_set_cut_inside_a_long_element_header_is_corrupt(syntax):
             parse_header(data)
         with pytest.raises(CorruptDatasetError):
             parse_header(data, transfer_syntax_uid=syntax, dataset_offset=len(meta))
+
+
+@pytest.mark.parametrize(
+    "syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
+)
+def test_a_data_set_cut_inside_its_last_element_header_is_refused_on_the_listener_path(
+    syntax,
+):
+    """1 to 7 bytes of the Pixel Data element's header left at the end: pydicom ends the
+    data set there quietly and the instance would be stored without its pixels. The
+    listener's path refuses it; trailing zero bytes (padding some writers leave) pass."""
+    ds, body = _data_set(syntax)
+    meta = file_meta(CTImageStorage, ds.SOPInstanceUID, syntax, "1.2.3.4", "TEST")
+    long_header = syntax != ImplicitVRLittleEndian  # OW: 12-byte explicit header
+    pixel_header_at = len(body) - len(ds.PixelData) - (12 if long_header else 8)
+    for kept in range(1, 8):
+        data = meta + body[: pixel_header_at + kept]
+        with pytest.raises(CorruptDatasetError, match="truncated"):
+            parse_header(data, transfer_syntax_uid=syntax, dataset_offset=len(meta))
+    whole = parse_header(meta + body, transfer_syntax_uid=syntax, dataset_offset=len(meta))
+    for padding in (b"\x00", b"\x00\x00"):
+        padded = parse_header(
+            meta + body + padding, transfer_syntax_uid=syntax, dataset_offset=len(meta)
+        )
+        assert padded.sop_uid == whole.sop_uid == ds.SOPInstanceUID
