@@ -18,21 +18,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from inference.charsets import declared_value, decode_dataset
 from inference.stacks import slice_info
@@ -155,27 +141,16 @@ _HEADER_TAG_SET = frozenset(_HEADER_TAGS)
 # The group number 0x0002 as the first bytes of an element, as the File Meta Information
 # (explicit VR little endian, PS3.10 7.1) encodes it.
 _GROUP_0002_LE = b"\x02\x00"
-# Transfer syntaxes whose data set is read as is: (implicit VR, little endian). Every
-# encapsulated (compressed pixel data) syntax is explicit VR little endian (PS3.5 A.4).
-_PLAIN_SYNTAXES: dict[str, tuple[bool, bool]] = {
-    ImplicitVRLittleEndian: (True, True),
-    ExplicitVRLittleEndian: (False, True),
-    ExplicitVRBigEndian: (False, False),
-    **{
-        str(uid): (False, True)
-        for uid in (
-            JPEGBaseline8Bit,
-            JPEGExtended12Bit,
-            JPEGLossless,
-            JPEGLosslessSV1,
-            JPEGLSLossless,
-            JPEGLSNearLossless,
-            JPEG2000Lossless,
-            JPEG2000,
-            RLELossless,
-        )
-    },
-}
+
+
+def _plain_encoding(transfer_syntax_uid: str) -> tuple[bool, bool] | None:
+    """(implicit VR, little endian) of a transfer syntax whose data set is read as is:
+    every one pydicom knows except the deflated ones (an encapsulated syntax is explicit
+    VR little endian, PS3.5 A.4); None for a deflated or private one (full parse)."""
+    uid = UID(transfer_syntax_uid)
+    if not uid.is_transfer_syntax or uid.is_deflated:
+        return None
+    return uid.is_implicit_VR, uid.is_little_endian
 
 
 class _ElementEnds:
@@ -220,15 +195,12 @@ def _read_header(data: bytes, known: tuple[str, int] | None = None) -> pydicom.D
     file's meta in it; group 0002 belongs to the File Meta Information only, PS3.10 7.1):
     pydicom reads them as part of the stored file's meta, its (0002,0010) included, so
     only the full parse reads the data set as the stored file will be read."""
-    if (
-        known is not None
-        and known[0] in _PLAIN_SYNTAXES
-        and data[known[1] : known[1] + 2] != _GROUP_0002_LE
-    ):
-        transfer_syntax, offset = known
+    encoding = _plain_encoding(known[0]) if known is not None else None
+    offset = known[1] if known is not None else 0
+    if encoding is not None and data[offset : offset + 2] != _GROUP_0002_LE:
         fp = io.BytesIO(data)
         fp.seek(offset)
-        implicit, little = _PLAIN_SYNTAXES[transfer_syntax]
+        implicit, little = encoding
         ends = _ElementEnds(fp)
         ds = read_dataset(fp, implicit, little, stop_when=ends.note, specific_tags=_HEADER_TAG_SET)
         ends.check(data)
