@@ -87,7 +87,8 @@ def parse_command(data: bytes) -> dict[int, bytes]:
     return out
 
 
-def _us(value: bytes | None) -> int | None:
+def read_us(value: bytes | None) -> int | None:
+    """A US command value (little endian), or None when absent or short."""
     return struct.unpack("<H", value[:2])[0] if value is not None and len(value) >= 2 else None
 
 
@@ -95,7 +96,8 @@ def _ui(value: bytes | None) -> str:
     return value.decode("ascii", "replace").rstrip("\x00 ") if value else ""
 
 
-def _element(element: int, value: bytes) -> bytes:
+def command_element(element: int, value: bytes) -> bytes:
+    """One group 0000 element, implicit VR little endian, padded to even length."""
     if len(value) % 2:
         value += b"\x00"  # UI pads with NUL; LO / AE with a space are passed padded
     return struct.pack("<HHL", 0x0000, element, len(value)) + value
@@ -110,18 +112,18 @@ def encode_store_response(
 ) -> bytes:
     """The command set of a C-STORE-RSP (PS3.7 9.3.1.2), implicit VR little endian."""
     body = [
-        _element(AFFECTED_SOP_CLASS_UID, sop_class_uid.encode("ascii")),
-        _element(COMMAND_FIELD, struct.pack("<H", C_STORE_RSP)),
-        _element(MESSAGE_ID_BEING_RESPONDED_TO, struct.pack("<H", message_id)),
-        _element(COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
-        _element(STATUS, struct.pack("<H", status)),
+        command_element(AFFECTED_SOP_CLASS_UID, sop_class_uid.encode("ascii")),
+        command_element(COMMAND_FIELD, struct.pack("<H", C_STORE_RSP)),
+        command_element(MESSAGE_ID_BEING_RESPONDED_TO, struct.pack("<H", message_id)),
+        command_element(COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
+        command_element(STATUS, struct.pack("<H", status)),
     ]
     if error_comment:
         comment = error_comment.encode("ascii", "replace")[:_ERROR_COMMENT_MAX]
         if len(comment) % 2:
             comment += b" "
-        body.append(_element(ERROR_COMMENT, comment))
-    body.append(_element(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid.encode("ascii")))
+        body.append(command_element(ERROR_COMMENT, comment))
+    body.append(command_element(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid.encode("ascii")))
     encoded = b"".join(body)
     return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(encoded)) + encoded
 
@@ -271,14 +273,14 @@ class StoreDIMSE(DIMSEServiceProvider):
             fields = parse_command(command)
         except CommandSetError:
             return None
-        if _us(fields.get(COMMAND_FIELD)) != C_STORE_RQ:
+        if read_us(fields.get(COMMAND_FIELD)) != C_STORE_RQ:
             return None
-        if _us(fields.get(COMMAND_DATA_SET_TYPE)) in (None, NO_DATA_SET):
+        if read_us(fields.get(COMMAND_DATA_SET_TYPE)) in (None, NO_DATA_SET):
             return None
         context = self.assoc._accepted_cx.get(context_id)
         if context is None or context.transfer_syntax is None:
             return None
-        message_id = _us(fields.get(MESSAGE_ID))
+        message_id = read_us(fields.get(MESSAGE_ID))
         if message_id is None:
             return None
         return StoreRequest(
@@ -288,7 +290,7 @@ class StoreDIMSE(DIMSEServiceProvider):
             sop_class_uid=_ui(fields.get(AFFECTED_SOP_CLASS_UID)),
             sop_instance_uid=_ui(fields.get(AFFECTED_SOP_INSTANCE_UID)),
             transfer_syntax_uid=str(context.transfer_syntax[0]),
-            priority=_us(fields.get(PRIORITY)) or 0,
+            priority=read_us(fields.get(PRIORITY)) or 0,
             data=[],
             received_at=0.0,
         )

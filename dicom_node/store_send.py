@@ -56,6 +56,8 @@ from dicom_node.reactor_gate import ReactorGate
 from dicom_node.store_path import (
     AFFECTED_SOP_CLASS_UID,
     AFFECTED_SOP_INSTANCE_UID,
+    C_STORE_RQ,
+    C_STORE_RSP,
     COMMAND_DATA_SET_TYPE,
     COMMAND_FIELD,
     ERROR_COMMENT,
@@ -65,12 +67,13 @@ from dicom_node.store_path import (
     PRIORITY,
     STATUS,
     CommandSetError,
+    command_element,
     parse_command,
+    read_us,
 )
 
 log = logging.getLogger("dicom_node.store_send")
 
-C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 DATA_SET_PRESENT = 0x0001  # CommandDataSetType: anything but 0x0101 (PS3.7 E.1-1)
 PRIORITY_MEDIUM = 0x0000
 _COMMAND_BIT, _LAST_BIT = 0x01, 0x02  # PS3.8 E.2 message control header
@@ -121,21 +124,15 @@ def encode_store_request(sop_class_uid: str, sop_instance_uid: str, message_id: 
     medium, implicit VR little endian with its Command Group Length (PS3.7 6.3.1)."""
     body = b"".join(
         (
-            _element(AFFECTED_SOP_CLASS_UID, sop_class_uid.encode("ascii")),
-            _element(COMMAND_FIELD, struct.pack("<H", C_STORE_RQ)),
-            _element(MESSAGE_ID, struct.pack("<H", message_id)),
-            _element(PRIORITY, struct.pack("<H", PRIORITY_MEDIUM)),
-            _element(COMMAND_DATA_SET_TYPE, struct.pack("<H", DATA_SET_PRESENT)),
-            _element(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid.encode("ascii")),
+            command_element(AFFECTED_SOP_CLASS_UID, sop_class_uid.encode("ascii")),
+            command_element(COMMAND_FIELD, struct.pack("<H", C_STORE_RQ)),
+            command_element(MESSAGE_ID, struct.pack("<H", message_id)),
+            command_element(PRIORITY, struct.pack("<H", PRIORITY_MEDIUM)),
+            command_element(COMMAND_DATA_SET_TYPE, struct.pack("<H", DATA_SET_PRESENT)),
+            command_element(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid.encode("ascii")),
         )
     )
     return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
-
-
-def _element(element: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\x00"  # UI values are padded with NUL (PS3.5 6.2)
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
 
 
 def p_data_tf(context_id: int, control: int, data: bytes | memoryview) -> bytes:
@@ -332,16 +329,16 @@ class FileStore:
             fields = parse_command(bytes(memoryview(data)[1:]))
         except CommandSetError:
             return False
-        if _us(fields.get(COMMAND_FIELD)) != C_STORE_RSP:
+        if read_us(fields.get(COMMAND_FIELD)) != C_STORE_RSP:
             return False
-        if _us(fields.get(MESSAGE_ID_BEING_RESPONDED_TO)) != message_id:
+        if read_us(fields.get(MESSAGE_ID_BEING_RESPONDED_TO)) != message_id:
             return False
-        if _us(fields.get(COMMAND_DATA_SET_TYPE)) != NO_DATA_SET:
+        if read_us(fields.get(COMMAND_DATA_SET_TYPE)) != NO_DATA_SET:
             # A data set follows (not allowed, PS3.7 9.3.1.2, yet sent by some): the whole
             # message is pynetdicom's to assemble, and the waiting sender takes it from
             # there; taken here, its data set would reach pynetdicom without a command.
             return False
-        status = _us(fields.get(STATUS))
+        status = read_us(fields.get(STATUS))
         if status is None:
             return False
         comment = fields.get(ERROR_COMMENT)
@@ -386,7 +383,3 @@ def keep_answers_for_the_caller(assoc: Any) -> None:
         return take(block)
 
     dimse.get_msg = get_msg
-
-
-def _us(value: bytes | None) -> int | None:
-    return struct.unpack("<H", value[:2])[0] if value is not None and len(value) >= 2 else None
