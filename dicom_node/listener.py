@@ -47,6 +47,16 @@ TLS port alike):
   a hand-over of the interpreter lock among the connections of a process. Here
   ``PduReader`` reads up to ``_CHUNK_BYTES`` ahead once the association is requested
   (``ReadAhead``), and the reader skips ``select`` while a PDU is already here: ~5.
+- pynetdicom then copies each PDU three times (into its buffer, to ``bytes``, into its
+  PDU item objects), queues an event and turns its state machine, only to hand the
+  fragments to the DIMSE provider (DT-2). Here, in Sta6 with the event queue empty, a
+  P-DATA-TF within the negotiated length whose items fill it exactly goes to the DIMSE
+  provider straight from the read-ahead buffer, one copy per fragment
+  (``Wakeups._deliver_p_data``). Every other PDU, and a P-DATA-TF that is malformed or
+  too long, takes pynetdicom's path unchanged, so its errors and aborts stay as they
+  were. Not raised on that path: ``EVT_DATA_RECV``, ``EVT_PDU_RECV`` and
+  ``EVT_FSM_TRANSITION``; it is only taken while no handler other than pynetdicom's
+  standard PDU logging (which logs nothing for P-DATA-TF) is bound to them.
 
 Memory per connection is thereby bounded by one PDU while it is read: at most
 ``ASSOCIATE_RQ_MAX_BYTES`` until an association is accepted, at most ``max_pdu_size``
@@ -72,7 +82,9 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import evt
+from pynetdicom._handlers import standard_pdu_recv_handler
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -197,6 +209,26 @@ class AssociationSlots:
             return len(self._held)
 
 
+def split_pdvs(body: memoryview | bytes) -> list[tuple[int, bytes]] | None:
+    """The presentation data values of a P-DATA-TF PDU's body (the bytes after its 6-byte
+    header) as pynetdicom's P-DATA primitive lists them: (presentation context ID, message
+    control header + fragment), each a copy. None when the items do not fill the body
+    exactly or one is shorter than its context ID and control header (PS3.8 9.3.5.1,
+    Table 9-23: 4-byte item length, context ID, presentation data value).
+    """
+    pdvs: list[tuple[int, bytes]] = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < 6:
+            return None
+        (item_length,) = struct.unpack_from(">L", body, offset)
+        if item_length < 2 or item_length > end - offset - 4:
+            return None
+        pdvs.append((body[offset + 4], bytes(body[offset + 5 : offset + 4 + item_length])))
+        offset += 4 + item_length
+    return pdvs or None
+
+
 class ReadAhead:
     """Bytes read from one connection and not yet handed to its DUL, in one buffer that
     the connection keeps (``PduReader``).
@@ -231,6 +263,11 @@ class ReadAhead:
 
     def added(self, count: int) -> None:
         self._end += count
+
+    def peek(self, n: int) -> memoryview:
+        """Up to ``n`` bytes from the front, left here."""
+        with memoryview(self._buf) as whole:
+            return whole[self._start : self._start + min(n, self._end - self._start)]
 
     def take(self, n: int) -> memoryview:
         n = min(n, self._end - self._start)
@@ -313,18 +350,29 @@ class PduReader:
     def _read(self, nr_bytes: int) -> bytearray | memoryview:
         """``nr_bytes`` of the connection, fewer when it closed, stalled or was refused.
 
-        Bytes read ahead come first. Once the association is requested each system call
-        asks for up to ``_CHUNK_BYTES`` more than the DUL wants, so a PDU header and the
-        next PDUs usually come with the body before them (a 512 KiB instance in 128 KiB
-        PDUs: ~3 reads instead of 12, and no ``select`` for a PDU already here). A body
-        comes back as a view of the buffer, valid until the next call (pynetdicom copies
-        it at once); the 6-byte header as a copy.
+        Bytes read ahead come first (``_fill``). A body comes back as a view of the
+        buffer, valid until the next call (pynetdicom copies it at once); the 6-byte
+        header as a copy.
+        """
+        self._fill(nr_bytes)
+        if nr_bytes <= 6:
+            return bytearray(self._ahead.take(nr_bytes))
+        return self._ahead.take(nr_bytes)
+
+    def _fill(self, nr_bytes: int) -> bool:
+        """Read until ``nr_bytes`` are here; False when the connection closed, stalled
+        (``_expired``) or has no socket first.
+
+        Once the association is requested each system call asks for up to
+        ``_CHUNK_BYTES`` more than is needed, so a PDU header and the next PDUs usually
+        come with the body before them (a 512 KiB instance in 128 KiB PDUs: ~3 reads
+        instead of 12, and no ``select`` for a PDU already here).
         """
         ahead = self._ahead
         while len(ahead) < nr_bytes:
             sock = self.assoc.dul.socket.socket
             if sock is None:
-                break
+                return False
             timeout = (
                 self.limits.idle_timeout_s if self.requested else self.deadline - time.monotonic()
             )
@@ -347,15 +395,38 @@ class PduReader:
                     count = sock.recv_into(view)
             except TimeoutError:
                 self._expired(have, nr_bytes)
-                break
+                return False
             except (OSError, ValueError):
-                break  # reset or closed: the DUL sees a short read (connection closed)
+                return False  # reset or closed: the DUL sees a short read (closed)
             if not count:
-                break
+                return False
             ahead.added(count)
-        if nr_bytes <= 6:
-            return bytearray(ahead.take(nr_bytes))
-        return ahead.take(nr_bytes)
+        return True
+
+    def next_p_data(self, wait: bool) -> list[tuple[int, bytes]] | None:
+        """The presentation data values of the next PDU when it is a P-DATA-TF within
+        the negotiated length whose items fill it exactly (``split_pdvs``), the PDU
+        consumed; None, and nothing consumed, for anything else (another PDU type, a
+        length over the limit, malformed items, a closed or stalled connection), which
+        pynetdicom's own reading then meets through ``recv`` as before.
+
+        ``wait``: read the PDU's bytes as they come (within ``idle_timeout_s``);
+        otherwise only a PDU wholly read ahead already is taken.
+        """
+        if self.refused is not None or not self.requested:
+            return None
+        ahead = self._ahead
+        if len(ahead) < 6 and not (wait and self._fill(6)):
+            return None
+        pdu_type, _, length = struct.unpack(">BBL", ahead.peek(6))
+        if pdu_type != P_DATA_TF_TYPE or (self.max_pdu_bytes and length > self.max_pdu_bytes):
+            return None
+        if len(ahead) < 6 + length and not (wait and self._fill(6 + length)):
+            return None
+        pdvs = split_pdvs(ahead.peek(6 + length)[6:])
+        if pdvs is not None:
+            ahead.take(6 + length)
+        return pdvs
 
     def _expired(self, got: int, wanted: int) -> None:
         if self.requested:
@@ -436,6 +507,7 @@ class Wakeups:
         os.set_blocking(self._write_fd, False)
         self._closed = False
         self._reader: int | None = None  # thread ident of the connection's reader
+        self._hurried = 0.0  # the DUL's loop delay, set to 0 for one turn (_deliver_p_data)
         self.gate = ReactorGate(REACTOR_WAIT_S)
 
     def install(self) -> None:
@@ -449,11 +521,14 @@ class Wakeups:
         stop = dul.stop_dul
 
         def transport_event() -> bool:
+            if self._hurried:
+                dul._run_loop_delay, self._hurried = self._hurried, 0.0
             here = self.reader is not None and self.reader.buffered()
             if (here or self._wait_for_reader()) and dul.state_machine.current_state != "Sta13":
                 # Readable, or read ahead already: read the PDU now (pynetdicom's own
                 # check would only ask select again whether the socket is readable).
-                dul._read_pdu_data()
+                if not self._deliver_p_data():
+                    dul._read_pdu_data()
                 return True
             return check()
 
@@ -475,6 +550,41 @@ class Wakeups:
         dul._is_transport_event = transport_event
         dul.stop_dul = stop_dul
         dul.run = run
+
+    def _deliver_p_data(self) -> bool:
+        """Hand the next P-DATA-TF PDUs to the association's DIMSE provider directly, as
+        pynetdicom's DT-2 action does in Sta6 (PS3.8 9.2.3: Sta6 + Evt10 stays Sta6), but
+        without its PDU objects, event queue and state machine turn, and with one copy
+        of each fragment instead of three. False, with nothing read, when the next PDU
+        is anything else or something else comes first (module docstring)."""
+        dul, reader = self.assoc.dul, self.reader
+        if (
+            reader is None
+            or dul.state_machine.current_state != "Sta6"
+            or dul.event_queue.queue
+            or dul._recv_pdu.queue
+            or not _plain_pdu_events(self.assoc)
+        ):
+            return False
+        pdvs = reader.next_p_data(wait=True)
+        if pdvs is None:
+            return False
+        while pdvs is not None:
+            primitive = P_DATA()
+            primitive.presentation_data_value_list.extend(pdvs)
+            self.assoc.dimse.receive_primitive(primitive)
+            if (
+                dul.event_queue.queue
+                or dul.to_provider_queue.queue
+                or dul._kill_thread
+                or dul.state_machine.current_state != "Sta6"
+            ):
+                break
+            pdvs = reader.next_p_data(wait=False)  # more, only when wholly read ahead
+        # pynetdicom's loop sleeps its delay after a turn that queued no event, and this
+        # one queued none: the next turn starts at once (restored then).
+        self._hurried, dul._run_loop_delay = dul._run_loop_delay or self._hurried, 0.0
+        return True
 
     def wake_reader(self) -> None:
         if threading.get_ident() == self._reader:
@@ -514,6 +624,17 @@ class Wakeups:
             self._closed = True
             os.close(self._read_fd)
             os.close(self._write_fd)
+
+
+def _plain_pdu_events(assoc: Any) -> bool:
+    """Whether nothing but pynetdicom's standard logging (which logs nothing for a
+    P-DATA-TF) listens to the PDUs an association receives and to its state machine: the
+    notifications ``Wakeups._deliver_p_data`` does not raise."""
+    return (
+        not assoc.get_handlers(evt.EVT_DATA_RECV)
+        and not assoc.get_handlers(evt.EVT_FSM_TRANSITION)
+        and all(h is standard_pdu_recv_handler for h, _ in assoc.get_handlers(evt.EVT_PDU_RECV))
+    )
 
 
 class SharedContexts(list):

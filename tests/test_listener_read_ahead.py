@@ -10,12 +10,14 @@ bytes dribbled a few at a time, and PDU headers cut across writes.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import evt
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
@@ -143,3 +145,41 @@ def test_every_segmentation_of_the_stream_stores_the_instances_sent(node, tmp_pa
         original = pydicom.dcmread(sent[ds.SOPInstanceUID])
         assert ds.PixelData == original.PixelData
         assert ds.ImagePositionPatient == original.ImagePositionPatient
+
+
+def open_association(node: Listener) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+    sock.sendall(association_rq(max_pdu=16384))
+    assert read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+    return sock
+
+
+def test_a_p_data_tf_whose_item_overruns_it_is_refused_as_before(node, tmp_path):
+    # Not taken directly (split_pdvs refuses it): pynetdicom decodes it, fails, and
+    # aborts the association, as it did before the direct path existed.
+    path = ct_series(tmp_path / "sent", n=1)[0]
+    pdus, _ = c_store_pdus(path, 1, fragment_bytes=1000)
+    body = pdus[1][6:]
+    overrun = struct.pack(">L", len(body) + 100) + body[4:]
+    with open_association(node) as sock:
+        sock.sendall(pdus[0] + struct.pack(">BBL", 0x04, 0, len(overrun)) + overrun)
+        answer = read_pdu(sock)
+        assert answer[0] == 0x07  # A-ABORT
+    assert not list(node.scp.spool.root.rglob("*.dcm"))
+
+
+def test_handlers_on_received_pdus_still_see_every_p_data_tf(node, tmp_path):
+    # A handler on EVT_PDU_RECV turns the direct path off for the association, so
+    # pynetdicom raises the event for each PDU as before.
+    seen: list[int] = []
+    node.scp._servers["plain"].bind(evt.EVT_PDU_RECV, lambda event: seen.append(event.pdu.pdu_type))
+    path = ct_series(tmp_path / "sent", n=1, rows=48)[0]
+    pdus, sop_uid = c_store_pdus(path, 1, fragment_bytes=1000)
+    with open_association(node) as sock:
+        sock.sendall(b"".join(pdus))
+        assert read_pdu(sock)[0] == 0x04
+        sock.sendall(A_RELEASE_RQ)
+        assert read_pdu(sock)[0] == 0x06
+    assert seen.count(0x04) == len(pdus)
+    stored = [pydicom.dcmread(p) for p in node.scp.spool.root.rglob("*.dcm")]
+    assert [ds.SOPInstanceUID for ds in stored] == [sop_uid]
