@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import time
@@ -116,7 +117,16 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     def _start(**overrides: Any) -> Node:
         # A job still running at the end of a test is abandoned after 3 s (then requeued).
-        node = Node(node_settings(tmp_path, **overrides), stop_grace_s=3).start()
+        # The DICOM port free_port() picked can be taken before the node binds it (e.g. as
+        # the local port of another test's outgoing connection): then pick another, unless
+        # the test chose the port.
+        for attempt in range(3):
+            try:
+                node = Node(node_settings(tmp_path, **overrides), stop_grace_s=3).start()
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or "port" in overrides or attempt == 2:
+                    raise
         nodes.append(node)
         return node
 
