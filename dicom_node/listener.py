@@ -123,6 +123,9 @@ _CHUNK_BYTES = 256 * 1024
 # A connection keeps its read-ahead buffer between PDUs up to this size (a 128 KiB PDU
 # with its read-ahead needs ~0.5 MiB); a larger one is let go once it is empty.
 _KEEP_BYTES = 1024 * 1024
+# Queued by ``Wakeups._deliver_p_data`` for the DUL's loop, and skipped by its state
+# machine: a turn that handled a PDU, as an event queued for it would say.
+_DELIVERED = "delivered"
 # A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value).
 _ABORT_SOURCE_PROVIDER, _ABORT_INVALID_PARAMETER = 0x02, 0x06
 # At most one "connection limit reached" line per this many seconds (a flood is one line).
@@ -507,7 +510,6 @@ class Wakeups:
         os.set_blocking(self._write_fd, False)
         self._closed = False
         self._reader: int | None = None  # thread ident of the connection's reader
-        self._hurried = 0.0  # the DUL's loop delay, set to 0 for one turn (_deliver_p_data)
         self.gate = ReactorGate(REACTOR_WAIT_S)
 
     def install(self) -> None:
@@ -521,8 +523,6 @@ class Wakeups:
         stop = dul.stop_dul
 
         def transport_event() -> bool:
-            if self._hurried:
-                dul._run_loop_delay, self._hurried = self._hurried, 0.0
             here = self.reader is not None and self.reader.buffered()
             if (here or self._wait_for_reader()) and dul.state_machine.current_state != "Sta13":
                 # Readable, or read ahead already: read the PDU now (pynetdicom's own
@@ -550,6 +550,13 @@ class Wakeups:
         dul._is_transport_event = transport_event
         dul.stop_dul = stop_dul
         dul.run = run
+        do_action = dul.state_machine.do_action
+
+        def do_action_unless_delivered(event: str) -> None:
+            if event is not _DELIVERED:
+                do_action(event)
+
+        dul.state_machine.do_action = do_action_unless_delivered
 
     def _deliver_p_data(self) -> bool:
         """Hand the next P-DATA-TF PDUs to the association's DIMSE provider directly, as
@@ -581,9 +588,9 @@ class Wakeups:
             ):
                 break
             pdvs = reader.next_p_data(wait=False)  # more, only when wholly read ahead
-        # pynetdicom's loop sleeps its delay after a turn that queued no event, and this
-        # one queued none: the next turn starts at once (restored then).
-        self._hurried, dul._run_loop_delay = dul._run_loop_delay or self._hurried, 0.0
+        # pynetdicom's loop sleeps (1 ms; with 0 it still yields the CPU) after a turn
+        # that queued no event: this one queues a no-op, so the next turn starts at once.
+        dul.event_queue.put(_DELIVERED)
         return True
 
     def wake_reader(self) -> None:
