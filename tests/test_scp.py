@@ -142,16 +142,18 @@ def test_below_free_disk_watermark_answers_out_of_resources(scp, tmp_path):
 
 def test_disk_full_while_writing_answers_out_of_resources(scp, monkeypatch):
     server = scp()
-    real_write = os.write
+    real_write, real_writev = os.write, os.writev
 
     def full_disk(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", full_disk)
+    monkeypatch.setattr(os, "writev", full_disk)  # the spool writes an instance's parts
     ds = ct_slice(generate_uid(), generate_uid(), 0)
     assoc = associate(server.port)
     status = assoc.send_c_store(ds)
     monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(os, "writev", real_writev)
     assoc.release()
     assert int(status.Status) == 0xA700
     assert spooled(server) == []
