@@ -54,7 +54,10 @@ TLS port alike):
   provider straight from the read-ahead buffer, one copy per fragment
   (``Wakeups._deliver_p_data``). Every other PDU, and a P-DATA-TF that is malformed or
   too long, takes pynetdicom's path unchanged, so its errors and aborts stay as they
-  were. Not raised on that path: ``EVT_DATA_RECV``, ``EVT_PDU_RECV`` and
+  were. One difference: a command set the DIMSE provider cannot decode ends the
+  association with an A-ABORT (pynetdicom's loop sends it for an error in its reader),
+  where the same error in DT-2 ended the reader thread and the peer saw only the close.
+  Not raised on that path: ``EVT_DATA_RECV``, ``EVT_PDU_RECV`` and
   ``EVT_FSM_TRANSITION``; it is only taken while no handler other than pynetdicom's
   standard PDU logging (which logs nothing for P-DATA-TF) is bound to them.
 
@@ -121,8 +124,9 @@ BALANCE_DEFER_S = 0.003
 # doubles from there, so a 512 KiB instance is read with a handful of system calls.
 _CHUNK_BYTES = 256 * 1024
 # A connection keeps its read-ahead buffer between PDUs up to this size (a 128 KiB PDU
-# with its read-ahead needs ~0.5 MiB); a larger one is let go once it is empty.
-_KEEP_BYTES = 1024 * 1024
+# with its read-ahead needs ~0.5 MiB, a 1 MiB PDU, the default max_pdu_size, ~2 MiB); a
+# larger one is let go as soon as what is left in it fits this size.
+_KEEP_BYTES = 2 * 1024 * 1024
 # Queued by ``Wakeups._deliver_p_data`` for the DUL's loop, and skipped by its state
 # machine: a turn that handled a PDU, as an event queued for it would say.
 _DELIVERED = "delivered"
@@ -251,18 +255,31 @@ class ReadAhead:
         return self._end - self._start
 
     def room(self, size: int) -> memoryview:
-        if len(self._buf) - self._end < size:
-            have = self._end - self._start
-            if have + size <= len(self._buf):
+        have = self._end - self._start
+        need, capacity = have + size, len(self._buf)
+        if capacity > _KEEP_BYTES and need <= _KEEP_BYTES:
+            self._move_to(bytearray(need))  # a buffer grown for a huge PDU goes
+        elif capacity - self._end < size:
+            if need <= capacity:
                 # Same length on both sides: allowed while a view handed out is alive.
                 self._buf[0:have] = self._buf[self._start : self._end]
+                self._start, self._end = 0, have
             else:
-                bigger = bytearray(have + size)
-                bigger[0:have] = self._buf[self._start : self._end]
-                self._buf = bigger
-            self._start, self._end = 0, have
+                # Double: a PDU arriving a segment at a time costs a few allocations,
+                # not one (and a copy of all read so far) per segment; past
+                # _KEEP_BYTES only for a PDU that needs it (``need`` does not shrink
+                # while one PDU is read, so this never undoes the branch above).
+                doubled = 2 * capacity if need > _KEEP_BYTES else min(2 * capacity, _KEEP_BYTES)
+                self._move_to(bytearray(max(need, doubled)))
         with memoryview(self._buf) as whole:
             return whole[self._end : self._end + size]
+
+    def _move_to(self, bigger_or_smaller: bytearray) -> None:
+        have = self._end - self._start
+        with memoryview(self._buf) as whole:
+            bigger_or_smaller[0:have] = whole[self._start : self._end]
+        self._buf = bigger_or_smaller
+        self._start, self._end = 0, have
 
     def added(self, count: int) -> None:
         self._end += count

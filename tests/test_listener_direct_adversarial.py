@@ -7,14 +7,15 @@ presentation contexts or interrupted by another one (A-ABORT, nothing stored), A
 / A-ABORT in the same segment as the last data PDU, the Maximum Length exactly and one
 byte over, a malformed PDV item, a peer that stalls or closes inside a PDU.
 
-Two tests show defects of the read-ahead buffer itself:
+Two tests guard defects the read-ahead buffer had (fixed in ``ReadAhead.room``):
 - ``test_a_large_pdu_arriving_a_segment_at_a_time_is_not_copied_once_per_segment``: a
   P-DATA-TF over 256 KiB whose bytes arrive a TCP segment at a time (any WAN link, or a
-  peer sending small writes) makes ``ReadAhead.room`` allocate and copy a new buffer for
-  every segment: quadratic CPU.
+  peer sending small writes) made ``ReadAhead.room`` allocate and copy a new buffer for
+  every segment: quadratic CPU. Now the buffer doubles.
 - ``test_a_buffer_grown_for_a_large_pdu_is_not_kept_while_the_stream_goes_on``: after a
-  PDU larger than ``_KEEP_BYTES``, the grown buffer stays with the connection for as
-  long as some bytes of a next PDU are in it, which a streaming peer makes always true.
+  PDU larger than ``_KEEP_BYTES``, the grown buffer stayed with the connection for as
+  long as some bytes of a next PDU were in it, which a streaming peer makes always true.
+  Now it is let go as soon as what is left fits ``_KEEP_BYTES``.
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ def test_a_buffer_grown_for_a_large_pdu_is_not_kept_while_the_stream_goes_on(tmp
     connection's read-ahead buffer, grown to >8 MiB for the large PDU, is only let go
     once it is empty (``ReadAhead.take``), which it never is while bytes of a next PDU
     are in it: the association keeps >8 MiB for its whole life instead of at most
-    ``_KEEP_BYTES`` (1 MiB) between PDUs, as the module docstring promises (before the
+    ``_KEEP_BYTES`` between PDUs, as the module docstring promises (before the
     read-ahead nothing was kept). Correct: a buffer over ``_KEEP_BYTES`` is shrunk once
     the large PDU is consumed, whatever is left in it."""
     node = Listener(tmp_path, max_pdu_size=8 * 1024 * 1024)
