@@ -65,8 +65,9 @@ Memory per connection is thereby bounded by one PDU while it is read: at most
 ``ASSOCIATE_RQ_MAX_BYTES`` until an association is accepted, at most ``max_pdu_size``
 plus ``_CHUNK_BYTES`` read ahead (plus the DICOM message being assembled from the PDUs,
 as large as the instance a peer admitted by ``peers`` sends) after; the read-ahead
-buffer is kept between PDUs up to ``_KEEP_BYTES``. ``max_pdu_size: 0`` (unlimited) lifts
-the P-DATA bound.
+buffer is kept between PDUs up to ``_KEEP_BYTES`` (~0.5 MiB with 128 KiB PDUs, 2 MiB at
+the default 1 MiB Maximum Length: at most 128 MiB for 64 idle associations, the default
+``max_associations``). ``max_pdu_size: 0`` (unlimited) lifts the P-DATA bound.
 """
 
 from __future__ import annotations
