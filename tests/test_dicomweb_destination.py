@@ -115,7 +115,7 @@ def _settings(tmp_path: Path, destinations: list[dict[str, Any]]) -> NodeSetting
 def test_study_stowed_to_the_node_comes_back_as_seg_in_the_dicomweb_destination(
     tmp_path, start_node
 ):
-    with dicomweb_orthanc(tmp_path / "orthanc") as pacs:
+    with dicomweb_orthanc(tmp_path / "orthanc", throwaway=True) as pacs:
         node = start_node(
             destinations=[
                 {
@@ -226,7 +226,7 @@ def test_destination_down_is_retried_with_backoff_and_sent_when_it_comes_up(tmp_
     # A second attempt once the backoff is over, still refused.
     wait_until(lambda: dispatcher.poll() and min(r.attempts for r in _rows(db).values()) >= 2, 20)
 
-    with dicomweb_orthanc(tmp_path / "orthanc", http_port=port) as pacs:
+    with dicomweb_orthanc(tmp_path / "orthanc", http_port=port, throwaway=True) as pacs:
         up = echo_destination(db, settings, "web", "manual")
         assert up.ok, up.detail
         # The check that found it answering made the waiting rows due at once.

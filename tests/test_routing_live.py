@@ -36,7 +36,7 @@ rules:
     when: {Modality: CT, Phase: A}
     forward: [archive]
 """
-    with OrthancServer(tmp_path / "archive", aet="ARCHIVE") as archive:
+    with OrthancServer(tmp_path / "archive", aet="ARCHIVE", throwaway=True) as archive:
         node = start_node(
             rules_file=rules_file(tmp_path, pipelines, rules),
             destinations=[
@@ -196,8 +196,9 @@ rules:
 """
     node = start_node(
         rules_file=rules_file(tmp_path, "pipelines: {}\n", rules),
-        destinations=[{"name": "archive", "ae_title": "DOWN", "host": "127.0.0.1",
-                       "port": free_port()}],  # fmt: skip
+        destinations=[
+            {"name": "archive", "ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()}
+        ],  # fmt: skip
         worker={"enabled": False},
         dispatch={"retry_initial_s": 30.0, "max_age_s": 3600.0, "timeout_s": 5},
     )

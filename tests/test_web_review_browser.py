@@ -73,7 +73,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"node": node, "orthanc": orthanc, "study": study}
     finally:
         node.stop()
-        orthanc.stop()
+        orthanc.stop(graceful=False)  # its storage is thrown away
 
 
 @pytest.fixture(scope="module")
