@@ -30,15 +30,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from dicom_node.listener import _KEEP_BYTES, PduReader
 from dicom_node.store_path import STATUS, command_element, parse_command, read_us
 from dicom_node.store_send import encode_store_request
 from kernel.settings import ListenerSettings
+from tests import test_listener_read_ahead as read_ahead_tests
 from tests.dicom_factory import ct_series
 from tests.scp_helpers import dataset_bytes
 from tests.test_listener_hardening import Listener
@@ -55,21 +53,9 @@ MAX_PDU = 16384
 
 def association_rq(max_pdu: int) -> bytes:
     """An A-ASSOCIATE-RQ proposing CT (ID 1), Verification (3) and MR (5) storage."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title, primitive.called_ae_title = "TEST_SCU", "DICOM_NODE"
-    contexts = []
-    for context_id, abstract in ((CT, CTImageStorage), (ECHO, Verification), (MR, MRImageStorage)):
-        context = build_context(abstract, [EXPLICIT_LE])
-        context.context_id = context_id
-        contexts.append(context)
-    primitive.presentation_context_definition_list = contexts
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = max_pdu
-    primitive.user_information = [max_length]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
+    return read_ahead_tests.association_rq(
+        max_pdu, ((CT, CTImageStorage), (ECHO, Verification), (MR, MRImageStorage))
+    )
 
 
 def pdv(context_id: int, control: int, data: bytes) -> bytes:

@@ -56,13 +56,20 @@ def test_read_ahead_hands_out_bytes_in_order_and_lets_a_huge_buffer_go():
     assert bytes(held) == b"wxyz" and len(ahead._buf) == 0
 
 
-def association_rq(max_pdu: int) -> bytes:
+def association_rq(
+    max_pdu: int, contexts: tuple[tuple[int, str], ...] = ((1, CTImageStorage),)
+) -> bytes:
+    """An A-ASSOCIATE-RQ proposing each (context ID, abstract syntax) with explicit VR
+    little endian, and ``max_pdu`` as its Maximum Length."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title, primitive.called_ae_title = "TEST_SCU", "DICOM_NODE"
-    context = build_context(CTImageStorage, [EXPLICIT_LE])
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
+    proposed = []
+    for context_id, abstract in contexts:
+        context = build_context(abstract, [EXPLICIT_LE])
+        context.context_id = context_id
+        proposed.append(context)
+    primitive.presentation_context_definition_list = proposed
     max_length = MaximumLengthNotification()
     max_length.maximum_length_received = max_pdu
     primitive.user_information = [max_length]
