@@ -8,7 +8,8 @@ main stack's middle slice plus values derived from the whole series:
 - ``InstanceCount``: images in the main stack (``SeriesInstanceCount``: in the series);
 - ``Orientation`` (axial / coronal / sagittal / oblique) and ``SliceSpacing`` (mm, from the
   slice positions when known, else SpacingBetweenSlices / SliceThickness);
-- ``ImageKind``: ORIGINAL, DERIVED or LOCALIZER (the main stack's kind);
+- ``ImageKind``: ORIGINAL, DERIVED or LOCALIZER (the main stack's kind; DAMAGED when the
+  only images that could form a stack have damaged geometry headers);
 - ``LeftOut``: one line per stack that is not the main one (what, and why);
 - ``Incomplete``: signs in the headers that slices are missing (then the series' pipelines
   wait for the study to settle).
@@ -28,7 +29,14 @@ import pydicom
 
 from dicom_node.instance import header_attributes
 from dicom_node.planning import derived_attributes
-from inference.stacks import SliceInfo, choose, completeness_problems, slice_info
+from inference.stacks import (
+    DAMAGED,
+    SliceInfo,
+    StackChoice,
+    choose,
+    completeness_problems,
+    slice_info,
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ def _attributes(paths: Sequence[str], infos: Sequence[SliceInfo]) -> dict[str, A
     numbers = [info.instance_number for info in infos]
     attrs["InstanceCount"] = len(members)
     attrs["SeriesInstanceCount"] = len(paths)
-    attrs["ImageKind"] = main.kind if main is not None else "LOCALIZER"
+    attrs["ImageKind"] = main.kind if main is not None else _kind_without_main(choice)
     attrs["LeftOut"] = choice.left_out_text()
     attrs["Incomplete"] = (
         completeness_problems(main, numbers, _int(attrs.get("ImagesInAcquisition")))
@@ -73,6 +81,12 @@ def _attributes(paths: Sequence[str], infos: Sequence[SliceInfo]) -> dict[str, A
     if main is not None and main.slice_spacing_mm:
         attrs["SliceSpacing"] = round(main.slice_spacing_mm, 3)
     return attrs
+
+
+def _kind_without_main(choice: StackChoice) -> str:
+    """DAMAGED when images with a damaged geometry header could have been the series'
+    stack, else LOCALIZER (localizers and non-images only)."""
+    return DAMAGED if any(s.kind == DAMAGED for s in choice.stacks) else "LOCALIZER"
 
 
 def from_rows(rows: Sequence[InstanceRow]) -> dict[str, Any]:

@@ -185,6 +185,10 @@ def stack_geometry(volume: Volume) -> Volume:
     column_cos = iop[3:] / np.linalg.norm(iop[3:])
     row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
     positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    if not (np.isfinite(positions).all() and np.isfinite([*row_cos, *column_cos]).all()):
+        # inference.stacks refuses such headers before a volume is read; NaN would pass
+        # every comparison below.
+        raise StackGeometryError(f"series {volume.series_uid}: a slice position is not finite")
     n = len(positions)
     step = (positions[-1] - positions[0]) / (n - 1)
     step_mm = float(np.linalg.norm(step))

@@ -12,6 +12,11 @@ Rows x Columns and the same PixelSpacing (to 0.01 mm). Within a stack, slice pos
 that repeat (bolus tracking images, a repeated scan of the same range) split it by
 AcquisitionNumber when that separates them.
 
+An image whose geometry is present but unusable (a value that is not a finite number,
+direction cosines that are not perpendicular unit vectors, a PixelSpacing that is missing
+or not positive: PS3.3 C.7.6.2.1.1) is DAMAGED: never part of a stack, whatever else it
+shares with one (``geometry_problem``).
+
 Choice (``choose_main``), in this order, so the result never depends on the order of
 arrival: never a localizer; ORIGINAL before DERIVED; axial before other orientations; more
 images; finer slice spacing; then the smallest key.
@@ -22,6 +27,7 @@ fields the receive path stores per instance (routing), so both pick the same sta
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,9 +36,15 @@ from typing import Any
 import numpy as np
 
 NON_IMAGE = "NON-IMAGE"
-_KIND_RANK = {"ORIGINAL": 0, "DERIVED": 1, "LOCALIZER": 2, NON_IMAGE: 3}
+DAMAGED = "DAMAGED"
+_KIND_RANK = {"ORIGINAL": 0, "DERIVED": 1, "LOCALIZER": 2, NON_IMAGE: 3, DAMAGED: 4}
 _ORIENTATION_RANK = {"axial": 0, "coronal": 1, "sagittal": 1, "oblique": 2}
 POSITION_TOLERANCE_MM = 1e-3
+# Direction cosines as scanners write them (6-16 significant digits, some rounded to 4
+# decimals) are unit vectors and perpendicular to well within this; a damaged or
+# hand-edited header is not.
+COSINE_TOLERANCE = 0.01
+STACK_KEY_CHARS = 160  # db.models.Instance.stack_key
 
 
 def _normal(iop: Sequence[float]) -> tuple[float, float, float]:
@@ -83,11 +95,58 @@ class SliceInfo:
 
 
 def _floats(value: Any, count: int) -> list[float] | None:
+    if isinstance(value, int | float):  # a multi-valued element holding one value
+        value = [value]
     try:
         values = [float(v) for v in value]
     except (TypeError, ValueError):
         return None
     return values if len(values) == count else None
+
+
+def _absent(value: Any) -> bool:
+    """None, or an element present with no value (pydicom gives "" or an empty list)."""
+    return value is None or (hasattr(value, "__len__") and len(value) == 0)
+
+
+def geometry_problem(
+    iop: Sequence[float] | None,
+    ipp: Sequence[float] | None,
+    pixel_spacing: Sequence[float] | None,
+) -> str | None:
+    """Why an image's geometry cannot place its pixels in patient space, or None.
+
+    ``iop``: ImageOrientationPatient (6 numbers or None when not 6 numbers), ``ipp``:
+    ImagePositionPatient (3 or None), ``pixel_spacing``: PixelSpacing (2 or None), in mm.
+    Problems: a value that is not a finite number; row or column direction cosines that
+    are not unit vectors or not perpendicular, within ``COSINE_TOLERANCE`` (PS3.3
+    C.7.6.2.1.1); PixelSpacing missing or not positive (Type 1 in the Image Plane Module,
+    PS3.3 C.7.6.2).
+    """
+    for keyword, values, count in (
+        ("ImageOrientationPatient", iop, 6),
+        ("ImagePositionPatient", ipp, 3),
+        ("PixelSpacing", pixel_spacing, 2),
+    ):
+        if values is None:
+            return f"{keyword} is missing or not {count} numbers"
+        if not all(math.isfinite(v) for v in values):
+            shown = "\\".join(f"{v:g}" for v in values)
+            return f"{keyword} {shown} has a value that is not a finite number"
+    assert iop is not None and pixel_spacing is not None
+    row, column = iop[:3], iop[3:6]
+    lengths = [math.sqrt(sum(v * v for v in axis)) for axis in (row, column)]
+    if any(abs(length - 1.0) > COSINE_TOLERANCE for length in lengths):
+        return (
+            "ImageOrientationPatient row and column are not unit vectors (lengths "
+            f"{lengths[0]:.3f}, {lengths[1]:.3f})"
+        )
+    cosine = sum(r * c for r, c in zip(row, column, strict=True))
+    if abs(cosine) > COSINE_TOLERANCE:
+        return f"ImageOrientationPatient row and column are not perpendicular (cosine {cosine:.3f})"
+    if min(pixel_spacing) <= 0:
+        return f"PixelSpacing {pixel_spacing[0]:g}\\{pixel_spacing[1]:g} mm is not positive"
+    return None
 
 
 def _int(value: Any) -> int | None:
@@ -99,16 +158,26 @@ def _int(value: Any) -> int | None:
 
 def slice_info(ds: Any) -> SliceInfo:
     """The stack fields of one header (a pydicom Dataset, or any mapping-like object with
-    the DICOM keywords as attributes)."""
-    iop = _floats(getattr(ds, "ImageOrientationPatient", None), 6)
-    ipp = _floats(getattr(ds, "ImagePositionPatient", None), 3)
+    the DICOM keywords as attributes).
+
+    No ImageOrientationPatient, ImagePositionPatient, Rows or Columns: a NON-IMAGE (a dose
+    screen, a report). Present but unusable (``geometry_problem``): DAMAGED, with the
+    problem in its key (``DAMAGED - <rows>x<columns> - <problem>``).
+    """
+    iop_value = getattr(ds, "ImageOrientationPatient", None)
+    ipp_value = getattr(ds, "ImagePositionPatient", None)
     rows, columns = _int(getattr(ds, "Rows", None)), _int(getattr(ds, "Columns", None))
     acquisition = _int(getattr(ds, "AcquisitionNumber", None))
     number = _int(getattr(ds, "InstanceNumber", None))
-    if iop is None or ipp is None or not rows or not columns:
+    if _absent(iop_value) or _absent(ipp_value) or not rows or not columns:
         sop_class = str(getattr(ds, "SOPClassUID", "") or "")
         return SliceInfo(f"{NON_IMAGE} {sop_class}".strip(), None, acquisition, number)
-    spacing = _floats(getattr(ds, "PixelSpacing", None), 2) or [0.0, 0.0]
+    iop, ipp = _floats(iop_value, 6), _floats(ipp_value, 3)
+    spacing = _floats(getattr(ds, "PixelSpacing", None), 2)
+    problem = geometry_problem(iop, ipp, spacing)
+    if problem is not None or iop is None or ipp is None or spacing is None:
+        key = f"{DAMAGED} - {rows}x{columns} - {problem}"
+        return SliceInfo(key[:STACK_KEY_CHARS], None, acquisition, number)
     kind = image_kind(getattr(ds, "ImageType", None))
     iop_text = ",".join(f"{v:.3f}".replace("-0.000", "0.000") for v in iop)
     key = (
@@ -135,7 +204,7 @@ class Stack:
     @property
     def orientation(self) -> str:
         parts = self.key.split(" ")
-        return parts[1] if len(parts) > 1 and self.kind != NON_IMAGE else "-"
+        return parts[1] if len(parts) > 1 and self.kind not in (NON_IMAGE, DAMAGED) else "-"
 
     @property
     def matrix(self) -> str:
@@ -143,9 +212,14 @@ class Stack:
         return parts[2] if len(parts) > 2 and self.kind != NON_IMAGE else "-"
 
     @property
+    def damage(self) -> str:
+        """What is wrong with a DAMAGED stack's geometry ("" for any other stack)."""
+        return self.key.split(" - ", 2)[2] if self.kind == DAMAGED else ""
+
+    @property
     def pixel_spacing(self) -> str:
         parts = self.key.split(" ")
-        return parts[3] if len(parts) > 3 and self.kind != NON_IMAGE else "-"
+        return parts[3] if len(parts) > 3 and self.kind not in (NON_IMAGE, DAMAGED) else "-"
 
     @property
     def slice_spacing_mm(self) -> float | None:
@@ -159,6 +233,8 @@ class Stack:
         count = f"{len(self.members)} image{'s' if len(self.members) != 1 else ''}"
         if self.kind == NON_IMAGE:
             return f"{count} without image geometry ({self.key.removeprefix(NON_IMAGE).strip()})"
+        if self.kind == DAMAGED:
+            return f"{count} {self.matrix} with a damaged header"
         acquisition = f" acquisition {self.acquisition}" if self.acquisition is not None else ""
         return f"{self.kind} {self.orientation} {self.matrix}{acquisition}, {count}"
 
@@ -215,6 +291,8 @@ def _rank(stack: Stack) -> tuple[Any, ...]:
 def _why_left_out(stack: Stack, main: Stack) -> str:
     if stack.kind == NON_IMAGE:
         return "not an image of a stack (no ImageOrientationPatient / ImagePositionPatient)"
+    if stack.kind == DAMAGED:
+        return stack.damage
     if stack.kind == "LOCALIZER":
         return "a localizer (ImageType LOCALIZER)"
     if stack.kind != main.kind:
@@ -254,7 +332,7 @@ class StackChoice:
 
 def choose_main(stacks: Sequence[Stack]) -> StackChoice:
     """The stack to classify and segment, by the rules in the module docstring."""
-    candidates = [s for s in stacks if s.kind not in ("LOCALIZER", NON_IMAGE)]
+    candidates = [s for s in stacks if s.kind not in ("LOCALIZER", NON_IMAGE, DAMAGED)]
     main = min(candidates, key=_rank) if candidates else None
     left_out = [
         (s, _why_left_out(s, main) if main else _why_left_out(s, s))

@@ -11,6 +11,7 @@ SimpleITK/GDCM (which handles JPEG, JPEG-LS, JPEG 2000 and RLE) in exactly that 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,7 +22,14 @@ import numpy as np
 import pydicom
 
 from inference.pixels import PixelDataError, check_files
-from inference.stacks import POSITION_TOLERANCE_MM, choose, slice_info
+from inference.stacks import (
+    DAMAGED,
+    NON_IMAGE,
+    POSITION_TOLERANCE_MM,
+    StackChoice,
+    choose,
+    slice_info,
+)
 
 # SimpleITK is imported where images are decoded or resampled, not here: the node process
 # (receive, route, web) imports this module for its types and errors and runs without it.
@@ -100,12 +108,19 @@ def select_stack(
     """
     if not files:
         raise SeriesReadError("no files")
-    headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
-    choice = choose([slice_info(h) for h in headers])
+    all_headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    choice = choose([slice_info(h) for h in all_headers])
+    _refuse_damaged(choice, all_headers)
     if choice.main is None:
         raise SeriesReadError("no image stack to segment: " + "; ".join(choice.left_out_text()))
     kept = choice.main.members  # sorted along the slice normal
-    headers = [headers[i] for i in kept]
+    headers = [all_headers[i] for i in kept]
+    for h in headers:
+        problem = rescale_problem(h)
+        if problem:
+            raise SeriesReadError(
+                f"instance {h.get('SOPInstanceUID', '?')}: {problem}: damaged header"
+            )
     first = headers[0]
     for h in headers:
         if int(h.get("NumberOfFrames", 1) or 1) != 1:
@@ -133,8 +148,72 @@ def select_stack(
                 f"{usual:.3f}): {gaps[at]:.3f} mm between instances "
                 f"{headers[at].get('SOPInstanceUID', '?')} and "
                 f"{headers[at + 1].get('SOPInstanceUID', '?')}: missing slices?"
+                + _without_geometry(choice, all_headers, first)
             )
     return [str(files[i]) for i in kept], headers, choice.left_out_text()
+
+
+def _refuse_damaged(choice: StackChoice, headers: Sequence[pydicom.Dataset]) -> None:
+    """Raise ``SeriesReadError`` naming the first damaged image (``inference.stacks``
+    DAMAGED) that may belong to the series' main stack: one with the main stack's Rows x
+    Columns, or any when there is no main stack. Its slice would be missing from the
+    volume (a gap, or an edge slice silently lost), and a header with one unusable value
+    cannot be trusted for the others."""
+    main_matrix = choice.main.matrix if choice.main is not None else None
+    for stack, _ in choice.left_out:
+        if stack.kind == DAMAGED and main_matrix in (None, stack.matrix):
+            first = headers[stack.members[0]]
+            others = len(stack.members) - 1
+            more = f" (and {others} more image{'s' if others != 1 else ''})" if others else ""
+            raise SeriesReadError(
+                f"instance {first.get('SOPInstanceUID', '?')}{more}: {stack.damage}: "
+                "damaged header, its pixels cannot be placed in patient space"
+            )
+
+
+def _without_geometry(
+    choice: StackChoice, headers: Sequence[pydicom.Dataset], first: pydicom.Dataset
+) -> str:
+    """For a gap in the main stack: the images of the main stack's SOP Class and matrix
+    that lack ImagePositionPatient or ImageOrientationPatient (Type 1 for CT and MR
+    images, PS3.3 C.7.6.2), which may be the missing slices."""
+    matrix = (first.get("Rows"), first.get("Columns"))
+    lacking = [
+        headers[i]
+        for stack, _ in choice.left_out
+        if stack.kind == NON_IMAGE
+        for i in stack.members
+        if headers[i].get("SOPClassUID") == first.get("SOPClassUID")
+        and (headers[i].get("Rows"), headers[i].get("Columns")) == matrix
+    ]
+    if not lacking:
+        return ""
+    count = len(lacking)
+    return (
+        f"; {count} image{'s' if count != 1 else ''} of the same SOP Class and matrix "
+        f"{'lack' if count != 1 else 'lacks'} ImagePositionPatient or "
+        "ImageOrientationPatient (damaged headers?), "
+        f"e.g. instance {lacking[0].get('SOPInstanceUID', '?')}"
+    )
+
+
+def rescale_problem(ds: pydicom.Dataset) -> str | None:
+    """Why RescaleSlope / RescaleIntercept cannot turn stored values into HU, or None
+    (absent means slope 1, intercept 0; a slope of 0 maps every pixel to one value;
+    PS3.3 C.11.1.1.2)."""
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = ds.get(keyword)
+        try:
+            value = float(raw) if raw not in (None, "") else default
+        except (TypeError, ValueError):
+            return f"{keyword} {raw!r} is not a number"
+        if not math.isfinite(value):
+            return f"{keyword} {value:g} is not a finite number"
+        values.append(value)
+    if values[0] == 0:
+        return "RescaleSlope is 0"
+    return None
 
 
 def sort_slices(files: Sequence[str | Path]) -> tuple[list[str], list[pydicom.Dataset]]:
