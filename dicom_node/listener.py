@@ -133,8 +133,19 @@ _KEEP_BYTES = 2 * 1024 * 1024
 _DELIVERED = "delivered"
 # A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value).
 _ABORT_SOURCE_PROVIDER, _ABORT_INVALID_PARAMETER = 0x02, 0x06
+# A-ABORT PDU, source 2 (service provider), reason 0 (not specified) (PS3.8 9.3.8).
+A_ABORT_PROVIDER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, _ABORT_SOURCE_PROVIDER, 0x00])
 # At most one "connection limit reached" line per this many seconds (a flood is one line).
 _REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+def _peer_of(assoc: Any) -> str:
+    """``calling AE@address:port`` of an association, for the log."""
+    try:
+        calling = assoc.requestor.ae_title or "?"
+        return f"{calling}@{assoc.requestor.address}:{assoc.requestor.port}"
+    except AttributeError:
+        return "?"
 
 
 def _peer(address: Any) -> str:
@@ -562,7 +573,11 @@ class Wakeups:
             self._reader = threading.get_ident()
             try:
                 type(dul).run(dul)
+            except Exception:
+                log.exception("the reader of the association from %s failed", _peer_of(assoc))
+                self._send_abort()
             finally:
+                self._end_unreported()
                 self.close()
 
         dul._is_transport_event = transport_event
@@ -575,6 +590,34 @@ class Wakeups:
                 do_action(event)
 
         dul.state_machine.do_action = do_action_unless_delivered
+
+    def _send_abort(self) -> None:
+        """A-ABORT, source service provider, reason not specified (PS3.8 9.3.8), as
+        pynetdicom's reader sends it for an error it catches; best effort."""
+        sock = self.assoc.dul.socket.socket if self.assoc.dul.socket is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                sock.sendall(A_ABORT_PROVIDER)
+
+    def _end_unreported(self) -> None:
+        """When the reader ends with the connection still open, the association failed:
+        pynetdicom's reader caught an error (and sent an A-ABORT) or the reader thread
+        raised. pynetdicom then neither closes the socket nor reports anything, so the
+        listener would count the association as open and the series it stored as still
+        arriving until the next association came. Close it and trigger EVT_ABORTED."""
+        transport = self.assoc.dul.socket
+        if transport is None or transport.socket is None:
+            return  # closed the normal way (EVT_CONN_CLOSE, released or aborted)
+        log.warning(
+            "association from %s ended on an error in its reader; closed and reported "
+            "as aborted",
+            _peer_of(self.assoc),
+        )
+        with contextlib.suppress(OSError, ValueError):
+            transport.close()
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        evt.trigger(self.assoc, evt.EVT_ABORTED, {})
 
     def _deliver_p_data(self) -> bool:
         """Hand the next P-DATA-TF PDUs to the association's DIMSE provider directly, as
