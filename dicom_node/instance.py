@@ -266,9 +266,11 @@ def _us_value(ds: pydicom.Dataset, keyword: str) -> Any:
 
 
 def _ds_value(ds: pydicom.Dataset, keyword: str) -> Any:
-    """A DS value as pydicom gives it (a float, or a list of floats for several)."""
+    """A DS value as pydicom gives it (a float, or a list of floats for several; text
+    with ``_``, which Python's float reads, is left to pydicom, whose value keeps it for
+    ``inference.stacks.ds_float`` to refuse)."""
     text = _plain_text(ds, keyword, "DS")
-    if text:
+    if text and "_" not in text:
         try:
             values = [float(part) for part in text.strip().split("\\")]
         except ValueError:

@@ -37,7 +37,7 @@ import numpy as np
 
 NON_IMAGE = "NON-IMAGE"
 DAMAGED = "DAMAGED"
-_KIND_RANK = {"ORIGINAL": 0, "DERIVED": 1, "LOCALIZER": 2, NON_IMAGE: 3, DAMAGED: 4}
+KIND_RANK = {"ORIGINAL": 0, "DERIVED": 1, "LOCALIZER": 2, NON_IMAGE: 3, DAMAGED: 4}
 _ORIENTATION_RANK = {"axial": 0, "coronal": 1, "sagittal": 1, "oblique": 2}
 POSITION_TOLERANCE_MM = 1e-3
 # Direction cosines as scanners write them (6-16 significant digits, some rounded to 4
@@ -94,14 +94,30 @@ class SliceInfo:
     instance_number: int | None = None
 
 
+def ds_float(value: Any) -> float:
+    """``float(value)`` for a DS value, refusing digit-grouping underscores: not a DS
+    character (PS3.5 6.2), and ``1_2`` is 12 to Python but 1 to GDCM, which decodes the
+    volume (a pydicom DSfloat keeps the text it was read from). Raises ``ValueError``."""
+    text = getattr(value, "original_string", value)
+    if isinstance(text, str) and "_" in text:
+        raise ValueError(f"{text!r} is not a decimal string")
+    return float(value)
+
+
 def _floats(value: Any, count: int) -> list[float] | None:
     if isinstance(value, int | float):  # a multi-valued element holding one value
         value = [value]
     try:
-        values = [float(v) for v in value]
+        values = [ds_float(v) for v in value]
     except (TypeError, ValueError):
         return None
     return values if len(values) == count else None
+
+
+def _mm(value: float) -> str:
+    """A length in a stack key: to 0.01 mm, in short exponent form when absurdly large,
+    so the key fits ``STACK_KEY_CHARS`` (a damaged PixelSpacing of 1e300 is 300 digits)."""
+    return f"{value:.2f}" if value < 1e6 else f"{value:.3e}"
 
 
 def _absent(value: Any) -> bool:
@@ -178,14 +194,19 @@ def slice_info(ds: Any) -> SliceInfo:
     if problem is not None or iop is None or ipp is None or spacing is None:
         key = f"{DAMAGED} - {rows}x{columns} - {problem}"
         return SliceInfo(key[:STACK_KEY_CHARS], None, acquisition, number)
+    n0, n1, n2 = _normal(iop)
+    position = n0 * ipp[0] + n1 * ipp[1] + n2 * ipp[2]
+    if not math.isfinite(position):  # each coordinate finite, the sum overflows
+        shown = "\\".join(f"{v:g}" for v in ipp)
+        key = f"{DAMAGED} - {rows}x{columns} - ImagePositionPatient {shown} is too far out to place"
+        return SliceInfo(key[:STACK_KEY_CHARS], None, acquisition, number)
     kind = image_kind(getattr(ds, "ImageType", None))
     iop_text = ",".join(f"{v:.3f}".replace("-0.000", "0.000") for v in iop)
     key = (
         f"{kind} {orientation_name(iop)} {rows}x{columns} "
-        f"{spacing[0]:.2f}x{spacing[1]:.2f}mm iop={iop_text}"
+        f"{_mm(spacing[0])}x{_mm(spacing[1])}mm iop={iop_text}"
     )
-    n0, n1, n2 = _normal(iop)
-    return SliceInfo(key, n0 * ipp[0] + n1 * ipp[1] + n2 * ipp[2], acquisition, number)
+    return SliceInfo(key, position, acquisition, number)
 
 
 @dataclass
@@ -279,7 +300,7 @@ def group_stacks(infos: Sequence[SliceInfo]) -> list[Stack]:
 def _rank(stack: Stack) -> tuple[Any, ...]:
     spacing = stack.slice_spacing_mm
     return (
-        _KIND_RANK.get(stack.kind, 3),
+        KIND_RANK.get(stack.kind, 3),
         _ORIENTATION_RANK.get(stack.orientation, 3),
         -len(stack.members),
         spacing if spacing is not None else float("inf"),

@@ -24,10 +24,13 @@ import pydicom
 from inference.pixels import PixelDataError, check_files
 from inference.stacks import (
     DAMAGED,
+    KIND_RANK,
     NON_IMAGE,
     POSITION_TOLERANCE_MM,
     StackChoice,
     choose,
+    ds_float,
+    image_kind,
     slice_info,
 )
 
@@ -123,7 +126,15 @@ def select_stack(
             )
     first = headers[0]
     for h in headers:
-        if int(h.get("NumberOfFrames", 1) or 1) != 1:
+        frames = h.get("NumberOfFrames")
+        try:
+            count = int(frames) if frames not in (None, "") else 1
+        except (TypeError, ValueError):
+            raise SeriesReadError(
+                f"instance {h.get('SOPInstanceUID', '?')}: NumberOfFrames {frames!r} is not "
+                "a number: damaged header"
+            ) from None
+        if count not in (0, 1):
             raise SeriesReadError(
                 f"instance {h.get('SOPInstanceUID', '?')} is multi-frame: multi-frame images "
                 "are not supported as model input"
@@ -156,14 +167,26 @@ def select_stack(
 def _refuse_damaged(choice: StackChoice, headers: Sequence[pydicom.Dataset]) -> None:
     """Raise ``SeriesReadError`` naming the first damaged image (``inference.stacks``
     DAMAGED) that may belong to the series' main stack: one with the main stack's Rows x
-    Columns, or any when there is no main stack. Its slice would be missing from the
-    volume (a gap, or an edge slice silently lost), and a header with one unusable value
-    cannot be trusted for the others."""
-    main_matrix = choice.main.matrix if choice.main is not None else None
+    Columns and SOP Class, whose ImageType does not keep it out of that stack (a
+    localizer never is in it, a DERIVED image not in an ORIGINAL one); any when there is
+    no main stack. Its slice would be missing from the volume (a gap, or an edge slice
+    silently lost), and a header with one unusable value cannot be trusted for the
+    others."""
+    main = choice.main
+    main_class = headers[main.members[0]].get("SOPClassUID") if main is not None else None
+
+    def may_belong(h: pydicom.Dataset) -> bool:
+        assert main is not None
+        rank = KIND_RANK[image_kind(h.get("ImageType"))]
+        return h.get("SOPClassUID") == main_class and rank <= KIND_RANK[main.kind]
+
     for stack, _ in choice.left_out:
-        if stack.kind == DAMAGED and main_matrix in (None, stack.matrix):
-            first = headers[stack.members[0]]
-            others = len(stack.members) - 1
+        if stack.kind != DAMAGED or (main is not None and stack.matrix != main.matrix):
+            continue
+        suspects = [i for i in stack.members if main is None or may_belong(headers[i])]
+        if suspects:
+            first = headers[suspects[0]]
+            others = len(suspects) - 1
             more = f" (and {others} more image{'s' if others != 1 else ''})" if others else ""
             raise SeriesReadError(
                 f"instance {first.get('SOPInstanceUID', '?')}{more}: {stack.damage}: "
@@ -205,15 +228,42 @@ def rescale_problem(ds: pydicom.Dataset) -> str | None:
     for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
         raw = ds.get(keyword)
         try:
-            value = float(raw) if raw not in (None, "") else default
+            value = ds_float(raw) if raw not in (None, "") else default
         except (TypeError, ValueError):
             return f"{keyword} {raw!r} is not a number"
         if not math.isfinite(value):
             return f"{keyword} {value:g} is not a finite number"
         values.append(value)
-    if values[0] == 0:
+    slope, intercept = values
+    if slope == 0:
         return "RescaleSlope is 0"
+    # The volume is float32: a stored value (below 2 ** BitsStored) must stay finite.
+    try:
+        bits = min(int(ds.get("BitsStored") or 16), 64)
+    except (TypeError, ValueError):
+        bits = 16
+    if abs(slope) * 2.0**bits + abs(intercept) > float(np.finfo(np.float32).max):
+        return (
+            f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give values beyond "
+            "32-bit floating point"
+        )
     return None
+
+
+def _slice_thickness(header: pydicom.Dataset) -> float:
+    """SliceThickness (mm) as the z spacing of a one-slice volume: 1 when absent, empty
+    or 0 (Type 2); ``SeriesReadError`` when it is not a finite number or negative."""
+    raw = header.get("SliceThickness")
+    try:
+        thickness = ds_float(raw) if raw not in (None, "") else 0.0
+    except (TypeError, ValueError):
+        thickness = math.nan
+    if not math.isfinite(thickness) or thickness < 0:
+        raise SeriesReadError(
+            f"instance {header.get('SOPInstanceUID', '?')}: SliceThickness {raw!r} is not a "
+            "positive number: damaged header, the slice has no thickness to place it with"
+        )
+    return thickness or 1.0
 
 
 def sort_slices(files: Sequence[str | Path]) -> tuple[list[str], list[pydicom.Dataset]]:
@@ -236,6 +286,7 @@ def load_series(files: Sequence[str | Path], series_uid: str = "") -> Volume:
         # leave a gap: name the damaged instance rather than the gap.
         _check_pixels([str(f) for f in files], [None] * len(files), False, cause=exc)
         raise
+    thickness = _slice_thickness(headers[0]) if len(sorted_files) == 1 else None
     # Before any decoder sees the files (GDCM reads short pixel data without a word and
     # some damaged frames kill the process), and for the images left out of the stack
     # too: one whose pixel data contradicts its header makes the whole series suspect.
@@ -253,8 +304,7 @@ def load_series(files: Sequence[str | Path], series_uid: str = "") -> Volume:
     except RuntimeError as exc:
         raise SeriesReadError(_undecodable(sorted_files, headers, exc)) from exc
     _check_decoded(img, headers)
-    if len(sorted_files) == 1:  # SimpleITK gives a 2D-like volume with spacing 1 on z
-        thickness = float(headers[0].get("SliceThickness") or 1.0)
+    if thickness is not None:  # SimpleITK gives a 2D-like volume with spacing 1 on z
         img.SetSpacing((*img.GetSpacing()[:2], thickness))
     return Volume.from_sitk(
         img,
