@@ -41,9 +41,11 @@ KIND_RANK = {"ORIGINAL": 0, "DERIVED": 1, "LOCALIZER": 2, NON_IMAGE: 3, DAMAGED:
 _ORIENTATION_RANK = {"axial": 0, "coronal": 1, "sagittal": 1, "oblique": 2}
 POSITION_TOLERANCE_MM = 1e-3
 # Direction cosines as scanners write them (6-16 significant digits, some rounded to 4
-# decimals) are unit vectors and perpendicular to well within this; a damaged or
-# hand-edited header is not.
-COSINE_TOLERANCE = 0.01
+# decimals, a few to 1: 0.7 for 0.7071) are perpendicular to well within this; a damaged
+# or hand-edited header is not. Their length matters less (every reader normalises them)
+# and rounding to one decimal leaves it 1 % off, so it has more room.
+PERPENDICULAR_TOLERANCE = 0.01
+UNIT_LENGTH_TOLERANCE = 0.05
 STACK_KEY_CHARS = 160  # db.models.Instance.stack_key
 
 
@@ -135,7 +137,8 @@ def geometry_problem(
     ``iop``: ImageOrientationPatient (6 numbers or None when not 6 numbers), ``ipp``:
     ImagePositionPatient (3 or None), ``pixel_spacing``: PixelSpacing (2 or None), in mm.
     Problems: a value that is not a finite number; row or column direction cosines that
-    are not unit vectors or not perpendicular, within ``COSINE_TOLERANCE`` (PS3.3
+    are not unit vectors (``UNIT_LENGTH_TOLERANCE``) or not perpendicular
+    (``PERPENDICULAR_TOLERANCE``) (PS3.3
     C.7.6.2.1.1); PixelSpacing missing or not positive (Type 1 in the Image Plane Module,
     PS3.3 C.7.6.2).
     """
@@ -152,13 +155,13 @@ def geometry_problem(
     assert iop is not None and pixel_spacing is not None
     row, column = iop[:3], iop[3:6]
     lengths = [math.sqrt(sum(v * v for v in axis)) for axis in (row, column)]
-    if any(abs(length - 1.0) > COSINE_TOLERANCE for length in lengths):
+    if any(abs(length - 1.0) > UNIT_LENGTH_TOLERANCE for length in lengths):
         return (
             "ImageOrientationPatient row and column are not unit vectors (lengths "
             f"{lengths[0]:.3f}, {lengths[1]:.3f})"
         )
     cosine = sum(r * c for r, c in zip(row, column, strict=True))
-    if abs(cosine) > COSINE_TOLERANCE:
+    if abs(cosine) > PERPENDICULAR_TOLERANCE:
         return f"ImageOrientationPatient row and column are not perpendicular (cosine {cosine:.3f})"
     if min(pixel_spacing) <= 0:
         return f"PixelSpacing {pixel_spacing[0]:g}\\{pixel_spacing[1]:g} mm is not positive"
@@ -176,18 +179,24 @@ def slice_info(ds: Any) -> SliceInfo:
     """The stack fields of one header (a pydicom Dataset, or any mapping-like object with
     the DICOM keywords as attributes).
 
-    No ImageOrientationPatient, ImagePositionPatient, Rows or Columns: a NON-IMAGE (a dose
-    screen, a report). Present but unusable (``geometry_problem``): DAMAGED, with the
-    problem in its key (``DAMAGED - <rows>x<columns> - <problem>``).
+    Neither ImageOrientationPatient nor ImagePositionPatient, or no Rows or Columns: a
+    NON-IMAGE (a dose screen, a report). One of the two without the other (they are
+    Type 1 together in the Image Plane Module, PS3.3 C.7.6.2), or present but unusable
+    (``geometry_problem``): DAMAGED, with the problem in its key
+    (``DAMAGED - <rows>x<columns> - <problem>``).
     """
     iop_value = getattr(ds, "ImageOrientationPatient", None)
     ipp_value = getattr(ds, "ImagePositionPatient", None)
     rows, columns = _int(getattr(ds, "Rows", None)), _int(getattr(ds, "Columns", None))
     acquisition = _int(getattr(ds, "AcquisitionNumber", None))
     number = _int(getattr(ds, "InstanceNumber", None))
-    if _absent(iop_value) or _absent(ipp_value) or not rows or not columns:
+    if (_absent(iop_value) and _absent(ipp_value)) or not rows or not columns:
         sop_class = str(getattr(ds, "SOPClassUID", "") or "")
         return SliceInfo(f"{NON_IMAGE} {sop_class}".strip(), None, acquisition, number)
+    if _absent(iop_value) or _absent(ipp_value):  # half an Image Plane Module
+        missing = "ImageOrientationPatient" if _absent(iop_value) else "ImagePositionPatient"
+        key = f"{DAMAGED} - {rows}x{columns} - {missing} is missing"
+        return SliceInfo(key, None, acquisition, number)
     iop, ipp = _floats(iop_value, 6), _floats(ipp_value, 3)
     spacing = _floats(getattr(ds, "PixelSpacing", None), 2)
     problem = geometry_problem(iop, ipp, spacing)

@@ -149,11 +149,29 @@ def test_a_damaged_localizer_of_another_matrix_is_only_left_out(ct_files, tmp_pa
     ), volume.left_out
 
 
-def test_a_slice_without_position_is_named_in_the_gap_it_leaves(ct_files, tmp_path):
-    """ImagePositionPatient absent (Type 1 for a CT image): the slice cannot be placed,
-    the stack has a gap; the refusal names the gap and the image that lacks it."""
+@pytest.mark.parametrize("where", ["middle", "first", "last"])
+@pytest.mark.parametrize("keyword", ["ImagePositionPatient", "ImageOrientationPatient"])
+def test_a_slice_with_half_its_image_plane_is_damaged(ct_files, tmp_path, where, keyword):
+    """ImagePositionPatient without ImageOrientationPatient or the other way round (Type 1
+    together for a CT image): the slice cannot be placed. At the edge of the stack it
+    used to be left out silently (one slice fewer); now the series is refused naming it."""
+    index = {"middle": len(ct_files) // 2, "first": 0, "last": len(ct_files) - 1}[where]
+    files = _rewrite(ct_files, tmp_path / "series", {index: _delete(keyword)})
+    with pytest.raises(SeriesReadError) as caught:
+        load_series(files)
+    message = str(caught.value)
+    assert f"instance {_sop(files[index])}: {keyword} is missing: damaged header" in message
+
+
+def test_a_slice_without_image_plane_is_named_in_the_gap_it_leaves(ct_files, tmp_path):
+    """Neither attribute (what a dose screen looks like): not an image of a stack; in the
+    middle of the stack it leaves a gap, and the refusal names it as a likely cause."""
     middle = len(ct_files) // 2
-    files = _rewrite(ct_files, tmp_path / "series", {middle: _delete("ImagePositionPatient")})
+
+    def strip(ds: Dataset) -> None:
+        del ds.ImagePositionPatient, ds.ImageOrientationPatient
+
+    files = _rewrite(ct_files, tmp_path / "series", {middle: strip})
     with pytest.raises(SeriesReadError) as caught:
         load_series(files)
     message = str(caught.value)
@@ -170,6 +188,7 @@ def test_a_slice_without_position_is_named_in_the_gap_it_leaves(ct_files, tmp_pa
         [0.9999, 0.0141, 0, -0.0141, 0.9999, 0],  # 4 decimals, rotated 0.8 degrees
         [0.70710678, 0.70710678, 0, 0, 0, -1],  # oblique to 8 decimals
         [0.707, 0.707, 0, 0, 0, -1],  # oblique to 3 decimals (length 0.99985)
+        [0.7, 0.7, 0, -0.7, 0.7, 0],  # oblique to 1 decimal (length 0.98995)
         [0.866025, 0, -0.5, 0, 1, 0],  # 30 degrees about y, 6 decimals
     ],
 )
@@ -185,7 +204,7 @@ def test_cosines_as_scanners_round_them_are_not_damage(iop):
     [
         (AXIAL, [0, 0, float("nan")], [0.7, 0.7]),
         (AXIAL, [0, 0, 0], [0.7, float("inf")]),
-        ([1, 0, 0, 0, 0.95, 0], [0, 0, 0], [0.7, 0.7]),  # column 5 % short
+        ([1, 0, 0, 0, 0.94, 0], [0, 0, 0], [0.7, 0.7]),  # column 6 % short
         ([1, 0, 0, 0.02, 1, 0], [0, 0, 0], [0.7, 0.7]),  # 1.1 degrees off perpendicular
     ],
 )
