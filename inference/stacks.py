@@ -7,7 +7,8 @@ is classified or segmented its instances are grouped into stacks of images that 
 one volume, and one stack is chosen; the rest is recorded as left out, with the reason.
 
 Grouping (``stack_key``): images share a stack when they have the same kind (LOCALIZER,
-ORIGINAL or DERIVED, from ImageType), the same ImageOrientationPatient (to 1e-3), the same
+ORIGINAL or DERIVED, from ImageType), the same ImageOrientationPatient (to 1e-3, keys one
+rounding step apart joined: ``merged_keys``), the same
 Rows x Columns and the same PixelSpacing (to 0.01 mm). Within a stack, slice positions
 that repeat (bolus tracking images, a repeated scan of the same range) split it by
 AcquisitionNumber when that separates them.
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,9 @@ POSITION_TOLERANCE_MM = 1e-3
 # and rounding to one decimal leaves it 1 % off, so it has more room.
 PERPENDICULAR_TOLERANCE = 0.01
 UNIT_LENGTH_TOLERANCE = 0.05
+# Stack keys hold the orientation to 3 decimals; values this close are one orientation
+# (one rounding step, ~0.06 degrees, and float noise).
+IOP_KEY_TOLERANCE = 0.0015
 STACK_KEY_CHARS = 160  # db.models.Instance.stack_key
 
 
@@ -281,11 +285,51 @@ def _sorted_stack(key: str, members: list[int], infos: Sequence[SliceInfo], acq=
     return Stack(key, ordered, [infos[i].position_mm for i in ordered], acq)
 
 
+def _key_orientation(key: str) -> tuple[str, tuple[float, ...]] | None:
+    """(the key without its orientation, the orientation's 6 rounded values), or None for
+    a key without one (non-images, damaged images)."""
+    head, sep, values = key.partition(" iop=")
+    if not sep:
+        return None
+    try:
+        return head, tuple(float(v) for v in values.split(","))
+    except ValueError:
+        return None
+
+
+def merged_keys(keys: Iterable[str]) -> dict[str, str]:
+    """Each stack key -> the key of the stack it joins: keys equal but for orientation
+    values one rounding step apart (``IOP_KEY_TOLERANCE``) are one stack, so a cosine
+    written 0.0004999 on some slices and 0.0005001 on others (0.000 / 0.001 in the key)
+    does not split a stack. Keys are visited in sorted order and each joins the first
+    earlier key within the tolerance (never a chain of them), whatever the arrival
+    order."""
+    joined: dict[str, str] = {}
+    firsts: list[tuple[str, str, tuple[float, ...]]] = []
+    for key in sorted(set(keys)):
+        parsed = _key_orientation(key)
+        joined[key] = key
+        if parsed is None:
+            continue
+        head, iop = parsed
+        for first, first_head, first_iop in firsts:
+            if first_head == head and all(
+                abs(a - b) <= IOP_KEY_TOLERANCE for a, b in zip(iop, first_iop, strict=True)
+            ):
+                joined[key] = first
+                break
+        else:
+            firsts.append((key, head, iop))
+    return joined
+
+
 def group_stacks(infos: Sequence[SliceInfo]) -> list[Stack]:
     """Group instances into stacks (see the module docstring); order: by key."""
     by_key: dict[str, list[int]] = defaultdict(list)
-    for index, info in enumerate(infos):
-        by_key[info.stack_key or NON_IMAGE].append(index)
+    keys = [info.stack_key or NON_IMAGE for info in infos]
+    joined = merged_keys(keys)
+    for index, key in enumerate(keys):
+        by_key[joined[key]].append(index)
     stacks: list[Stack] = []
     for key in sorted(by_key):
         stack = _sorted_stack(key, by_key[key], infos)

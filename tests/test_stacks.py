@@ -122,6 +122,30 @@ def test_orientation_within_rounding_is_one_stack():
     assert len(kept) == 10 and left_out == []
 
 
+@pytest.mark.parametrize("edge", [0, 4, 9])
+def test_orientation_across_a_rounding_boundary_is_one_stack(edge):
+    """Cosines on either side of a rounding step of the key (0.0004999 / 0.0005001 give
+    0.000 / 0.001): still one stack, in every order, whichever slice differs."""
+    axial = axial_stack(10)
+    for i, ds in enumerate(axial):
+        y = 0.0005001 if (i == edge or i % 3 == 1) else 0.0004999
+        ds.ImageOrientationPatient = [1, y, 0, -y, 1, 0]
+    for order in all_orders(axial, limit=6):
+        kept, left_out = main_and_left_out(order)
+        assert len(kept) == 10 and left_out == []
+
+
+def test_orientations_two_rounding_steps_apart_stay_two_stacks():
+    """The joining is one step wide and never chains: 0.000 / 0.002 are two stacks,
+    and a third orientation between them joins the first only."""
+    first = axial_stack(10)
+    second = [image(50 + 2.5 * i, iop=[1, 0.002, 0, -0.002, 1, 0]) for i in range(6)]
+    between = [image(100 + 2.5 * i, iop=[1, 0.001, 0, -0.001, 1, 0]) for i in range(3)]
+    choice = choose([slice_info(h) for h in first + second + between])
+    sizes = sorted(len(s.members) for s in choice.stacks)
+    assert sizes == [6, 13]
+
+
 @pytest.mark.parametrize(
     "drop, numbers_given, expected",
     [
