@@ -20,15 +20,45 @@ from devkit.net import free_port
 from devkit.orthanc import OrthancServer
 from kernel.settings import NodeSettings, load_settings
 
-# Several test runs at once (engineers sharing one machine) each set their own database.
-POSTGRES_URL = os.environ.get(
+# Several test runs at once (engineers sharing one machine) each set their own database;
+# the workers of one run (pytest-xdist) each get theirs, the name suffixed with the worker's
+# (created on first use).
+_POSTGRES_BASE_URL = os.environ.get(
     "DICOM_NODE_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+POSTGRES_URL = (
+    f"{_POSTGRES_BASE_URL}_{_XDIST_WORKER}" if _XDIST_WORKER.isalnum() else _POSTGRES_BASE_URL
 )
 POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 REDIS_START = (
     'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" '
     "--appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log"
 )
+
+
+# The files whose tests take longest (~110 to ~30 s each on the 2-core CI machine, from
+# `--durations`), in that order: collected first, so that the two workers of `./run.sh
+# test` (one file each at a time) do not end with one of them running a long file alone.
+LONGEST_FILES = (
+    "test_totalsegmentator.py",
+    "test_engine.py",
+    "test_input_variety.py",
+    "test_queue_worker.py",
+    "test_receive_durability.py",
+    "test_dicomweb_destination.py",
+    "test_end_to_end.py",
+    "test_inference_api.py",
+    "test_tilt.py",
+    "test_queue_node.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``LONGEST_FILES`` first; every other file, and the tests within a file, in the
+    usual order (a stable sort)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def _postgres_up() -> bool:
@@ -42,12 +72,34 @@ def _postgres_up() -> bool:
         return False
 
 
+def _create_worker_database() -> None:
+    """CREATE DATABASE for this xdist worker's ``POSTGRES_URL`` if the server lacks it."""
+    url = sqlalchemy.engine.make_url(POSTGRES_URL)
+    engine = sqlalchemy.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            exists = conn.execute(
+                sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                {"name": url.database},
+            ).first()
+            if not exists:
+                conn.execute(sqlalchemy.text(f'CREATE DATABASE "{url.database}"'))
+    except sqlalchemy.exc.OperationalError:
+        return  # the server is down: ensure_postgres starts it and asks again
+    finally:
+        engine.dispose()
+
+
 def ensure_postgres() -> str:
     """The test PostgreSQL, started if it is down; fails (never skips) if it cannot be."""
+    if POSTGRES_URL != _POSTGRES_BASE_URL:
+        _create_worker_database()
     if not _postgres_up():
         subprocess.run(POSTGRES_START, shell=True, check=False, capture_output=True)
         deadline = time.monotonic() + 30
         while not _postgres_up():
+            if POSTGRES_URL != _POSTGRES_BASE_URL:
+                _create_worker_database()
             if time.monotonic() > deadline:
                 pytest.fail(f"PostgreSQL at {POSTGRES_URL} is down and `{POSTGRES_START}` failed")
             time.sleep(0.5)
