@@ -153,6 +153,9 @@ def _plain_encoding(transfer_syntax_uid: str) -> tuple[bool, bool] | None:
     return uid.is_implicit_VR, uid.is_little_endian
 
 
+_SOP_INSTANCE_UID_TAG = Tag(0x0008, 0x0018)
+
+
 class _ElementEnds:
     """Where the last top-level element read ends (``read_dataset``'s ``stop_when`` sees
     each element's header, the stream standing at its value).
@@ -181,6 +184,30 @@ class _ElementEnds:
             )
 
 
+def _dataset_offset(data: bytes) -> int | None:
+    """Where the data set of a PS3.10 file starts: after the 128-byte preamble, "DICM" and
+    the File Meta Information, whose length its (0002,0000) Group Length gives (explicit
+    VR little endian, PS3.10 7.1). None when the file does not start that way."""
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    return 144 + int.from_bytes(data[140:144], "little")
+
+
+def _check_last_element(data: bytes, syntax: str) -> None:
+    """The listener path's check that no element header is cut short at the end
+    (``_ElementEnds``), for a file parsed whole (STOW-RS parts, retrieved instances, a data
+    set holding group 0002): its element headers are walked once more, values skipped."""
+    encoding = _plain_encoding(syntax)
+    offset = _dataset_offset(data)
+    if encoding is None or offset is None or offset > len(data):
+        return
+    fp = io.BytesIO(data)
+    fp.seek(offset)
+    ends = _ElementEnds(fp)
+    read_dataset(fp, *encoding, stop_when=ends.note, specific_tags=[_SOP_INSTANCE_UID_TAG])
+    ends.check(data)
+
+
 def _read_header(data: bytes, known: tuple[str, int] | None = None) -> pydicom.Dataset:
     """The elements of ``_HEADER_TAGS``, with every element of ``data`` checked to be
     complete: an element that is read must hold its whole length (``_check_complete``),
@@ -207,10 +234,12 @@ def _read_header(data: bytes, known: tuple[str, int] | None = None) -> pydicom.D
     else:
         fp = io.BytesIO(data)
         ds = pydicom.dcmread(fp, specific_tags=_HEADER_TAGS)
-        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if syntax == DeflatedExplicitVRLittleEndian:
             ds = pydicom.dcmread(io.BytesIO(data))
             _check_complete(ds)
             return ds
+        _check_last_element(data, str(syntax or ""))
     if fp.tell() > len(data):
         raise CorruptDatasetError(
             f"the data set is truncated ({len(data)} bytes; its last element ends at "

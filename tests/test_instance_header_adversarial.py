@@ -119,3 +119,27 @@ def test_a_data_set_cut_inside_its_last_element_header_is_refused_on_the_listene
             meta + body + padding, transfer_syntax_uid=syntax, dataset_offset=len(meta)
         )
         assert padded.sop_uid == whole.sop_uid == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize(
+    "syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
+)
+@pytest.mark.parametrize("group_0002_in_data_set", [False, True])
+def test_a_data_set_cut_inside_its_last_element_header_is_refused_on_the_full_path(
+    syntax, group_0002_in_data_set
+):
+    """The same cut in a file parsed whole (a STOW-RS part, a retrieved instance, a data
+    set that carries group 0002 elements): refused as the listener's path refuses it,
+    trailing zero padding still accepted."""
+    ds, body = _data_set(syntax)
+    if group_0002_in_data_set and syntax != ExplicitVRBigEndian:
+        body = _transfer_syntax_element(syntax) + body
+    meta = file_meta(CTImageStorage, ds.SOPInstanceUID, syntax, "1.2.3.4", "TEST")
+    long_header = syntax != ImplicitVRLittleEndian
+    pixel_header_at = len(body) - len(ds.PixelData) - (12 if long_header else 8)
+    for kept in range(1, 8):
+        with pytest.raises(CorruptDatasetError, match="truncated"):
+            parse_header(meta + body[: pixel_header_at + kept])
+    whole = parse_header(meta + body)
+    for padding in (b"\x00", b"\x00\x00"):
+        assert parse_header(meta + body + padding).sop_uid == whole.sop_uid == ds.SOPInstanceUID
