@@ -37,6 +37,7 @@ association is aborted when it is still up.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -156,6 +157,9 @@ class FileStore:
         self._waiting_for: int | None = None  # message ID of the C-STORE on the wire
         self._answer: StoreResponse | None = None
         self._message_id = 0
+        # Message IDs answered lately: a second answer to one of them is a duplicate to
+        # drop; an answer to any other ID than the one on the wire is a protocol error.
+        self._answered_ids: collections.deque[int] = collections.deque(maxlen=64)
 
     def install(self) -> None:
         """Put the lock on the DUL's writes, this object in front of the association's
@@ -284,8 +288,19 @@ class FileStore:
         deadline = time.monotonic() + self.timeout_s
         try:
             while not self._answered.wait(_ALIVE_CHECK_S):
-                answer = self._answer_from_pynetdicom(message_id)
+                try:
+                    answer = self._answer_from_pynetdicom(message_id)
+                except _ForeignAnswerError as exc:
+                    log.warning(
+                        "C-STORE %s: the destination answered message ID %d, which the node "
+                        "did not send (it waits for %d; PS3.7 9.3.1.2); aborting the "
+                        "association, the instance counts as not answered",
+                        sop_instance_uid, exc.message_id, message_id,
+                    )  # fmt: skip
+                    self._abort()
+                    return None
                 if answer is not None:
+                    self._answered_ids.append(message_id)
                     return answer
                 if not self.assoc.is_established:
                     return None  # aborted or lost: pynetdicom has closed it
@@ -296,15 +311,26 @@ class FileStore:
                     )  # fmt: skip
                     self._abort()
                     return None
+            self._answered_ids.append(message_id)
             return self._answer
         finally:
             self._waiting_for = None
 
     def _answer_from_pynetdicom(self, message_id: int) -> StoreResponse | None:
         """An answer pynetdicom assembled itself (a command set the destination split
-        over several PDUs, which ``_take`` leaves to it)."""
+        over several PDUs, which ``_take`` leaves to it, and any answer ``_take`` did not
+        match). A second answer to a message answered lately is dropped; raises
+        ``_ForeignAnswerError`` for an answer to any other message ID."""
         _, msg = self.assoc.dimse.peek_msg()
-        if msg is None or getattr(msg, "MessageIDBeingRespondedTo", None) != message_id:
+        answered = getattr(msg, "MessageIDBeingRespondedTo", None)
+        if msg is None or answered is None:  # nothing, or a request: the reactor's
+            return None
+        if answered != message_id:
+            if answered not in self._answered_ids:
+                raise _ForeignAnswerError(int(answered))
+            log.info("dropped a second answer to message ID %d", answered)
+            with contextlib.suppress(queue.Empty):
+                self.assoc.dimse.msg_queue.get_nowait()
             return None
         with contextlib.suppress(queue.Empty):  # not get_msg: it leaves answers queued
             self.assoc.dimse.msg_queue.get_nowait()
@@ -352,6 +378,14 @@ class FileStore:
         if self.assoc.is_established:
             with contextlib.suppress(Exception):
                 self.assoc.abort()
+
+
+class _ForeignAnswerError(Exception):
+    """A response to a Message ID the node has not sent (or not lately)."""
+
+    def __init__(self, message_id: int) -> None:
+        super().__init__(message_id)
+        self.message_id = message_id
 
 
 def _nudging(put: Any, nudge: Any) -> Any:
