@@ -184,13 +184,23 @@ class _ElementEnds:
             )
 
 
+def _not_group_0002(tag: Any, vr: str | None, length: int) -> bool:
+    return tag >> 16 != 2
+
+
 def _dataset_offset(data: bytes) -> int | None:
     """Where the data set of a PS3.10 file starts: after the 128-byte preamble, "DICM" and
-    the File Meta Information, whose length its (0002,0000) Group Length gives (explicit
-    VR little endian, PS3.10 7.1). None when the file does not start that way."""
-    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+    the File Meta Information (explicit VR little endian, PS3.10 7.1), found as pydicom
+    finds it: where the group 0002 elements end. Their (0002,0000) Group Length is not
+    used: pydicom (and DCMTK) read a file whose group length is wrong or missing, so a
+    walk from where that length points would miss a cut last element (or misread one).
+    None when the file does not start that way."""
+    if data[128:132] != b"DICM":
         return None
-    return 144 + int.from_bytes(data[140:144], "little")
+    fp = io.BytesIO(data)
+    fp.seek(132)
+    read_dataset(fp, False, True, stop_when=_not_group_0002)
+    return fp.tell()
 
 
 def _check_last_element(data: bytes, syntax: str) -> None:
