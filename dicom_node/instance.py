@@ -401,6 +401,7 @@ def parse_header(
         TypeError,
         struct.error,
         zlib.error,
+        OSError,  # pydicom: "No tag to read" in an undefined-length sequence cut short
     ) as exc:
         raise CorruptDatasetError(f"dataset cannot be parsed: {exc}") from exc
     if expected_sop_uid is not None and header.sop_uid != expected_sop_uid.strip("\x00 "):

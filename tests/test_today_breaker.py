@@ -62,3 +62,31 @@ def test_a_cut_last_element_header_is_refused_whatever_the_meta_group_length_say
             assert "PixelData" not in pydicom.dcmread(io.BytesIO(cut)), name
             with pytest.raises(CorruptDatasetError, match="truncated"):
                 parse_header(cut)
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+def test_a_cut_undefined_length_sequence_is_corrupt_not_an_os_error(syntax):
+    """A data set that ends in a sequence of undefined length, cut anywhere inside it:
+    pydicom raises OSError ("No tag to read at file position ..."), which escaped
+    parse_header (ingest.receive, which must never raise for bad data, raised it to the
+    STOW-RS / retrieval caller; the listener answered 0xC211). It is a corrupt data set."""
+    ds = ct_slice(generate_uid(), generate_uid(), 3, rows=4)
+    del ds.PixelData
+    item = pydicom.Dataset()
+    item.CodeValue = "123"
+    item.CodeMeaning = "x" * 10
+    ds.add_new(0x00400260, "SQ", pydicom.Sequence([item, item]))
+    ds[0x00400260].is_undefined_length = True
+    buf = DicomBytesIO()
+    buf.is_implicit_VR = syntax == ImplicitVRLittleEndian
+    buf.is_little_endian = True
+    write_dataset(buf, ds)
+    body = buf.getvalue()
+    meta = file_meta(CTImageStorage, ds.SOPInstanceUID, syntax, "1.2.3.4", "TEST")
+    assert parse_header(meta + body).sop_uid == ds.SOPInstanceUID
+    for cut in (1, 8, 20, 40):
+        data = meta + body[:-cut]
+        with pytest.raises(CorruptDatasetError):
+            parse_header(data)
+        with pytest.raises(CorruptDatasetError):
+            parse_header(data, transfer_syntax_uid=syntax, dataset_offset=len(meta))
