@@ -286,6 +286,10 @@ class FileStore:
 
     def _wait(self, message_id: int, sop_instance_uid: str) -> StoreResponse | None:
         deadline = time.monotonic() + self.timeout_s
+        # A duplicate queued while answers came fast (the queue is looked at only while
+        # one is late) is dropped now, while its message is still among the recent ones:
+        # found 64 messages later, it would read as an answer to a message never sent.
+        self._drop_duplicates()
         try:
             while not self._answered.wait(_ALIVE_CHECK_S):
                 try:
@@ -315,6 +319,19 @@ class FileStore:
             return self._answer
         finally:
             self._waiting_for = None
+
+    def _drop_duplicates(self) -> None:
+        """Drop the answers at the head of pynetdicom's queue to messages answered lately."""
+        while True:
+            _, msg = self.assoc.dimse.peek_msg()
+            answered = getattr(msg, "MessageIDBeingRespondedTo", None)
+            if answered is None or answered not in self._answered_ids:
+                return
+            log.info("dropped a second answer to message ID %d", answered)
+            try:
+                self.assoc.dimse.msg_queue.get_nowait()
+            except queue.Empty:
+                return
 
     def _answer_from_pynetdicom(self, message_id: int) -> StoreResponse | None:
         """An answer pynetdicom assembled itself (a command set the destination split

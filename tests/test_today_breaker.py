@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import socket
 import struct
+import time
 
 import pydicom
 import pytest
@@ -19,7 +21,9 @@ from pydicom.uid import (
 
 from dicom_node.instance import CorruptDatasetError, parse_header
 from dicom_node.store_path import file_meta
+from dicom_node.store_send import StoreResponse
 from tests.dicom_factory import ct_slice
+from tests.test_store_send_adversarial import _files, _Node, _Peer, _RawPeer, _us
 
 
 def _file(syntax: str) -> tuple[pydicom.Dataset, bytes, bytes]:
@@ -90,3 +94,41 @@ def test_a_cut_undefined_length_sequence_is_corrupt_not_an_os_error(syntax):
             parse_header(data)
         with pytest.raises(CorruptDatasetError):
             parse_header(data, transfer_syntax_uid=syntax, dataset_offset=len(meta))
+
+
+def test_a_duplicate_answer_left_queued_is_not_taken_for_a_foreign_one_later(tmp_path):
+    """04a40e7 drops a second answer to one of the last 64 messages, but only looks at
+    pynetdicom's queue while an answer is late (> 50 ms). A duplicate that arrives
+    while the answers come fast stays at the queue's head; 64 messages later, the first
+    answer that is late found it there, no longer 'recent', and the association was
+    aborted as if the destination had answered a message the node never sent."""
+    count = 70
+
+    def script(peer: _Peer) -> None:
+        peer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        context_id, fields, _ = peer.read_message()
+        peer.answer_store(context_id, fields)
+        first = fields
+        context_id, fields, _ = peer.read_message()
+        peer.answer_store(context_id, first)  # the first answer once more, then this one's
+        peer.answer_store(context_id, fields)
+        for _ in range(count - 3):
+            context_id, fields, _ = peer.read_message()
+            peer.answer_store(context_id, fields)
+        context_id, fields, _ = peer.read_message()
+        assert _us(fields[0x0100]) == 0x0001
+        time.sleep(0.3)  # the last answer is late: the sender looks at the queue
+        peer.answer_store(context_id, fields)
+        peer.serve_stores()
+
+    destination = _RawPeer(script)
+    node = _Node(destination.port, timeout_s=10.0)
+    # As dispatch's EVT_CONN_OPEN handler does: answers come within a millisecond.
+    node.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        answers = [node.send(ds, path) for ds, path in _files(tmp_path, count, rows=4)]
+        assert not node.assoc.is_aborted
+    finally:
+        node.close()
+    assert destination.finish() == []
+    assert answers == [StoreResponse(0x0000)] * count
