@@ -608,6 +608,11 @@ class Wakeups:
         transport = self.assoc.dul.socket
         if transport is None or transport.socket is None:
             return  # closed the normal way (EVT_CONN_CLOSE, released or aborted)
+        if self.assoc.dul.state_machine.current_state == "Sta1":
+            # Also the normal way: the peer closed the connection after the release (or
+            # at any time, AA-4): pynetdicom shuts the socket and kills the reader in
+            # Sta1 without setting it to None. An error leaves the state it happened in.
+            return
         log.warning(
             "association from %s ended on an error in its reader; closed and reported "
             "as aborted",

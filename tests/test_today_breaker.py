@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import socket
 import struct
 import time
@@ -22,7 +23,9 @@ from pydicom.uid import (
 from dicom_node.instance import CorruptDatasetError, parse_header
 from dicom_node.store_path import file_meta
 from dicom_node.store_send import StoreResponse
-from tests.dicom_factory import ct_slice
+from tests.conftest import storescu, wait_until
+from tests.dicom_factory import ct_series, ct_slice
+from tests.test_listener_hardening import listener as listener  # the fixture
 from tests.test_store_send_adversarial import _files, _Node, _Peer, _RawPeer, _us
 
 
@@ -132,3 +135,24 @@ def test_a_duplicate_answer_left_queued_is_not_taken_for_a_foreign_one_later(tmp
         node.close()
     assert destination.finish() == []
     assert answers == [StoreResponse(0x0000)] * count
+
+
+def test_a_released_association_is_not_reported_as_ended_on_a_reader_error(
+    listener, tmp_path, caplog
+):
+    """72d7823 took a reader that ended with the socket object still set for a failed
+    one; but pynetdicom ends every association whose peer closes the connection after
+    the release that way (Sta13 + Evt17 shuts the socket, leaves it set, and stops the
+    reader in Sta1). Each released association then logged 'ended on an error in its
+    reader' and was aborted once more (EVT_ABORTED after EVT_RELEASED, or before it,
+    which would report a release as an abort)."""
+    lst = listener()
+    with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+        sent = storescu(ct_series(tmp_path / "s", 3), lst.port)
+        assert sent.returncode == 0, sent.stderr
+        facts = wait_until(lambda: lst.closed and lst.closed[0], 10, "the association reported")
+        assert facts.ended == "released"
+        wait_until(lambda: lst.scp.slots.in_use == 0, 10, "the slot given back")
+        time.sleep(0.5)  # the reader ends after the peer closes the connection
+    assert "error in its reader" not in caplog.text
+    assert len(lst.closed) == 1
