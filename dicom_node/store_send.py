@@ -363,6 +363,10 @@ class FileStore:
         values = primitive.presentation_data_value_list
         if message_id is None or len(values) != 1:
             return False
+        if self._answered.is_set():
+            # Answered already: a second answer (read before the sender took the first)
+            # must not replace it; pynetdicom queues it and ``_wait`` drops it.
+            return False
         if self.assoc.dimse.message is not None:
             return False  # pynetdicom holds the first fragments of a message: the rest too
         _, data = values[0]

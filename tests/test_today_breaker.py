@@ -26,7 +26,7 @@ from dicom_node.store_send import StoreResponse
 from tests.conftest import storescu, wait_until
 from tests.dicom_factory import ct_series, ct_slice
 from tests.test_listener_hardening import listener as listener  # the fixture
-from tests.test_store_send_adversarial import _files, _Node, _Peer, _RawPeer, _us
+from tests.test_store_send_adversarial import _command, _files, _Node, _Peer, _RawPeer, _ui, _us
 
 
 def _file(syntax: str) -> tuple[pydicom.Dataset, bytes, bytes]:
@@ -156,3 +156,38 @@ def test_a_released_association_is_not_reported_as_ended_on_a_reader_error(
         time.sleep(0.5)  # the reader ends after the peer closes the connection
     assert "error in its reader" not in caplog.text
     assert len(lst.closed) == 1
+
+
+def test_a_second_answer_read_at_once_does_not_replace_the_first(tmp_path):
+    """Each C-STORE answered twice in one TCP segment (success, then 0xA700): the reader
+    took the second for the message still on the wire and overwrote the first before
+    the sender read it (89 of 100 answers came out 0xA700 here). The first answer is the
+    answer; the second is a duplicate."""
+    count = 60
+
+    def script(peer: _Peer) -> None:
+        peer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            context_id, fields, _ = peer.read_message()
+            both = b""
+            for status in (0x0000, 0xA700):
+                answer = {
+                    0x0002: _ui(fields[0x0002]), 0x0100: 0x8001, 0x0120: _us(fields[0x0110]),
+                    0x0800: 0x0101, 0x0900: status, 0x1000: _ui(fields[0x1000]),
+                }  # fmt: skip
+                value = _command(answer)
+                both += struct.pack(">BBLLBB", 4, 0, len(value) + 6, len(value) + 2, context_id, 3)
+                both += value
+            peer.sock.sendall(both)
+        peer.serve_stores()
+
+    destination = _RawPeer(script)
+    node = _Node(destination.port)
+    node.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        answers = [node.send(ds, path) for ds, path in _files(tmp_path, count, rows=4)]
+        assert not node.assoc.is_aborted
+    finally:
+        node.close()
+    assert destination.finish() == []
+    assert answers == [StoreResponse(0x0000)] * count
