@@ -613,11 +613,13 @@ class Wakeups:
             # at any time, AA-4): pynetdicom shuts the socket and kills the reader in
             # Sta1 without setting it to None. An error leaves the state it happened in.
             return
-        log.warning(
-            "association from %s ended on an error in its reader; closed and reported "
-            "as aborted",
-            _peer_of(self.assoc),
-        )
+        if self.reader is None or self.reader.refused is None:
+            # (When the listener refused the connection itself, it has said why.)
+            log.warning(
+                "association from %s ended on an error in its reader; closed and "
+                "reported as aborted",
+                _peer_of(self.assoc),
+            )
         with contextlib.suppress(OSError, ValueError):
             transport.close()
         self.assoc.is_aborted = True
