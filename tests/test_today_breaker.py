@@ -7,6 +7,7 @@ import logging
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -124,17 +125,7 @@ def test_a_duplicate_answer_left_queued_is_not_taken_for_a_foreign_one_later(tmp
         peer.answer_store(context_id, fields)
         peer.serve_stores()
 
-    destination = _RawPeer(script)
-    node = _Node(destination.port, timeout_s=10.0)
-    # As dispatch's EVT_CONN_OPEN handler does: answers come within a millisecond.
-    node.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        answers = [node.send(ds, path) for ds, path in _files(tmp_path, count, rows=4)]
-        assert not node.assoc.is_aborted
-    finally:
-        node.close()
-    assert destination.finish() == []
-    assert answers == [StoreResponse(0x0000)] * count
+    _all_answered_with_success(_RawPeer(script), tmp_path, count, timeout_s=10.0)
 
 
 def test_a_released_association_is_not_reported_as_ended_on_a_reader_error(
@@ -181,8 +172,16 @@ def test_a_second_answer_read_at_once_does_not_replace_the_first(tmp_path):
             peer.sock.sendall(both)
         peer.serve_stores()
 
-    destination = _RawPeer(script)
-    node = _Node(destination.port)
+    _all_answered_with_success(_RawPeer(script), tmp_path, count)
+
+
+def _all_answered_with_success(
+    destination: _RawPeer, tmp_path: Path, count: int, **node_kw: float
+) -> None:
+    """``count`` C-STOREs to ``destination`` over one association, with TCP_NODELAY as
+    dispatch's EVT_CONN_OPEN handler sets it (answers come within a millisecond): each
+    answered with success, the association never aborted, the script without errors."""
+    node = _Node(destination.port, **node_kw)
     node.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         answers = [node.send(ds, path) for ds, path in _files(tmp_path, count, rows=4)]
