@@ -1,4 +1,8 @@
-"""Breaker findings on today's fixes (a second look at each)."""
+"""Edge cases an adversarial review found in three fixes of 2026-12-01: a data set cut
+inside its last element header on the full-parse path (``instance.parse_header``: group
+length wrong or missing, a sequence cut short), answers that come twice or late
+(``store_send.FileStore``), and a released association taken for a failed reader
+(``listener.Wakeups``)."""
 
 from __future__ import annotations
 
