@@ -338,17 +338,13 @@ class FileStore:
         over several PDUs, which ``_take`` leaves to it, and any answer ``_take`` did not
         match). A second answer to a message answered lately is dropped; raises
         ``_ForeignAnswerError`` for an answer to any other message ID."""
+        self._drop_duplicates()
         _, msg = self.assoc.dimse.peek_msg()
         answered = getattr(msg, "MessageIDBeingRespondedTo", None)
         if msg is None or answered is None:  # nothing, or a request: the reactor's
             return None
         if answered != message_id:
-            if answered not in self._answered_ids:
-                raise _ForeignAnswerError(int(answered))
-            log.info("dropped a second answer to message ID %d", answered)
-            with contextlib.suppress(queue.Empty):
-                self.assoc.dimse.msg_queue.get_nowait()
-            return None
+            raise _ForeignAnswerError(int(answered))
         with contextlib.suppress(queue.Empty):  # not get_msg: it leaves answers queued
             self.assoc.dimse.msg_queue.get_nowait()
         status = getattr(msg, "Status", None)

@@ -142,9 +142,9 @@ def geometry_problem(
     ImagePositionPatient (3 or None), ``pixel_spacing``: PixelSpacing (2 or None), in mm.
     Problems: a value that is not a finite number; row or column direction cosines that
     are not unit vectors (``UNIT_LENGTH_TOLERANCE``) or not perpendicular
-    (``PERPENDICULAR_TOLERANCE``) (PS3.3
-    C.7.6.2.1.1); PixelSpacing missing or not positive (Type 1 in the Image Plane Module,
-    PS3.3 C.7.6.2).
+    (``PERPENDICULAR_TOLERANCE``) (PS3.3 C.7.6.2.1.1); PixelSpacing missing or not
+    positive (Type 1 in the Image Plane Module, PS3.3 C.7.6.2); a position whose distance
+    along the slice normal overflows.
     """
     for keyword, values, count in (
         ("ImageOrientationPatient", iop, 6),
@@ -169,7 +169,21 @@ def geometry_problem(
         return f"ImageOrientationPatient row and column are not perpendicular (cosine {cosine:.3f})"
     if min(pixel_spacing) <= 0:
         return f"PixelSpacing {pixel_spacing[0]:g}\\{pixel_spacing[1]:g} mm is not positive"
+    assert ipp is not None
+    n0, n1, n2 = _normal(iop)
+    if not math.isfinite(n0 * ipp[0] + n1 * ipp[1] + n2 * ipp[2]):  # each finite, the sum not
+        shown = "\\".join(f"{v:g}" for v in ipp)
+        return f"ImagePositionPatient {shown} is too far out to place"
     return None
+
+
+def _damaged(
+    rows: int, columns: int, problem: str, acquisition: int | None, number: int | None
+) -> SliceInfo:
+    """A DAMAGED image's SliceInfo: ``DAMAGED - <rows>x<columns> - <problem>``, cut to
+    what the database column holds."""
+    key = f"{DAMAGED} - {rows}x{columns} - {problem}"
+    return SliceInfo(key[:STACK_KEY_CHARS], None, acquisition, number)
 
 
 def _int(value: Any) -> int | None:
@@ -199,20 +213,15 @@ def slice_info(ds: Any) -> SliceInfo:
         return SliceInfo(f"{NON_IMAGE} {sop_class}".strip(), None, acquisition, number)
     if _absent(iop_value) or _absent(ipp_value):  # half an Image Plane Module
         missing = "ImageOrientationPatient" if _absent(iop_value) else "ImagePositionPatient"
-        key = f"{DAMAGED} - {rows}x{columns} - {missing} is missing"
-        return SliceInfo(key, None, acquisition, number)
+        return _damaged(rows, columns, f"{missing} is missing", acquisition, number)
     iop, ipp = _floats(iop_value, 6), _floats(ipp_value, 3)
     spacing = _floats(getattr(ds, "PixelSpacing", None), 2)
     problem = geometry_problem(iop, ipp, spacing)
-    if problem is not None or iop is None or ipp is None or spacing is None:
-        key = f"{DAMAGED} - {rows}x{columns} - {problem}"
-        return SliceInfo(key[:STACK_KEY_CHARS], None, acquisition, number)
+    if problem is not None:
+        return _damaged(rows, columns, problem, acquisition, number)
+    assert iop is not None and ipp is not None and spacing is not None
     n0, n1, n2 = _normal(iop)
     position = n0 * ipp[0] + n1 * ipp[1] + n2 * ipp[2]
-    if not math.isfinite(position):  # each coordinate finite, the sum overflows
-        shown = "\\".join(f"{v:g}" for v in ipp)
-        key = f"{DAMAGED} - {rows}x{columns} - ImagePositionPatient {shown} is too far out to place"
-        return SliceInfo(key[:STACK_KEY_CHARS], None, acquisition, number)
     kind = image_kind(getattr(ds, "ImageType", None))
     iop_text = ",".join(f"{v:.3f}".replace("-0.000", "0.000") for v in iop)
     key = (

@@ -118,14 +118,13 @@ def select_stack(
         raise SeriesReadError("no image stack to segment: " + "; ".join(choice.left_out_text()))
     kept = choice.main.members  # sorted along the slice normal
     headers = [all_headers[i] for i in kept]
+    first = headers[0]
     for h in headers:
         problem = rescale_problem(h)
         if problem:
             raise SeriesReadError(
                 f"instance {h.get('SOPInstanceUID', '?')}: {problem}: damaged header"
             )
-    first = headers[0]
-    for h in headers:
         frames = h.get("NumberOfFrames")
         try:
             count = int(frames) if frames not in (None, "") else 1
